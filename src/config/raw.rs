@@ -1,0 +1,96 @@
+//! The config file's serde shape, exactly as an operator writes it; nothing here is validated yet.
+//!
+//! Every struct denies unknown fields so that a typo (`endpionts:`) is an error that names the key
+//! instead of a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub workers: Option<RawWorkers>,
+    #[serde(default)]
+    pub runtime: Option<String>,
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub clusters: Vec<RawCluster>,
+}
+
+/// `workers: auto` or `workers: 4`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawWorkers {
+    Count(i64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub header_timeout: Option<String>,
+    #[serde(default)]
+    pub keepalive_timeout: Option<String>,
+    #[serde(default)]
+    pub body_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub respond: Option<RawRespond>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    pub status: u16,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub name: String,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub response_timeout: Option<String>,
+    #[serde(default)]
+    pub read_timeout: Option<String>,
+    #[serde(default)]
+    pub pool_max_idle: Option<i64>,
+    #[serde(default)]
+    pub pool_idle_timeout: Option<String>,
+}

@@ -1,0 +1,172 @@
+//! Moving body bytes from one framing to another without I/O: the streaming re-framer.
+//!
+//! The proxy feeds whatever bytes arrived; `BodyRelay` appends them to the output re-framed and
+//! says how much of the input it took. Bytes after the end of the body are left unconsumed (they
+//! are the next pipelined message). Memory stays bounded by what the caller feeds at once.
+
+use super::chunked::{self, ChunkError, ChunkedDecoder, Decoded};
+use super::Framing;
+
+#[derive(Debug, Clone)]
+pub struct BodyRelay {
+    input: Framing,
+    output: Framing,
+    /// Bytes still expected for `Framing::Length` input.
+    remaining: u64,
+    decoder: ChunkedDecoder,
+    done: bool,
+}
+
+impl BodyRelay {
+    /// `output` must be able to carry `input`: the same framing, or `Chunked`/`UntilClose`
+    /// for a body whose length is not known in advance.
+    pub fn new(input: Framing, output: Framing) -> Self {
+        let (remaining, done) = match input {
+            Framing::None => (0, true),
+            Framing::Length(n) => (n, n == 0),
+            Framing::Chunked | Framing::UntilClose => (0, false),
+        };
+        BodyRelay {
+            input,
+            output,
+            remaining,
+            decoder: ChunkedDecoder::new(),
+            done,
+        }
+    }
+
+    /// Whether the whole body has been taken from the input.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Body bytes still expected, for `Length` input; 0 otherwise.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Takes body bytes from the start of `input`, appends them to `out` in the output framing,
+    /// and returns how many input bytes were consumed.
+    pub fn relay(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, ChunkError> {
+        if self.done {
+            return Ok(0);
+        }
+        match self.input {
+            Framing::None => Ok(0),
+            Framing::Length(_) => {
+                let n = (input.len() as u64).min(self.remaining) as usize;
+                self.emit(&input[..n], out);
+                self.remaining -= n as u64;
+                if self.remaining == 0 {
+                    self.finish(out);
+                }
+                Ok(n)
+            }
+            Framing::UntilClose => {
+                self.emit(input, out);
+                Ok(input.len())
+            }
+            Framing::Chunked => {
+                let mut pos = 0;
+                loop {
+                    let (n, ev) = self.decoder.decode(&input[pos..])?;
+                    match ev {
+                        Decoded::Data(r) => {
+                            self.emit(&input[pos + r.start..pos + r.end], out);
+                            pos += n;
+                        }
+                        Decoded::NeedMore => return Ok(pos + n),
+                        Decoded::Done => {
+                            self.finish(out);
+                            return Ok(pos + n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The input reached EOF. For a close-delimited body that is its end (`true`); for any
+    /// other unfinished body it means the body was cut short (`false`).
+    pub fn end_of_input(&mut self, out: &mut Vec<u8>) -> bool {
+        if self.done {
+            return true;
+        }
+        if self.input == Framing::UntilClose {
+            self.finish(out);
+            return true;
+        }
+        false
+    }
+
+    fn emit(&self, data: &[u8], out: &mut Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        if self.output == Framing::Chunked {
+            chunked::encode_chunk_start(out, data.len());
+            out.extend_from_slice(data);
+            chunked::encode_chunk_end(out);
+        } else {
+            out.extend_from_slice(data);
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.done = true;
+        if self.output == Framing::Chunked {
+            chunked::encode_last_chunk(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_body_stops_at_its_end_and_leaves_the_next_message() {
+        let mut r = BodyRelay::new(Framing::Length(5), Framing::Length(5));
+        let mut out = Vec::new();
+        assert_eq!(r.relay(b"hel", &mut out), Ok(3));
+        assert!(!r.is_done());
+        assert_eq!(r.relay(b"loGET /", &mut out), Ok(2));
+        assert!(r.is_done());
+        assert_eq!(out, b"hello");
+    }
+
+    #[test]
+    fn chunked_in_is_rechunked_without_extensions() {
+        let mut r = BodyRelay::new(Framing::Chunked, Framing::Chunked);
+        let mut out = Vec::new();
+        let input = b"3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nnext";
+        assert_eq!(r.relay(input, &mut out), Ok(input.len() - 4));
+        assert!(r.is_done());
+        assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn chunked_to_close_delimited_for_http10_clients() {
+        let mut r = BodyRelay::new(Framing::Chunked, Framing::UntilClose);
+        let mut out = Vec::new();
+        r.relay(b"3\r\nabc\r\n0\r\n\r\n", &mut out).unwrap();
+        assert_eq!(out, b"abc");
+    }
+
+    #[test]
+    fn close_delimited_is_chunked_and_ends_at_eof() {
+        let mut r = BodyRelay::new(Framing::UntilClose, Framing::Chunked);
+        let mut out = Vec::new();
+        r.relay(b"abc", &mut out).unwrap();
+        assert!(r.end_of_input(&mut out));
+        assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn eof_inside_a_length_body_is_a_cut() {
+        let mut r = BodyRelay::new(Framing::Length(10), Framing::Length(10));
+        let mut out = Vec::new();
+        r.relay(b"abc", &mut out).unwrap();
+        assert!(!r.end_of_input(&mut out));
+    }
+}

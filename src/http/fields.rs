@@ -1,0 +1,211 @@
+//! Reading the header fields that decide framing and connection handling, strictly.
+
+use httparse::Header;
+
+/// Elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed of optional whitespace;
+/// empty elements are skipped.
+pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+}
+
+pub fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// Folds every `Content-Length` field (repeated fields and comma lists) into one value.
+/// `Err` for anything but digits, overflow, or values that differ.
+pub fn content_length(headers: &[Header<'_>]) -> Result<Option<u64>, &'static str> {
+    let mut found: Option<u64> = None;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        let mut any = false;
+        for part in h.value.split(|&b| b == b',') {
+            let part = trim_ows(part);
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            let mut n: u64 = 0;
+            for d in part {
+                n = n
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                    .ok_or("Content-Length overflows")?;
+            }
+            match found {
+                Some(prev) if prev != n => return Err("conflicting Content-Length values"),
+                _ => found = Some(n),
+            }
+            any = true;
+        }
+        if !any {
+            return Err("empty Content-Length");
+        }
+    }
+    Ok(found)
+}
+
+/// What the `Transfer-Encoding` fields say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferCoding {
+    Absent,
+    /// Exactly `chunked` (possibly split over fields, case-insensitive).
+    Chunked,
+    /// `chunked` is not the final coding: a request must be refused, a response runs until close.
+    NotChunkedLast,
+    /// Other codings before `chunked` (e.g. `gzip, chunked`): Apex does not implement them.
+    Unsupported,
+}
+
+pub fn transfer_coding(headers: &[Header<'_>]) -> TransferCoding {
+    let mut count = 0usize;
+    let mut chunked_at: Option<usize> = None;
+    let mut chunked_times = 0;
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        for e in list_elements(h.value) {
+            if e.eq_ignore_ascii_case(b"chunked") {
+                chunked_at = Some(count);
+                chunked_times += 1;
+            }
+            count += 1;
+        }
+        if count == 0 {
+            // A Transfer-Encoding field with an empty value: not a valid framing.
+            return TransferCoding::NotChunkedLast;
+        }
+    }
+    match (count, chunked_at) {
+        (0, _) => TransferCoding::Absent,
+        (n, Some(i)) if i + 1 == n && chunked_times == 1 => {
+            if n == 1 {
+                TransferCoding::Chunked
+            } else {
+                TransferCoding::Unsupported
+            }
+        }
+        _ => TransferCoding::NotChunkedLast,
+    }
+}
+
+/// Whether any `Connection` field lists `token`.
+pub fn connection_has(headers: &[Header<'_>], token: &str) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .any(|h| list_elements(h.value).any(|e| e.eq_ignore_ascii_case(token.as_bytes())))
+}
+
+/// Fields that describe one hop and never cross the proxy (RFC 9110 §7.6.1), plus the framing
+/// fields that Apex re-creates itself.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+        "content-length",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Whether the field `name` must be dropped: hop-by-hop, or named by a `Connection` field.
+pub fn must_drop(headers: &[Header<'_>], name: &str) -> bool {
+    is_hop_by_hop(name) || connection_has(headers, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h<'a>(name: &'a str, value: &'a str) -> Header<'a> {
+        Header {
+            name,
+            value: value.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn content_length_folds_equal_values_and_refuses_the_rest() {
+        assert_eq!(content_length(&[h("Content-Length", "5")]), Ok(Some(5)));
+        assert_eq!(
+            content_length(&[h("content-length", "5, 5"), h("Content-Length", "5")]),
+            Ok(Some(5))
+        );
+        assert_eq!(content_length(&[]), Ok(None));
+        for bad in [
+            "+1",
+            "-1",
+            "1 2",
+            "",
+            "0x10",
+            "5, 6",
+            "1,",
+            "99999999999999999999",
+        ] {
+            assert!(
+                content_length(&[h("Content-Length", bad)]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(content_length(&[h("Content-Length", "5"), h("Content-Length", "6")]).is_err());
+    }
+
+    #[test]
+    fn transfer_coding_accepts_only_a_single_final_chunked() {
+        assert_eq!(transfer_coding(&[]), TransferCoding::Absent);
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "Chunked")]),
+            TransferCoding::Chunked
+        );
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "gzip, chunked")]),
+            TransferCoding::Unsupported
+        );
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "chunked, gzip")]),
+            TransferCoding::NotChunkedLast
+        );
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "chunked, chunked")]),
+            TransferCoding::NotChunkedLast
+        );
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "")]),
+            TransferCoding::NotChunkedLast
+        );
+        assert_eq!(
+            transfer_coding(&[h("Transfer-Encoding", "xchunked")]),
+            TransferCoding::NotChunkedLast
+        );
+    }
+
+    #[test]
+    fn connection_tokens_name_fields_to_drop() {
+        let hs = [
+            h("Connection", "close, X-Secret"),
+            h("X-Secret", "1"),
+            h("X-Public", "2"),
+        ];
+        assert!(connection_has(&hs, "close"));
+        assert!(must_drop(&hs, "x-secret"));
+        assert!(!must_drop(&hs, "X-Public"));
+        assert!(must_drop(&hs, "Keep-Alive"));
+    }
+}

@@ -1,0 +1,407 @@
+//! Parsing a downstream request head strictly, and encoding the head sent upstream.
+
+use std::io::Write;
+use std::net::IpAddr;
+
+use httparse::Header;
+
+use super::fields::{self, TransferCoding};
+use super::scan::find_head_end;
+use super::{Framing, HeadError, HeadLimits, Status, Version};
+
+/// A parsed request head borrowing from the read buffer (`'b`) and the field array (`'h`).
+#[derive(Debug)]
+pub struct RequestHead<'b, 'h> {
+    pub method: &'b str,
+    pub target: &'b str,
+    pub version: Version,
+    pub headers: &'h [Header<'b>],
+    /// Bytes of the buffer the head occupies, including skipped empty lines before it.
+    pub len: usize,
+    pub framing: Framing,
+    /// Host from an absolute-form target, else the `Host` field; without port, not lower-cased.
+    pub host: &'b str,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl RequestHead<'_, '_> {
+    /// The path of the target, without query, for routing.
+    pub fn path(&self) -> &str {
+        let t = self.target;
+        let t = match absolute_form_rest(t) {
+            Some((_, rest)) => rest,
+            None => t,
+        };
+        let end = t.find(['?', '#']).unwrap_or(t.len());
+        if end == 0 {
+            "/"
+        } else {
+            &t[..end]
+        }
+    }
+
+    /// Methods RFC 9110 §9.2.2 calls idempotent, which a proxy may replay on a fresh connection.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        )
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+/// `http://host:port/path` → (`host:port`, `/path`).
+fn absolute_form_rest(target: &str) -> Option<(&str, &str)> {
+    let rest = if target.len() > 7 && target[..7].eq_ignore_ascii_case("http://") {
+        &target[7..]
+    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case("https://") {
+        &target[8..]
+    } else {
+        return None;
+    };
+    let slash = rest.find(['/', '?']).unwrap_or(rest.len());
+    Some((&rest[..slash], &rest[slash..]))
+}
+
+/// Strips `:port` from an authority (`[v6]:port` keeps its brackets).
+fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(i) => &authority[..=i],
+            None => authority,
+        };
+    }
+    match authority.rfind(':') {
+        Some(i) => &authority[..i],
+        None => authority,
+    }
+}
+
+fn valid_authority(v: &[u8]) -> bool {
+    v.iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+}
+
+/// Parses a request head at the start of `buf`. `fields` is the caller's storage for the field
+/// array; at most `limits.max_fields` of it is used.
+pub fn parse_request_head<'b, 'h>(
+    buf: &'b [u8],
+    fields: &'h mut [Header<'b>],
+    limits: &HeadLimits,
+) -> Result<Status<RequestHead<'b, 'h>>, HeadError> {
+    let Some(end) = find_head_end(buf, limits.max_request_line, limits.max_head)? else {
+        return Ok(Status::Partial);
+    };
+    let head = &buf[end.skip..end.end];
+    // obs-fold: a field line that starts with whitespace (RFC 9112 §5.2); httparse would also
+    // refuse it, but this names the reason.
+    if head
+        .windows(3)
+        .any(|w| w[0] == b'\r' && w[1] == b'\n' && (w[2] == b' ' || w[2] == b'\t'))
+    {
+        return Err(HeadError::BadRequest("obs-fold in header field"));
+    }
+    let max = limits.max_fields.min(fields.len());
+    let mut req = httparse::Request::new(&mut fields[..max]);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::BadRequest("truncated head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::FieldsTooLarge),
+        Err(httparse::Error::Version) => return Err(HeadError::BadRequest("unsupported version")),
+        Err(httparse::Error::Token) => return Err(HeadError::BadRequest("invalid method")),
+        Err(httparse::Error::HeaderName) => {
+            return Err(HeadError::BadRequest("invalid header field name"))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(HeadError::BadRequest("invalid header field value"))
+        }
+        Err(_) => return Err(HeadError::BadRequest("malformed request line")),
+    }
+    let httparse::Request {
+        method,
+        path,
+        version,
+        headers,
+    } = req;
+    let headers: &'h [Header<'b>] = headers;
+    let (Some(method), Some(target), Some(version)) = (method, path, version) else {
+        return Err(HeadError::BadRequest("malformed request line"));
+    };
+    let version = match version {
+        0 => Version::Http10,
+        1 => Version::Http11,
+        _ => return Err(HeadError::BadRequest("unsupported version")),
+    };
+    if method == "CONNECT" {
+        return Err(HeadError::NotImplemented("CONNECT is not supported"));
+    }
+    let absolute = absolute_form_rest(target);
+    let origin_ok = target.starts_with('/') || (target == "*" && method == "OPTIONS");
+    if absolute.is_none() && !origin_ok {
+        return Err(HeadError::BadRequest("invalid request target"));
+    }
+
+    let mut host_field: Option<&'b [u8]> = None;
+    let mut hosts = 0;
+    let mut expect: Option<&'b [u8]> = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host_field = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            if expect.is_some() {
+                return Err(HeadError::ExpectationFailed);
+            }
+            expect = Some(h.value);
+        }
+    }
+    if hosts > 1 {
+        return Err(HeadError::BadRequest("more than one Host field"));
+    }
+    if hosts == 0 && version == Version::Http11 {
+        return Err(HeadError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    let host_value = match host_field {
+        Some(v) => {
+            if !valid_authority(v) {
+                return Err(HeadError::BadRequest("invalid Host field"));
+            }
+            // valid_authority admits only ASCII, so this cannot fail.
+            std::str::from_utf8(v).map_err(|_| HeadError::BadRequest("invalid Host field"))?
+        }
+        None => "",
+    };
+    let host = match absolute {
+        Some((authority, _)) => host_without_port(authority),
+        None => host_without_port(host_value),
+    };
+
+    let length = fields::content_length(headers).map_err(HeadError::BadRequest)?;
+    let framing = match (fields::transfer_coding(headers), length) {
+        (TransferCoding::Absent, None) => Framing::None,
+        (TransferCoding::Absent, Some(n)) => Framing::Length(n),
+        (_, Some(_)) => {
+            return Err(HeadError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ))
+        }
+        (_, None) if version == Version::Http10 => {
+            return Err(HeadError::BadRequest(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ))
+        }
+        (TransferCoding::Chunked, None) => Framing::Chunked,
+        (TransferCoding::Unsupported, None) => {
+            return Err(HeadError::NotImplemented(
+                "transfer coding other than chunked",
+            ))
+        }
+        (TransferCoding::NotChunkedLast, None) => {
+            return Err(HeadError::BadRequest(
+                "Transfer-Encoding does not end in chunked",
+            ))
+        }
+    };
+    let expect_continue = match expect {
+        None => false,
+        Some(v) if fields::trim_ows(v).eq_ignore_ascii_case(b"100-continue") => {
+            version == Version::Http11
+        }
+        Some(_) => return Err(HeadError::ExpectationFailed),
+    };
+    let close = fields::connection_has(headers, "close");
+    let keep_alive = match version {
+        Version::Http11 => !close,
+        Version::Http10 => !close && fields::connection_has(headers, "keep-alive"),
+    };
+    Ok(Status::Complete(RequestHead {
+        method,
+        target,
+        version,
+        headers,
+        len: end.end,
+        framing,
+        host,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// Appends the head Apex sends upstream: same method, target and `Host`, HTTP/1.1, hop-by-hop
+/// fields removed, `X-Forwarded-For` extended with `client`, `X-Forwarded-Proto` set, and framing
+/// re-created from `req.framing`. `default_host` fills `Host` for HTTP/1.0 requests without one.
+pub fn encode_upstream_head(
+    out: &mut Vec<u8>,
+    req: &RequestHead<'_, '_>,
+    client: IpAddr,
+    default_host: &str,
+) {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    let mut xff_seen = false;
+    for h in req.headers {
+        let name = h.name;
+        if fields::must_drop(req.headers, name)
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("x-forwarded-proto")
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            xff_seen = true;
+            continue;
+        }
+        has_host |= name.eq_ignore_ascii_case("host");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(default_host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if xff_seen {
+        for h in req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        {
+            let v = fields::trim_ows(h.value);
+            if !v.is_empty() {
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    let _ = write!(out, "{client}\r\nX-Forwarded-Proto: http\r\n");
+    match req.framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        Framing::None | Framing::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::MAX_FIELDS_CAP;
+
+    fn parse(b: &[u8]) -> Result<Status<(Framing, bool, String)>, HeadError> {
+        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        Ok(
+            match parse_request_head(b, &mut f, &HeadLimits::default())? {
+                Status::Complete(h) => {
+                    Status::Complete((h.framing, h.keep_alive, h.host.to_string()))
+                }
+                Status::Partial => Status::Partial,
+            },
+        )
+    }
+
+    fn refused(b: &str) -> HeadError {
+        parse(b.as_bytes()).expect_err(b)
+    }
+
+    #[test]
+    fn simple_get_parses() {
+        let r = parse(b"GET /a?b HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n").unwrap();
+        assert_eq!(
+            r,
+            Status::Complete((Framing::None, true, "Example.com".into()))
+        );
+    }
+
+    #[test]
+    fn http10_keep_alive_only_when_asked() {
+        let r = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(r, Status::Complete((Framing::None, false, "".into())));
+        let r = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert_eq!(r, Status::Complete((Framing::None, true, "".into())));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX : a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "G(T / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET foo HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        ] {
+            assert_eq!(refused(bad).status(), 400, "{bad:?}");
+        }
+        assert_eq!(
+            refused("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+                .status(),
+            501
+        );
+        assert_eq!(
+            refused("GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n").status(),
+            417
+        );
+    }
+
+    #[test]
+    fn too_many_fields_is_431() {
+        let mut s = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..100 {
+            s.push_str(&format!("X-{i}: v\r\n"));
+        }
+        s.push_str("\r\n");
+        assert_eq!(refused(&s), HeadError::FieldsTooLarge);
+    }
+
+    #[test]
+    fn upstream_head_drops_hop_by_hop_and_extends_forwarded_for() {
+        let raw = b"POST /p HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
+Keep-Alive: 5\r\nTE: trailers\r\nUpgrade: ws\r\nProxy-Authorization: s\r\nX-Forwarded-For: 1.1.1.1\r\n\
+X-Forwarded-Proto: https\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\nAccept: */*\r\n\r\n";
+        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let Status::Complete(h) = parse_request_head(raw, &mut f, &HeadLimits::default()).unwrap()
+        else {
+            panic!("partial")
+        };
+        assert!(h.expect_continue);
+        let mut out = Vec::new();
+        encode_upstream_head(&mut out, &h, "10.0.0.9".parse().unwrap(), "up");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /p HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
+X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn absolute_form_routes_on_its_authority() {
+        let raw = b"GET http://Other:81/x/y?q HTTP/1.1\r\nHost: h\r\n\r\n";
+        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let Status::Complete(h) = parse_request_head(raw, &mut f, &HeadLimits::default()).unwrap()
+        else {
+            panic!("partial")
+        };
+        assert_eq!(h.host, "Other");
+        assert_eq!(h.path(), "/x/y");
+    }
+}

@@ -1,0 +1,14 @@
+//! Apex: a thread-per-core HTTP/1.1 reverse proxy and load balancer on io_uring.
+//!
+//! The sans-IO core (`http`, `routing`, `balance`, `config`, `snapshot`) imports no runtime;
+//! `proxy` is the request's journey written against the `proxy::io` seam; `runtime` holds the
+//! worker threads and the monoio adapter.
+
+pub mod balance;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod proxy;
+pub mod routing;
+pub mod runtime;
+pub mod snapshot;

@@ -1,0 +1,184 @@
+//! The `apex` command line: run from a config file, check a config, or proxy quickly.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use apex::config::{
+    self, Action, Cluster, Config, Listener, PathMatch, Route, RuntimeKind, Workers,
+};
+use clap::{Parser, Subcommand};
+use tracing::error;
+
+const DEFAULT_CONFIG: &str = "configs/apex.yaml";
+
+#[derive(Parser)]
+#[command(
+    name = "apex",
+    version,
+    about = "A thread-per-core HTTP reverse proxy on io_uring"
+)]
+struct Cli {
+    /// Config file to run.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Event driver: io_uring or epoll (overrides the config's `runtime`).
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Worker threads (overrides the config's `workers`).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0, or 1 with every error (file, key path, problem).
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Proxy without a config file, round robin over the `--to` endpoints.
+    Proxy {
+        /// Address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Upstream endpoint (ip:port or host:port); repeat for several.
+        #[arg(long = "to", required = true)]
+        to: Vec<String>,
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Connect and response-head timeout, e.g. 2s or 500ms.
+        #[arg(long, default_value = "2s")]
+        upstream_timeout: String,
+        #[arg(long)]
+        runtime: Option<String>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn parse_runtime(s: &str) -> anyhow::Result<RuntimeKind> {
+    RuntimeKind::parse(s).ok_or_else(|| anyhow!("unknown runtime `{s}`: use io_uring or epoll"))
+}
+
+fn workers_from(n: usize) -> anyhow::Result<Workers> {
+    if (1..=1024).contains(&n) {
+        Ok(Workers::Count(n))
+    } else {
+        Err(anyhow!("--workers must be from 1 to 1024"))
+    }
+}
+
+/// The config `apex proxy` runs: one listener, one cluster, one catch-all route, with the same
+/// defaults as a config file.
+fn quick_proxy_config(
+    listen: SocketAddr,
+    to: &[String],
+    workers: Option<usize>,
+    upstream_timeout: &str,
+    runtime: Option<&str>,
+) -> anyhow::Result<Config> {
+    let timeout = config::parse_duration(upstream_timeout)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow!("--upstream-timeout `{upstream_timeout}` is not a duration like 2s")
+        })?;
+    let mut endpoints = Vec::new();
+    for t in to {
+        use std::net::ToSocketAddrs;
+        let addr = t
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| anyhow!("--to `{t}` is not host:port or does not resolve"))?;
+        endpoints.push(addr);
+    }
+    let mut cluster = Cluster::with_defaults("upstream", endpoints);
+    cluster.connect_timeout = timeout;
+    cluster.response_timeout = timeout;
+    Ok(Config {
+        source: None,
+        workers: workers
+            .map(workers_from)
+            .transpose()?
+            .unwrap_or(Workers::Auto),
+        runtime: runtime
+            .map(parse_runtime)
+            .transpose()?
+            .unwrap_or(RuntimeKind::IoUring),
+        listeners: vec![Listener::with_defaults("proxy", listen)],
+        routes: vec![Route {
+            host: config::HostMatch::Any,
+            path: PathMatch::Prefix("/".into()),
+            method: None,
+            action: Action::Forward(0),
+        }],
+        clusters: vec![cluster],
+    })
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let server = apex::runtime::start(config).context("apex could not start")?;
+    server.wait();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Some(Command::Check { config }) => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} clusters)",
+                    config.display(),
+                    c.listeners.len(),
+                    c.routes.len(),
+                    c.clusters.len()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Some(Command::Proxy {
+            listen,
+            to,
+            workers,
+            upstream_timeout,
+            runtime,
+        }) => quick_proxy_config(listen, &to, workers, &upstream_timeout, runtime.as_deref())
+            .and_then(run),
+        None => (|| {
+            let mut config = Config::load(&cli.config).map_err(|e| anyhow!("{e}"))?;
+            if let Some(r) = &cli.runtime {
+                config.runtime = parse_runtime(r)?;
+            }
+            if let Some(n) = cli.workers {
+                config.workers = workers_from(n)?;
+            }
+            run(config)
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! One downstream (client) connection: read request heads, route them, answer or forward, and
+//! keep the connection alive between requests.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::forward::forward_request;
+use super::io::{Runtime, Stream};
+use super::{Worker, WorkerView};
+use crate::config::{Action, Listener};
+use crate::http::body::BodyRelay;
+use crate::http::request::{encode_upstream_head, parse_request_head};
+use crate::http::scan::HeadScanner;
+use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Status, Version};
+
+/// Smallest free space offered to a read; reads never ask the kernel for less.
+pub const MIN_READ: usize = 4 * 1024;
+/// Read size while streaming bodies: the bound on body bytes held per direction.
+pub const BODY_READ: usize = 16 * 1024;
+/// Buffers that grew past this for one large head are shrunk back after the request.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
+/// The buffers a connection reuses from request to request.
+#[derive(Default)]
+pub struct Buffers {
+    /// Bytes read from the client not yet consumed; may hold the next pipelined request.
+    pub rbuf: Vec<u8>,
+    /// Bytes being written to the client.
+    pub out: Vec<u8>,
+    /// Bytes read from the upstream.
+    pub ubuf: Vec<u8>,
+    /// The request as sent upstream: head, plus the body when it arrived with the head; kept
+    /// until the response head arrives so that a stale pooled connection can be retried.
+    pub uhead: Vec<u8>,
+}
+
+/// What the proxy needs to know about a request once its head is out of the read buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo {
+    pub head_len: usize,
+    pub framing: Framing,
+    pub version: Version,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub idempotent: bool,
+    pub is_head: bool,
+}
+
+impl RequestInfo {
+    /// Whether a response that keeps the connection open must say so (HTTP/1.0 clients).
+    pub fn needs_keep_alive_header(&self) -> bool {
+        self.version == Version::Http10
+    }
+}
+
+enum Plan {
+    Forward(usize),
+    Respond(usize),
+    NotFound,
+}
+
+/// Reads from `s` into `buf`'s spare capacity, first making room for at least `min_spare`.
+pub async fn read_some<S: Stream>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    min_spare: usize,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < min_spare {
+        buf.reserve(min_spare);
+    }
+    let (res, b) = s.read(std::mem::take(buf)).await;
+    *buf = b;
+    res
+}
+
+/// Writes `buf` to `s` and clears it; `false` if the peer is gone.
+pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    let (res, mut b) = s.write_all(std::mem::take(buf)).await;
+    b.clear();
+    *buf = b;
+    res.is_ok()
+}
+
+/// Answers with an error status produced by Apex and reports whether the connection stays open.
+pub async fn send_error<S: Stream>(
+    client: &mut S,
+    out: &mut Vec<u8>,
+    status: u16,
+    keep_open: bool,
+    keep_alive_header: bool,
+) -> bool {
+    encode_error_response(out, status, !keep_open, keep_alive_header);
+    flush(client, out).await && keep_open
+}
+
+enum HeadRead {
+    Ready,
+    /// The client closed, or stayed idle past the keep-alive timeout, between requests.
+    Closed,
+    /// The client started a head and did not finish it in time.
+    TimedOut,
+    Invalid(HeadError),
+}
+
+/// Waits until `rbuf` holds a complete request head.
+async fn read_request_head<R: Runtime>(
+    client: &mut R::Stream,
+    rbuf: &mut Vec<u8>,
+    listener: &Listener,
+    limits: &HeadLimits,
+    first: bool,
+) -> HeadRead {
+    let mut scanner = HeadScanner::default();
+    // The first request must start within the header timeout; later ones may idle longer.
+    let mut deadline = first.then(|| Instant::now() + listener.header_timeout);
+    loop {
+        if !rbuf.is_empty() {
+            match scanner.scan(rbuf, limits.max_request_line, limits.max_head) {
+                Ok(Some(_)) => return HeadRead::Ready,
+                Ok(None) => {}
+                Err(e) => return HeadRead::Invalid(e),
+            }
+            deadline.get_or_insert_with(|| Instant::now() + listener.header_timeout);
+        }
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => listener.keepalive_timeout,
+        };
+        let started = !rbuf.is_empty();
+        match R::timeout(
+            wait.max(Duration::from_millis(1)),
+            read_some(client, rbuf, MIN_READ),
+        )
+        .await
+        {
+            None if started => return HeadRead::TimedOut,
+            None | Some(Ok(0)) | Some(Err(_)) => return HeadRead::Closed,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Parses the head at the start of `rbuf`, routes it and, for a forwarded request, encodes the
+/// head to send upstream into `uhead`.
+fn prepare_request(
+    rbuf: &[u8],
+    limits: &HeadLimits,
+    view: &WorkerView,
+    peer: SocketAddr,
+    uhead: &mut Vec<u8>,
+) -> Result<(RequestInfo, Plan), HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_FIELDS_CAP];
+    let head = match parse_request_head(rbuf, &mut fields, limits)? {
+        Status::Complete(h) => h,
+        Status::Partial => return Err(HeadError::BadRequest("incomplete head")),
+    };
+    let info = RequestInfo {
+        head_len: head.len,
+        framing: head.framing,
+        version: head.version,
+        keep_alive: head.keep_alive,
+        expect_continue: head.expect_continue,
+        idempotent: head.is_idempotent(),
+        is_head: head.is_head(),
+    };
+    let snap = &view.snap;
+    let plan = match snap.router.route(head.host, head.path(), head.method) {
+        None => Plan::NotFound,
+        Some(i) => match &snap.config.routes[i].action {
+            Action::Respond(_) => Plan::Respond(i),
+            Action::Forward(c) => {
+                uhead.clear();
+                let default_host = snap.config.clusters[*c].endpoints[0].to_string();
+                encode_upstream_head(uhead, &head, peer.ip(), &default_host);
+                Plan::Forward(*c)
+            }
+        },
+    };
+    Ok((info, plan))
+}
+
+/// Drops the head and any body that already arrived with it; `false` when part of the body is
+/// still on the wire, in which case the connection cannot carry another request.
+fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>) -> bool {
+    let mut body = BodyRelay::new(info.framing, Framing::Length(u64::MAX));
+    let taken = body.relay(&rbuf[info.head_len..], scratch).unwrap_or(0);
+    scratch.clear();
+    if !body.is_done() {
+        return false;
+    }
+    rbuf.drain(..info.head_len + taken);
+    true
+}
+
+/// Serves one client connection until it closes, errs or times out.
+pub async fn serve_downstream<R: Runtime>(
+    worker: Rc<Worker<R>>,
+    mut client: R::Stream,
+    peer: SocketAddr,
+    listener: Rc<Listener>,
+) {
+    let mut bufs = Buffers::default();
+    let mut first = true;
+    loop {
+        let limits = worker.limits;
+        match read_request_head::<R>(&mut client, &mut bufs.rbuf, &listener, &limits, first).await {
+            HeadRead::Ready => {}
+            HeadRead::Closed => return,
+            HeadRead::TimedOut => {
+                send_error(&mut client, &mut bufs.out, 408, false, false).await;
+                return;
+            }
+            HeadRead::Invalid(e) => {
+                debug!(client = %peer, reason = e.reason(), "refused request head");
+                send_error(&mut client, &mut bufs.out, e.status(), false, false).await;
+                return;
+            }
+        }
+        first = false;
+        let view = worker.view();
+        let (info, plan) = match prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(client = %peer, reason = e.reason(), "refused request head");
+                send_error(&mut client, &mut bufs.out, e.status(), false, false).await;
+                return;
+            }
+        };
+        let keep_open = match plan {
+            Plan::Forward(cluster) => {
+                forward_request::<R>(
+                    &worker,
+                    &view,
+                    cluster,
+                    &mut client,
+                    &mut bufs,
+                    &info,
+                    &listener,
+                )
+                .await
+            }
+            Plan::Respond(route) => {
+                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
+                let keep = whole && info.keep_alive;
+                let direct = view.snap.direct[route]
+                    .as_ref()
+                    .expect("respond route is encoded");
+                let bytes = match (keep, info.needs_keep_alive_header()) {
+                    (false, _) => &direct.close,
+                    (true, false) => &direct.keep_alive,
+                    (true, true) => &direct.keep_alive_10,
+                };
+                let len = if info.is_head {
+                    bytes.len() - direct.body_len
+                } else {
+                    bytes.len()
+                };
+                bufs.out.extend_from_slice(&bytes[..len]);
+                flush(&mut client, &mut bufs.out).await && keep
+            }
+            Plan::NotFound => {
+                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
+                let keep = whole && info.keep_alive;
+                send_error(
+                    &mut client,
+                    &mut bufs.out,
+                    404,
+                    keep,
+                    info.needs_keep_alive_header(),
+                )
+                .await
+            }
+        };
+        if !keep_open {
+            return;
+        }
+        for b in [
+            &mut bufs.rbuf,
+            &mut bufs.out,
+            &mut bufs.ubuf,
+            &mut bufs.uhead,
+        ] {
+            if b.capacity() > SHRINK_ABOVE && b.len() < BODY_READ {
+                b.shrink_to(BODY_READ);
+            }
+        }
+    }
+}

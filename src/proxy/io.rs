@@ -1,0 +1,61 @@
+//! The runtime seam: the few operations the proxy loop needs from an async runtime.
+//!
+//! The proxy loop is written once against these traits; each runtime adapter implements them.
+//! Buffers are passed by value (the io_uring model: the kernel owns a buffer while an operation
+//! is in flight) and handed back with the result.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A connected stream on the worker's runtime.
+// Futures are !Send on purpose: every connection lives and dies on one worker thread.
+#[allow(async_fn_in_trait)]
+pub trait Stream: Sized + 'static {
+    /// Reads into the spare capacity of `buf` (after its `len`), extending its length.
+    /// `Ok(0)` means the peer closed its side. `buf` must have spare capacity.
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+
+    /// Writes all of `buf`.
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+
+    /// Without blocking: whether the peer has closed or sent bytes nobody asked for. An idle
+    /// pooled upstream connection for which this is true must not be reused.
+    fn is_stale(&self) -> bool;
+}
+
+/// The worker's runtime.
+#[allow(async_fn_in_trait)]
+pub trait Runtime: 'static {
+    type Stream: Stream;
+
+    async fn connect(addr: SocketAddr) -> io::Result<Self::Stream>;
+
+    /// `None` when `dur` passed before `fut` finished (and `fut` was dropped).
+    async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output>;
+}
+
+/// A non-blocking check on a raw socket: `MSG_PEEK` sees either EOF, unexpected bytes, or
+/// nothing yet (`EAGAIN`, the healthy idle case). Shared by every adapter on Unix.
+pub fn socket_is_stale(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of this call, and the
+    // buffer is one valid, writable byte.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return !matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        );
+    }
+    true // 0: closed by the peer; >0: bytes that answer no request
+}

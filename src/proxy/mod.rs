@@ -1,0 +1,76 @@
+//! The proxy loop shared by every runtime: a worker's state and the journey of a request.
+//!
+//! Nothing here imports a runtime; `io::Runtime` is the seam. A worker's state is `!Send` on
+//! purpose (`Rc`, `RefCell`, `Cell`): it lives on one pinned thread and is never locked.
+
+pub mod downstream;
+pub mod error;
+pub mod forward;
+pub mod io;
+pub mod pool;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use arc_swap::cache::Cache;
+
+use crate::balance::RoundRobin;
+use crate::http::HeadLimits;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use io::Runtime;
+use pool::Pool;
+
+/// What one worker serves from: the snapshot plus this worker's own per-snapshot state.
+pub struct WorkerView {
+    pub snap: Arc<Snapshot>,
+    /// One per cluster of `snap`.
+    pub balancers: Vec<RoundRobin>,
+}
+
+/// One worker thread's state.
+pub struct Worker<R: Runtime> {
+    pub id: usize,
+    /// Reads the published snapshot with one atomic load and no write while it is unchanged.
+    snapshots: RefCell<Cache<SharedSnapshot, Arc<Snapshot>>>,
+    view: RefCell<Rc<WorkerView>>,
+    pub pool: Pool<R::Stream>,
+    pub limits: HeadLimits,
+}
+
+impl<R: Runtime> Worker<R> {
+    pub fn new(id: usize, shared: SharedSnapshot) -> Self {
+        let mut cache = Cache::new(shared);
+        let snap = Arc::clone(cache.load());
+        let view = Rc::new(Self::make_view(id, snap));
+        Worker {
+            id,
+            snapshots: RefCell::new(cache),
+            view: RefCell::new(view),
+            pool: Pool::default(),
+            limits: HeadLimits::default(),
+        }
+    }
+
+    fn make_view(id: usize, snap: Arc<Snapshot>) -> WorkerView {
+        let balancers = snap
+            .config
+            .clusters
+            .iter()
+            .map(|_| RoundRobin::new(id))
+            .collect();
+        WorkerView { snap, balancers }
+    }
+
+    /// The view to serve the next request from; a request keeps its view until it ends, so a
+    /// reload never changes the rules under a request in flight.
+    pub fn view(&self) -> Rc<WorkerView> {
+        let mut cache = self.snapshots.borrow_mut();
+        let latest = cache.load();
+        let mut view = self.view.borrow_mut();
+        if !Arc::ptr_eq(latest, &view.snap) {
+            *view = Rc::new(Self::make_view(self.id, Arc::clone(latest)));
+        }
+        Rc::clone(&view)
+    }
+}

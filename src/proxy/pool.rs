@@ -1,0 +1,71 @@
+//! The worker's idle upstream connections: one LIFO stack per endpoint, capped, with an idle
+//! timeout. Owned by one worker thread; never locked.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::io::Stream;
+
+struct Idle<S> {
+    stream: S,
+    since: Instant,
+}
+
+/// Keyed by endpoint address, so idle connections outlive a config reload that keeps the
+/// endpoint.
+pub struct Pool<S> {
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle<S>>>>,
+}
+
+impl<S: Stream> Default for Pool<S> {
+    fn default() -> Self {
+        Pool {
+            idle: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+impl<S: Stream> Pool<S> {
+    /// The most recently used idle connection to `addr` that is younger than `idle_timeout` and
+    /// that the upstream has not closed. Stale ones found on the way are dropped (closed).
+    pub fn checkout(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<S> {
+        let mut idle = self.idle.borrow_mut();
+        let stack = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some(c) = stack.pop() {
+            if now.duration_since(c.since) >= idle_timeout {
+                // LIFO: everything below is older still.
+                stack.clear();
+                return None;
+            }
+            if !c.stream.is_stale() {
+                return Some(c.stream);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection that finished a response cleanly. At the cap the oldest idle
+    /// connection is closed: it is the one most likely to be closed by the upstream anyway.
+    pub fn checkin(&self, addr: SocketAddr, stream: S, max_idle: usize) {
+        if max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let stack = idle.entry(addr).or_default();
+        if stack.len() >= max_idle {
+            stack.remove(0);
+        }
+        stack.push(Idle {
+            stream,
+            since: Instant::now(),
+        });
+    }
+
+    /// Idle connections held, over all endpoints.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}

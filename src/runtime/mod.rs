@@ -1,0 +1,284 @@
+//! Worker threads: one pinned OS thread per core, each with its own monoio runtime, its own
+//! listeners and its own pool. Choosing the driver (io_uring, or epoll) happens here.
+
+pub mod monoio;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ::monoio::time::TimeDriver;
+use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use tracing::{info, warn};
+
+use self::monoio::{Monoio, MonoioStream};
+use crate::config::{Config, Listener, RuntimeKind, Workers};
+use crate::listener::{bind_reuseport, BindError};
+use crate::proxy::downstream::serve_downstream;
+use crate::proxy::Worker;
+use crate::snapshot::{publish_first, SharedSnapshot};
+
+/// io_uring submission queue size per worker.
+const RING_ENTRIES: u32 = 1024;
+/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS): long enough not to spin, short
+/// enough to serve again soon after descriptors free up.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+#[derive(Debug)]
+pub enum StartError {
+    Bind(BindError),
+    Worker(usize, String),
+    Spawn(io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind(e) => write!(f, "{e}"),
+            StartError::Worker(id, e) => write!(f, "worker {id} failed to start: {e}"),
+            StartError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A started proxy: its workers run until the process exits.
+pub struct Server {
+    /// Each configured listener's name and the address it is bound to (port 0 resolved).
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub shared: SharedSnapshot,
+    pub threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Blocks until every worker thread has ended.
+    pub fn wait(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The driver a worker ended up with, and the io_uring setup flags or the reason for epoll.
+struct Driver {
+    name: &'static str,
+    detail: String,
+}
+
+type UringRuntime = ::monoio::Runtime<TimeDriver<IoUringDriver>>;
+type EpollRuntime = ::monoio::Runtime<TimeDriver<LegacyDriver>>;
+
+/// Builds an io_uring runtime with the ring flags that matter for a proxy, falling back to
+/// weaker setups on older kernels: SINGLE_ISSUER + DEFER_TASKRUN (6.1+), then COOP_TASKRUN
+/// (5.19+), then the default ring (see `shared/perf-notes.md`: the default costs 1.2–1.6x the
+/// CPU per request of the tuned ring).
+fn build_uring() -> Result<(UringRuntime, &'static str), io::Error> {
+    type Setup = fn(&mut io_uring::Builder);
+    let setups: [(&'static str, Setup); 3] = [
+        ("single_issuer+defer_taskrun", |b| {
+            b.setup_single_issuer();
+            b.setup_defer_taskrun();
+        }),
+        ("coop_taskrun", |b| {
+            b.setup_coop_taskrun();
+            b.setup_taskrun_flag();
+        }),
+        ("default", |_| {}),
+    ];
+    let mut last = io::Error::other("no io_uring setup tried");
+    for (name, setup) in setups {
+        let mut urb = io_uring::IoUring::builder();
+        setup(&mut urb);
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .uring_builder(urb)
+            .with_entries(RING_ENTRIES)
+            .enable_timer()
+            .build()
+        {
+            Ok(rt) => return Ok((rt, name)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn build_epoll() -> Result<EpollRuntime, io::Error> {
+    RuntimeBuilder::<LegacyDriver>::new().enable_timer().build()
+}
+
+/// How many workers `workers` means on this machine.
+pub fn worker_count(workers: Workers) -> usize {
+    match workers {
+        Workers::Count(n) => n,
+        Workers::Auto => core_affinity::get_core_ids()
+            .map(|c| c.len())
+            .filter(|&n| n > 0)
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1),
+    }
+}
+
+/// Binds every listener once per worker, starts the workers and returns once each is serving.
+pub fn start(config: Config) -> Result<Server, StartError> {
+    let count = worker_count(config.workers);
+    let mut per_worker: Vec<Vec<(Listener, TcpListener)>> =
+        (0..count).map(|_| Vec::new()).collect();
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let socks = bind_reuseport(l.address, count).map_err(StartError::Bind)?;
+        let bound = socks[0].local_addr().map_err(StartError::Spawn)?;
+        let mut resolved = l.clone();
+        resolved.address = bound;
+        for (w, s) in socks.into_iter().enumerate() {
+            per_worker[w].push((resolved.clone(), s));
+        }
+        listeners.push((l.name.clone(), bound));
+    }
+    let kind = config.runtime;
+    let source = config.source.as_ref().map(|p| p.display().to_string());
+    let shared = publish_first(config);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut threads = Vec::new();
+    for (id, socks) in per_worker.into_iter().enumerate() {
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("apex-worker-{id}"))
+            .spawn(move || run_worker(id, core, kind, socks, shared, ready))
+            .map_err(StartError::Spawn)?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for id in 0..count {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Worker(id, e)),
+            Err(_) => return Err(StartError::Worker(id, "exited during startup".into())),
+        }
+    }
+    info!(
+        workers = count,
+        runtime = kind.as_str(),
+        config = source.as_deref().unwrap_or("(command line)"),
+        "apex started"
+    );
+    for (name, addr) in &listeners {
+        info!(listener = %name, address = %addr, "listening");
+    }
+    Ok(Server {
+        listeners,
+        shared,
+        threads,
+    })
+}
+
+fn run_worker(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    kind: RuntimeKind,
+    socks: Vec<(Listener, TcpListener)>,
+    shared: SharedSnapshot,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
+    let pin = match pinned {
+        Some((cpu, true)) => format!("cpu {cpu}"),
+        Some((cpu, false)) => format!("unpinned (pinning to cpu {cpu} failed)"),
+        None => "unpinned (no core list)".to_string(),
+    };
+    let uring = match kind {
+        RuntimeKind::IoUring => Some(build_uring()),
+        RuntimeKind::Epoll => None,
+    };
+    let (driver, result) = match uring {
+        Some(Ok((rt, flags))) => {
+            let driver = Driver {
+                name: "io_uring",
+                detail: format!("ring setup {flags}"),
+            };
+            (driver, Ok(rt))
+        }
+        Some(Err(e)) => {
+            let driver = Driver {
+                name: "epoll",
+                detail: format!("io_uring unavailable ({e}); fell back"),
+            };
+            (driver, Err(Some(e)))
+        }
+        None => (
+            Driver {
+                name: "epoll",
+                detail: "chosen by config".into(),
+            },
+            Err(None),
+        ),
+    };
+    if driver.name == "epoll" && kind == RuntimeKind::IoUring {
+        warn!(worker = id, driver = driver.name, reason = %driver.detail, pin = %pin, "worker starting");
+    } else {
+        info!(worker = id, driver = driver.name, detail = %driver.detail, pin = %pin, "worker starting");
+    }
+    match result {
+        Ok(mut rt) => rt.block_on(worker_main(id, socks, shared, ready)),
+        Err(_) => match build_epoll() {
+            Ok(mut rt) => rt.block_on(worker_main(id, socks, shared, ready)),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot build an epoll runtime: {e}")));
+            }
+        },
+    }
+}
+
+async fn worker_main(
+    id: usize,
+    socks: Vec<(Listener, TcpListener)>,
+    shared: SharedSnapshot,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let worker = Rc::new(Worker::<Monoio>::new(id, shared));
+    let mut accepting = Vec::new();
+    for (cfg, sock) in socks {
+        let l = match ::monoio::net::TcpListener::from_std(sock) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("listener {}: {e}", cfg.name)));
+                return;
+            }
+        };
+        accepting.push(::monoio::spawn(accept_loop(
+            Rc::clone(&worker),
+            l,
+            Rc::new(cfg),
+        )));
+    }
+    let _ = ready.send(Ok(()));
+    for task in accepting {
+        task.await;
+    }
+}
+
+async fn accept_loop(worker: Rc<Worker<Monoio>>, l: ::monoio::net::TcpListener, cfg: Rc<Listener>) {
+    loop {
+        match l.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ::monoio::spawn(serve_downstream::<Monoio>(
+                    Rc::clone(&worker),
+                    MonoioStream(stream),
+                    peer,
+                    Rc::clone(&cfg),
+                ));
+            }
+            Err(e) => {
+                warn!(worker = worker.id, listener = %cfg.name, error = %e, "accept failed; backing off");
+                ::monoio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}

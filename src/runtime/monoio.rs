@@ -1,0 +1,52 @@
+//! The monoio adapter: implements the proxy's runtime seam on monoio (io_uring or epoll).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::proxy::io::{socket_is_stale, Runtime, Stream};
+
+/// Marker type for the monoio runtime (either driver: the driver is chosen when the worker's
+/// runtime is built, and the same futures run on both).
+pub struct Monoio;
+
+pub struct MonoioStream(pub TcpStream);
+
+impl Stream for MonoioStream {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let len = buf.len();
+        let cap = buf.capacity();
+        let (res, slice) = self.0.read(buf.slice_mut(len..cap)).await;
+        (res, slice.into_inner())
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let (res, buf) = AsyncWriteRentExt::write_all(&mut self.0, buf).await;
+        (res.map(|_| ()), buf)
+    }
+
+    fn is_stale(&self) -> bool {
+        socket_is_stale(self.0.as_raw_fd())
+    }
+}
+
+impl Runtime for Monoio {
+    type Stream = MonoioStream;
+
+    async fn connect(addr: SocketAddr) -> io::Result<MonoioStream> {
+        let s = TcpStream::connect_addr(addr).await?;
+        // Heads and small bodies go out in one write each; Nagle would only delay them.
+        s.set_nodelay(true)?;
+        Ok(MonoioStream(s))
+    }
+
+    async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output> {
+        monoio::time::timeout(dur, fut).await.ok()
+    }
+}

@@ -1,0 +1,67 @@
+//! The immutable per-config snapshot that workers serve from, published through `arc-swap`.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Action, Config};
+use crate::http::encode_simple_response;
+use crate::routing::Router;
+
+/// Everything a worker needs to serve one request that does not change until the next reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    /// For each route with a `respond` action, its response head and body pre-encoded, in the
+    /// two forms a connection needs: staying open, and closing.
+    pub direct: Vec<Option<DirectBytes>>,
+}
+
+#[derive(Debug)]
+pub struct DirectBytes {
+    pub keep_alive: Vec<u8>,
+    /// For HTTP/1.0 clients that asked for keep-alive: adds `Connection: keep-alive`.
+    pub keep_alive_10: Vec<u8>,
+    pub close: Vec<u8>,
+    /// Length of the body at the end of each form; a HEAD request gets the rest.
+    pub body_len: usize,
+}
+
+impl Snapshot {
+    pub fn new(config: Config) -> Snapshot {
+        let router = Router::new(&config.routes);
+        let direct = config
+            .routes
+            .iter()
+            .map(|r| match &r.action {
+                Action::Respond(d) => {
+                    let enc = |close, ka| {
+                        let mut v = Vec::new();
+                        encode_simple_response(&mut v, d.status, &d.headers, &d.body, close, ka);
+                        v
+                    };
+                    Some(DirectBytes {
+                        keep_alive: enc(false, false),
+                        keep_alive_10: enc(false, true),
+                        close: enc(true, false),
+                        body_len: d.body.len(),
+                    })
+                }
+                Action::Forward(_) => None,
+            })
+            .collect();
+        Snapshot {
+            config,
+            router,
+            direct,
+        }
+    }
+}
+
+/// Where the control plane publishes snapshots and workers pick them up.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+pub fn publish_first(config: Config) -> SharedSnapshot {
+    Arc::new(ArcSwap::from_pointee(Snapshot::new(config)))
+}
