@@ -162,15 +162,16 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             Err(_) => return Err(StartError::Worker(id, "exited during startup".into())),
         }
     }
+    for (name, addr) in &listeners {
+        info!(listener = %name, address = %addr, "listening");
+    }
+    // Last startup line: everything is bound and every worker is serving.
     info!(
         workers = count,
         runtime = kind.as_str(),
         config = source.as_deref().unwrap_or("(command line)"),
         "apex started"
     );
-    for (name, addr) in &listeners {
-        info!(listener = %name, address = %addr, "listening");
-    }
     Ok(Server {
         listeners,
         shared,

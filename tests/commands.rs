@@ -1,0 +1,203 @@
+//! The command line: running the default config, `apex check`, `apex proxy`, drivers, ports.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+fn default_config_serves_status_page(rt: &str) {
+    // The shipped config, moved to an ephemeral port so the test never collides.
+    let text = std::fs::read_to_string("configs/apex.yaml").unwrap();
+    assert!(text.contains("127.0.0.1:8080"));
+    let mut apex = Apex::start(&text.replace("127.0.0.1:8080", "127.0.0.1:0"), rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("Apex is running"), "{}", r.text());
+    let r = c.request("GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    let r = c.request("HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert!(apex.wait_for_log(&["worker starting"]).is_some());
+}
+
+fn runtime_flag_selects_the_driver(rt: &str) {
+    let mut apex = Apex::start(
+        &config(
+            "  - { match: { path: \"/\" }, respond: { status: 204 } }",
+            "  []",
+        ),
+        rt,
+    );
+    let line = apex.wait_for_log(&["worker starting"]).unwrap();
+    assert_eq!(field(&line, "driver"), Some(rt), "{line}");
+    if rt == "io_uring" {
+        assert!(line.contains("single_issuer+defer_taskrun"), "{line}");
+    }
+}
+
+fn each_worker_pins_and_logs_its_driver(rt: &str) {
+    let yaml = config(
+        "  - { match: { path: \"/\" }, respond: { status: 204 } }",
+        "  []",
+    )
+    .replace("workers: 1", "workers: 2");
+    let mut apex = Apex::start(&yaml, rt);
+    let logs = apex.logs();
+    let workers: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("worker starting"))
+        .collect();
+    assert_eq!(workers.len(), 2, "{logs}");
+    for w in workers {
+        assert_eq!(field(w, "driver"), Some(rt), "{w}");
+        assert!(w.contains("pin=cpu"), "{w}");
+    }
+}
+
+fn second_instance_on_same_port_fails_clearly(rt: &str) {
+    let yaml = config(
+        "  - { match: { path: \"/\" }, respond: { status: 204 } }",
+        "  []",
+    );
+    let first = Apex::start(&yaml, rt);
+    let dir = TempDir::new();
+    let taken = yaml.replace("127.0.0.1:0", &first.addr.to_string());
+    let path = dir.write("second.yaml", &taken);
+    let out = Command::new(apex_bin())
+        .args(["--config", path.to_str().unwrap(), "--runtime", rt])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("address {} is already in use", first.addr)),
+        "{err}"
+    );
+    // And the first instance still serves.
+    let r = Wire::connect(first.addr).request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 204);
+}
+
+fn quick_proxy_mode_balances_round_robin(rt: &str) {
+    let a = Upstream::ok("a");
+    let b = Upstream::ok("b");
+    let apex = Apex::spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        &a.addr.to_string(),
+        "--to",
+        &b.addr.to_string(),
+        "--workers",
+        "1",
+        "--runtime",
+        rt,
+    ])
+    .unwrap();
+    let mut c = Wire::connect(apex.addr);
+    let bodies: Vec<String> = (0..6)
+        .map(|_| c.request("GET / HTTP/1.1\r\nHost: x\r\n\r\n").text())
+        .collect();
+    let count_a = bodies.iter().filter(|b| *b == "a").count();
+    assert_eq!(count_a, 3, "{bodies:?}");
+    assert!(
+        bodies.windows(2).all(|w| w[0] != w[1]),
+        "alternates per request: {bodies:?}"
+    );
+}
+
+under_each_driver!(
+    default_config_serves_status_page,
+    runtime_flag_selects_the_driver,
+    each_worker_pins_and_logs_its_driver,
+    second_instance_on_same_port_fails_clearly,
+    quick_proxy_mode_balances_round_robin,
+);
+
+#[test]
+fn check_accepts_the_default_config() {
+    let out = Command::new(apex_bin())
+        .args(["check", "--config", "configs/apex.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_reports_file_key_path_and_problem() {
+    let dir = TempDir::new();
+    let path = dir.write(
+        "bad.yaml",
+        "listeners:\n  - { name: a, address: \"127.0.0.1:1\" }\nroutes:\n  - { match: { path: \"/\" }, cluster: nope }\nclusters:\n  - { name: c, endpoints: [], connect_timeout: 0s }\n",
+    );
+    let out = Command::new(apex_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}: routes[0].cluster: no cluster is named `nope`"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: clusters[0].endpoints: a cluster needs at least one endpoint"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}: clusters[0].connect_timeout: must be greater than zero"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_names_unknown_keys_with_their_line() {
+    let dir = TempDir::new();
+    let path = dir.write(
+        "typo.yaml",
+        "listeners:\n  - name: a\n    adress: 127.0.0.1:1\n",
+    );
+    let out = Command::new(apex_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:", path.display())), "{err}");
+    assert!(
+        err.contains("listeners[0]") && err.contains("unknown field `adress`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_config_refuses_to_start_and_says_why() {
+    let dir = TempDir::new();
+    let path = dir.write("bad.yaml", "listeners: []\n");
+    let out = Command::new(apex_bin())
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listeners: at least one listener is required"),
+        "{err}"
+    );
+}

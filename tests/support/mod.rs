@@ -1,0 +1,552 @@
+//! Test support: the real `apex` binary as a child process, fake upstreams on 127.0.0.1, and a
+//! raw HTTP/1.1 client. Everything synchronises on events (log lines, bytes, barriers), never on
+//! sleeps.
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Generates one `#[test]` per driver for a test function taking the runtime's name.
+#[macro_export]
+macro_rules! under_each_driver {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn io_uring() {
+                    super::$name("io_uring")
+                }
+                #[test]
+                fn epoll() {
+                    super::$name("epoll")
+                }
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------- the apex process
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("apex-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn apex_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_apex")
+}
+
+/// A running `apex` child process; killed on drop.
+pub struct Apex {
+    child: Child,
+    /// The first listener's bound address.
+    pub addr: SocketAddr,
+    pub addrs: Vec<SocketAddr>,
+    logs: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: Option<TempDir>,
+}
+
+impl Apex {
+    /// Runs `apex --config <yaml> --runtime <runtime>`; panics with the logs if it does not
+    /// come up.
+    pub fn start(yaml: &str, runtime: &str) -> Apex {
+        let dir = TempDir::new();
+        let path = dir.write("apex.yaml", yaml);
+        let mut a = Apex::spawn(&["--config", path.to_str().unwrap(), "--runtime", runtime])
+            .unwrap_or_else(|logs| panic!("apex did not start:\n{logs}"));
+        a._dir = Some(dir);
+        a
+    }
+
+    /// Runs the binary with `args` and waits for its "apex started" line and listener
+    /// addresses; `Err(logs)` if it exits first.
+    pub fn spawn(args: &[&str]) -> Result<Apex, String> {
+        let mut child = Command::new(apex_bin())
+            .args(args)
+            .env("RUST_LOG", "info,apex=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn apex");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let mut addrs = Vec::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if line.contains("listening") {
+                        if let Some(a) = field(&line, "address") {
+                            addrs.push(a.parse().expect("listening address"));
+                        }
+                    }
+                    let started = line.contains("apex started");
+                    seen.push(line);
+                    if started {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    for l in rx.try_iter() {
+                        seen.push(l);
+                    }
+                    return Err(seen.join("\n"));
+                }
+            }
+        }
+        Ok(Apex {
+            child,
+            addr: addrs[0],
+            addrs,
+            logs: rx,
+            seen,
+            _dir: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a log line containing every one of `needles` appears; returns it.
+    pub fn wait_for_log(&mut self, needles: &[&str]) -> Option<String> {
+        let hit = |l: &String| needles.iter().all(|n| l.contains(n));
+        if let Some(l) = self.seen.iter().find(|l| hit(l)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + PATIENCE;
+        while let Ok(line) = self
+            .logs
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            if hit(&line) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// Every log line so far.
+    pub fn logs(&mut self) -> String {
+        for l in self.logs.try_iter() {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Resident set size of the process, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Apex {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `name=value` in a tracing log line (quotes stripped).
+pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!("{name}=");
+    let start = line.find(&key)? + key.len();
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"'))
+}
+
+/// A config with one listener on 127.0.0.1:0, one worker, and the given routes and clusters.
+pub fn config(routes: &str, clusters: &str) -> String {
+    format!(
+        "workers: 1\nlisteners:\n  - name: test\n    address: 127.0.0.1:0\nroutes:\n{routes}\nclusters:\n{clusters}\n"
+    )
+}
+
+/// The usual setup: every request goes to one cluster with these endpoints.
+pub fn proxy_config(endpoints: &[SocketAddr], cluster_extra: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    config(
+        "  - match: { path_prefix: \"/\" }\n    cluster: backend",
+        &format!(
+            "  - name: backend\n    endpoints: [{}]\n{cluster_extra}",
+            eps.join(", ")
+        ),
+    )
+}
+
+// ---------------------------------------------------------------- reading HTTP
+
+/// A TCP connection with a read buffer, for either side of a test.
+pub struct Wire {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    pub fn new(stream: TcpStream) -> Wire {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Wire {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn connect(addr: SocketAddr) -> Wire {
+        Wire::new(TcpStream::connect(addr).expect("connect"))
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut tmp = [0u8; 64 * 1024];
+        let n = self.stream.read(&mut tmp)?;
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(n)
+    }
+
+    /// Reads a head up to and including CRLFCRLF. `Ok(None)` on EOF before any byte.
+    pub fn read_head(&mut self) -> io::Result<Option<String>> {
+        loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                let head: Vec<u8> = self.buf.drain(..i + 4).collect();
+                return Ok(Some(String::from_utf8_lossy(&head).into_owned()));
+            }
+            if self.fill()? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "eof inside head",
+                ));
+            }
+        }
+    }
+
+    pub fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < n {
+            if self.fill()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "eof inside body",
+                ));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    fn read_line(&mut self) -> io::Result<String> {
+        loop {
+            if let Some(i) = find(&self.buf, b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "eof inside line",
+                ));
+            }
+        }
+    }
+
+    /// Reads one chunk; `None` after the last chunk and its trailers.
+    pub fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let line = self.read_line()?;
+        let size =
+            usize::from_str_radix(line.split(';').next().unwrap().trim(), 16).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("chunk size {line:?}"))
+            })?;
+        if size == 0 {
+            while !self.read_line()?.is_empty() {}
+            return Ok(None);
+        }
+        let data = self.read_exact_bytes(size)?;
+        let crlf = self.read_exact_bytes(2)?;
+        assert_eq!(crlf, b"\r\n", "chunk data must end with CRLF");
+        Ok(Some(data))
+    }
+
+    pub fn read_chunked_body(&mut self) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        while let Some(c) = self.read_chunk()? {
+            body.extend_from_slice(&c);
+        }
+        Ok(body)
+    }
+
+    pub fn read_to_end(&mut self) -> io::Result<Vec<u8>> {
+        while self.fill()? > 0 {}
+        Ok(std::mem::take(&mut self.buf))
+    }
+
+    /// Reads a whole response. `head_request`: the request was HEAD (no body follows).
+    pub fn read_response(&mut self, head_request: bool) -> io::Result<Response> {
+        let head = self.read_head()?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            )
+        })?;
+        let mut r = Response::parse(&head);
+        let no_body = head_request || r.status < 200 || r.status == 204 || r.status == 304;
+        r.body = if no_body {
+            Vec::new()
+        } else if r.header("transfer-encoding").is_some() {
+            self.read_chunked_body()?
+        } else if let Some(n) = r.header("content-length") {
+            self.read_exact_bytes(n.parse().unwrap())?
+        } else {
+            self.read_to_end()?
+        };
+        Ok(r)
+    }
+
+    /// Whether the peer closed the connection (EOF) with no further bytes.
+    pub fn is_closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        matches!(self.fill(), Ok(0) | Err(_))
+    }
+
+    /// Sends a request and reads its response.
+    pub fn request(&mut self, raw: &str) -> Response {
+        self.send(raw.as_bytes());
+        self.read_response(raw.starts_with("HEAD "))
+            .expect("response")
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub head: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn parse(head: &str) -> Response {
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let headers = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once(':').unwrap();
+                (k.trim().to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
+        Response {
+            status,
+            head: head.to_string(),
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request as the fake upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub head: String,
+    pub body: Vec<u8>,
+    /// Which accepted connection (0-based) and which request on it (0-based).
+    pub conn: usize,
+    pub index: usize,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        Response::parse(&format!(
+            "X 0 x\r\n{}",
+            self.head.split_once("\r\n").unwrap().1
+        ))
+        .header(&name.to_ascii_lowercase())
+        .map(str::to_string)
+    }
+    pub fn request_line(&self) -> &str {
+        self.head.split("\r\n").next().unwrap()
+    }
+}
+
+// ---------------------------------------------------------------- the fake upstream
+
+/// What the handler wants done with the connection after it wrote its reply.
+pub enum After {
+    KeepOpen,
+    Close,
+}
+
+type Handler = dyn Fn(&Received, &mut Wire) -> After + Send + Sync;
+
+/// A fake upstream on 127.0.0.1:0 that counts accepted connections and records requests.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    received: mpsc::Receiver<Received>,
+}
+
+impl Upstream {
+    /// Serves every request with `handler`, one thread per connection.
+    pub fn start(
+        handler: impl Fn(&Received, &mut Wire) -> After + Send + Sync + 'static,
+    ) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let handler: Arc<Handler> = Arc::new(handler);
+        let counter = accepts.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let conn = counter.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                let tx = tx.clone();
+                std::thread::spawn(move || serve_fake(Wire::new(stream), conn, &*handler, tx));
+            }
+        });
+        Upstream {
+            addr,
+            accepts,
+            received: rx,
+        }
+    }
+
+    /// Answers every request `200` with `body`, keeping connections open.
+    pub fn ok(body: &'static str) -> Upstream {
+        Upstream::start(move |_, w| {
+            w.send(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            After::KeepOpen
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+
+    /// The next request received, waiting for it.
+    pub fn next(&self) -> Received {
+        self.received
+            .recv_timeout(PATIENCE)
+            .expect("the upstream received no request")
+    }
+
+    /// Requests received so far, without waiting.
+    pub fn drain(&self) -> Vec<Received> {
+        self.received.try_iter().collect()
+    }
+}
+
+fn serve_fake(mut w: Wire, conn: usize, handler: &Handler, tx: mpsc::Sender<Received>) {
+    for index in 0.. {
+        let Ok(Some(head)) = w.read_head() else {
+            return;
+        };
+        let r = Response::parse(&format!("X 0 x\r\n{}", head.split_once("\r\n").unwrap().1));
+        let body = if r.header("transfer-encoding").is_some() {
+            match w.read_chunked_body() {
+                Ok(b) => b,
+                Err(_) => return,
+            }
+        } else if let Some(n) = r.header("content-length") {
+            match w.read_exact_bytes(n.parse().unwrap()) {
+                Ok(b) => b,
+                Err(_) => return,
+            }
+        } else {
+            Vec::new()
+        };
+        let received = Received {
+            head,
+            body,
+            conn,
+            index,
+        };
+        let after = handler(&received, &mut w);
+        let _ = tx.send(received);
+        if let After::Close = after {
+            let _ = w.stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// An address nothing listens on: bound, then released.
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
