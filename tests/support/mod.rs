@@ -537,9 +537,13 @@ fn serve_fake(mut w: Wire, conn: usize, handler: &Handler, tx: mpsc::Sender<Rece
             index,
         };
         let after = handler(&received, &mut w);
-        let _ = tx.send(received);
-        if let After::Close = after {
+        // Close before reporting, so a test that saw the request also knows the close was sent.
+        let close = matches!(after, After::Close);
+        if close {
             let _ = w.stream.shutdown(Shutdown::Both);
+        }
+        let _ = tx.send(received);
+        if close {
             return;
         }
     }

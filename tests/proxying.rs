@@ -1,0 +1,364 @@
+//! Forwarding: keep-alive and the per-worker pool, framing both ways, streaming, pipelining.
+
+mod support;
+
+use std::sync::{Arc, Barrier};
+
+use support::*;
+
+const GET: &str = "GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
+
+fn keepalive_reuses_one_upstream_connection(rt: &str) {
+    let up = Upstream::ok("hello");
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    for _ in 0..10 {
+        let r = c.request(GET);
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    }
+    // A second client connection on the same worker draws from the same pool.
+    let r = Wire::connect(apex.addr).request(GET);
+    assert_eq!(r.status, 200);
+    assert_eq!(up.accepts(), 1, "eleven requests, one upstream connection");
+}
+
+fn idle_connection_closed_by_upstream_is_not_reused(rt: &str) {
+    // The upstream closes after each response without saying so (its keep-alive timeout).
+    let up = Upstream::start(|_, w| {
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        After::Close
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request(GET).status, 200);
+    up.next(); // the upstream has closed that connection by now
+               // A POST cannot be retried, so it only succeeds if the stale connection was never used.
+    let r = c.request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(r.status, 200);
+    assert_eq!(up.next().body, b"abc");
+    assert_eq!(up.accepts(), 2);
+}
+
+fn stale_pooled_connection_is_retried_for_get(rt: &str) {
+    // The first request on each connection is answered; a second one finds the connection
+    // closed under it, after the proxy has already sent the request (a race no check can see).
+    let up = Upstream::start(|r, w| {
+        if r.index > 0 {
+            return After::Close;
+        }
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request(GET).status, 200);
+    let r = c.request(GET);
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "ok"),
+        "the retry is invisible to the client"
+    );
+    let seen: Vec<(usize, usize)> = (0..3)
+        .map(|_| up.next())
+        .map(|r| (r.conn, r.index))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(0, 0), (0, 1), (1, 0)],
+        "replayed once, on a fresh connection"
+    );
+    assert_eq!(up.accepts(), 2);
+}
+
+fn post_is_never_replayed(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.index > 0 {
+            return After::Close;
+        }
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request(GET).status, 200);
+    let r = c.request("POST /pay HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nmoney");
+    assert_eq!(r.status, 502);
+    up.next();
+    let post = up.next();
+    assert_eq!(post.request_line(), "POST /pay HTTP/1.1");
+    assert_eq!(
+        up.accepts(),
+        1,
+        "no second connection was opened to replay the POST"
+    );
+    assert!(
+        up.drain().is_empty(),
+        "the POST reached the upstream exactly once"
+    );
+}
+
+fn pipelined_requests_are_answered_in_order(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        let path = r.request_line().split(' ').nth(1).unwrap().to_string();
+        w.send(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                path.len()
+            )
+            .as_bytes(),
+        );
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    c.send(
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nxyzGET /three HTTP/1.1\r\nHost: a\r\n\r\n",
+    );
+    for want in ["/one", "/two", "/three"] {
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.text(), want);
+    }
+}
+
+fn http10_client_keeps_alive_only_when_asked(rt: &str) {
+    let up = Upstream::ok("hi");
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    let r = c.request("GET / HTTP/1.0\r\n\r\n");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(c.is_closed());
+    // HTTP/1.0 has no Host; the upstream still gets a valid HTTP/1.1 request.
+    let got = up.next();
+    assert_eq!(got.request_line(), "GET / HTTP/1.1");
+    assert_eq!(got.header("host"), Some(up.addr.to_string()));
+}
+
+fn chunked_request_body_is_reframed_upstream(rt: &str) {
+    let up = Upstream::ok("done");
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request(
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let got = up.next();
+    assert_eq!(got.header("transfer-encoding").as_deref(), Some("chunked"));
+    assert_eq!(got.body, b"hello world");
+    assert!(!got.head.contains("ext=1"));
+}
+
+fn chunked_and_close_delimited_responses_are_relayed(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.request_line().contains("/chunked") {
+            w.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n");
+            After::KeepOpen
+        } else {
+            w.send(b"HTTP/1.1 200 OK\r\n\r\nuntil close");
+            After::Close
+        }
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.header("transfer-encoding"), r.text().as_str()),
+        (Some("chunked"), "abcde")
+    );
+    // A close-delimited body reaches an HTTP/1.1 client chunked, on a connection that stays.
+    let r = c.request("GET /close HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(
+        (r.header("transfer-encoding"), r.text().as_str()),
+        (Some("chunked"), "until close")
+    );
+    let r = c.request("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "abcde");
+    // An HTTP/1.0 client gets it close-delimited.
+    let mut old = Wire::connect(apex.addr);
+    let r = old.request("GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    assert_eq!(
+        (r.header("transfer-encoding"), r.text().as_str()),
+        (None, "abcde")
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+fn bodiless_responses_carry_no_body(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        let line = r.request_line().to_string();
+        if line.starts_with("HEAD") {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+        } else if line.contains("/204") {
+            w.send(b"HTTP/1.1 204 No Content\r\n\r\n");
+        } else if line.contains("/304") {
+            w.send(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n");
+        } else {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext");
+        }
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("HEAD / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("10")));
+    let r = c.request("GET /204 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.status, 204);
+    let r = c.request("GET /304 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((r.status, r.header("content-length")), (304, Some("10")));
+    // Had any of them carried a body, this response would be read out of step.
+    let r = c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "next");
+    assert_eq!(up.accepts(), 1);
+}
+
+fn expect_100_continue_is_answered_before_the_body(rt: &str) {
+    let up = Upstream::ok("stored");
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    c.send(b"PUT /f HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    let interim = c.read_head().unwrap().unwrap();
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "{interim}"
+    );
+    c.send(b"12345");
+    let r = c.read_response(false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "stored"));
+    let got = up.next();
+    assert_eq!(got.body, b"12345");
+    assert_eq!(got.header("expect"), None);
+}
+
+fn streamed_response_reaches_client_before_it_ends(rt: &str) {
+    let barrier = Arc::new(Barrier::new(2));
+    let b = barrier.clone();
+    let up = Upstream::start(move |_, w| {
+        w.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n");
+        // The rest exists only after the client has seen the first chunk.
+        b.wait();
+        w.send(b"4\r\nlast\r\n0\r\n\r\n");
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    c.send(GET.as_bytes());
+    let head = c.read_head().unwrap().unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"));
+    assert_eq!(c.read_chunk().unwrap().unwrap(), b"first");
+    barrier.wait();
+    assert_eq!(c.read_chunk().unwrap().unwrap(), b"last");
+    assert_eq!(c.read_chunk().unwrap(), None);
+}
+
+fn slow_stream_is_not_cut_by_the_response_timeout(rt: &str) {
+    let up = Upstream::start(|_, w| {
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n");
+        for b in [b"a", b"b", b"c", b"d"] {
+            // A slow upstream, simulated: four pauses add up to twice the response timeout.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            w.send(b);
+        }
+        After::KeepOpen
+    });
+    let apex = Apex::start(
+        &proxy_config(&[up.addr], "    response_timeout: 300ms\n"),
+        rt,
+    );
+    let r = Wire::connect(apex.addr).request(GET);
+    assert_eq!((r.status, r.text().as_str()), (200, "abcd"));
+}
+
+fn response_cut_mid_body_closes_the_client_connection(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.request_line().contains("/chunked") {
+            w.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+        } else {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b");
+        }
+        After::Close
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    c.send(b"GET /length HTTP/1.1\r\nHost: a\r\n\r\n");
+    let head = c.read_head().unwrap().unwrap();
+    assert!(head.contains("Content-Length: 100"));
+    assert_eq!(
+        c.read_to_end().unwrap(),
+        b"only ten b",
+        "short body, then the connection closed"
+    );
+
+    let mut c = Wire::connect(apex.addr);
+    c.send(b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+    c.read_head().unwrap().unwrap();
+    assert_eq!(c.read_chunk().unwrap().unwrap(), b"hello");
+    assert!(
+        c.read_chunk().is_err(),
+        "no last chunk: the client can tell the body was cut"
+    );
+}
+
+fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let up = Upstream::start(|r, w| {
+        if r.request_line().starts_with("POST") {
+            let n = r.body.len().to_string();
+            w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{n}", n.len()).as_bytes());
+        } else {
+            w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes());
+            let block = vec![b'x'; 64 * 1024];
+            for _ in 0..SIZE / block.len() {
+                w.send(&block);
+            }
+        }
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    // Warm up: first request, so one-off allocations are in the baseline.
+    c.request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+    let peak_before = peak_rss_kib(apex.pid());
+
+    c.send(format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes());
+    let block = vec![b'y'; 64 * 1024];
+    for _ in 0..SIZE / block.len() {
+        c.send(&block);
+    }
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.text(), SIZE.to_string(), "the upstream got every byte");
+
+    let r = c.request(GET);
+    assert_eq!(r.body.len(), SIZE);
+
+    let growth = peak_rss_kib(apex.pid()).saturating_sub(peak_before);
+    assert!(
+        growth < 2048,
+        "peak RSS grew by {growth} KiB moving 2 x 8 MiB"
+    );
+}
+
+/// Peak resident set size (VmHWM) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+under_each_driver!(
+    keepalive_reuses_one_upstream_connection,
+    idle_connection_closed_by_upstream_is_not_reused,
+    stale_pooled_connection_is_retried_for_get,
+    post_is_never_replayed,
+    pipelined_requests_are_answered_in_order,
+    http10_client_keeps_alive_only_when_asked,
+    chunked_request_body_is_reframed_upstream,
+    chunked_and_close_delimited_responses_are_relayed,
+    bodiless_responses_carry_no_body,
+    expect_100_continue_is_answered_before_the_body,
+    streamed_response_reaches_client_before_it_ends,
+    slow_stream_is_not_cut_by_the_response_timeout,
+    response_cut_mid_body_closes_the_client_connection,
+    eight_mib_body_streams_with_bounded_memory,
+);
