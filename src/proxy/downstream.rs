@@ -88,15 +88,45 @@ pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
 }
 
 /// Answers with an error status produced by Apex and reports whether the connection stays open.
-pub async fn send_error<S: Stream>(
-    client: &mut S,
+/// When it does not, the close lingers (see [`linger_close`]).
+pub async fn send_error<R: Runtime>(
+    client: &mut R::Stream,
     out: &mut Vec<u8>,
     status: u16,
     keep_open: bool,
     keep_alive_header: bool,
 ) -> bool {
     encode_error_response(out, status, !keep_open, keep_alive_header);
-    flush(client, out).await && keep_open
+    let sent = flush(client, out).await;
+    if sent && !keep_open {
+        linger_close::<R>(client, out).await;
+    }
+    sent && keep_open
+}
+
+/// Longest a lingering close waits for the client to stop sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most bytes a lingering close reads and discards.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closing a socket with unread input makes the kernel send RST, which can destroy the error
+/// response we just wrote before the client reads it. So: send FIN, then read and discard what
+/// the client still sends, for a bounded time and byte count (nginx's lingering close).
+pub async fn linger_close<R: Runtime>(client: &mut R::Stream, scratch: &mut Vec<u8>) {
+    if client.shutdown_write().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        scratch.clear();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match R::timeout(wait, read_some(client, scratch, MIN_READ)).await {
+            Some(Ok(n)) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+    scratch.clear();
 }
 
 enum HeadRead {
@@ -213,12 +243,12 @@ pub async fn serve_downstream<R: Runtime>(
             HeadRead::Ready => {}
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
-                send_error(&mut client, &mut bufs.out, 408, false, false).await;
+                send_error::<R>(&mut client, &mut bufs.out, 408, false, false).await;
                 return;
             }
             HeadRead::Invalid(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
-                send_error(&mut client, &mut bufs.out, e.status(), false, false).await;
+                send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
                 return;
             }
         }
@@ -229,7 +259,7 @@ pub async fn serve_downstream<R: Runtime>(
             Ok(p) => p,
             Err(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
-                send_error(&mut client, &mut bufs.out, e.status(), false, false).await;
+                send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
                 return;
             }
         };
@@ -268,7 +298,7 @@ pub async fn serve_downstream<R: Runtime>(
             Plan::NotFound => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
                 let keep = whole && info.keep_alive;
-                send_error(
+                send_error::<R>(
                     &mut client,
                     &mut bufs.out,
                     404,

@@ -175,7 +175,7 @@ pub async fn forward_request<R: Runtime>(
         Ok(n) => n,
         Err(e) => {
             debug!(reason = e.reason(), "refused request body");
-            return send_error(client, &mut bufs.out, 400, false, false).await;
+            return send_error::<R>(client, &mut bufs.out, 400, false, false).await;
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
@@ -219,11 +219,11 @@ pub async fn forward_request<R: Runtime>(
                 Ok(()) => {}
                 Err(BodyStop::ClientGone) => return false,
                 Err(BodyStop::Timeout) => {
-                    return send_error(client, &mut bufs.out, 408, false, false).await
+                    return send_error::<R>(client, &mut bufs.out, 408, false, false).await
                 }
                 Err(BodyStop::Bad(reason)) => {
                     debug!(reason, "refused request body");
-                    return send_error(client, &mut bufs.out, 400, false, false).await;
+                    return send_error::<R>(client, &mut bufs.out, 400, false, false).await;
                 }
                 Err(BodyStop::Upstream(e)) => break Err(ProxyError::UpstreamWrite(e)),
             }
@@ -253,7 +253,7 @@ pub async fn forward_request<R: Runtime>(
             bufs.out.clear();
             // A body still on the wire cannot be skipped safely: close after answering.
             let keep = body.is_done() && info.keep_alive;
-            return send_error(
+            return send_error::<R>(
                 client,
                 &mut bufs.out,
                 e.status(),

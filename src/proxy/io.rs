@@ -20,6 +20,9 @@ pub trait Stream: Sized + 'static {
     /// Writes all of `buf`.
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
 
+    /// Sends FIN: no more bytes from us; reading stays possible.
+    async fn shutdown_write(&mut self) -> io::Result<()>;
+
     /// Without blocking: whether the peer has closed or sent bytes nobody asked for. An idle
     /// pooled upstream connection for which this is true must not be reused.
     fn is_stale(&self) -> bool;

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::proxy::io::{socket_is_stale, Runtime, Stream};
@@ -29,6 +29,10 @@ impl Stream for MonoioStream {
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         let (res, buf) = AsyncWriteRentExt::write_all(&mut self.0, buf).await;
         (res.map(|_| ()), buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        AsyncWriteRent::shutdown(&mut self.0).await
     }
 
     fn is_stale(&self) -> bool {
