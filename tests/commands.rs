@@ -134,52 +134,24 @@ fn check_accepts_the_default_config() {
 
 #[test]
 fn check_reports_file_key_path_and_problem() {
-    let dir = TempDir::new();
-    let path = dir.write(
-        "bad.yaml",
+    let (code, err, file) = apex_check(
         "listeners:\n  - { name: a, address: \"127.0.0.1:1\" }\nroutes:\n  - { match: { path: \"/\" }, cluster: nope }\nclusters:\n  - { name: c, endpoints: [], connect_timeout: 0s }\n",
     );
-    let out = Command::new(apex_bin())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let file = path.display().to_string();
-    assert!(
-        err.contains(&format!(
-            "{file}: routes[0].cluster: no cluster is named `nope`"
-        )),
-        "{err}"
-    );
-    assert!(
-        err.contains(&format!(
-            "{file}: clusters[0].endpoints: a cluster needs at least one endpoint"
-        )),
-        "{err}"
-    );
-    assert!(
-        err.contains(&format!(
-            "{file}: clusters[0].connect_timeout: must be greater than zero"
-        )),
-        "{err}"
-    );
+    assert_eq!(code, Some(1));
+    for want in [
+        "routes[0].cluster: no cluster is named `nope`",
+        "clusters[0].endpoints: a cluster needs at least one endpoint",
+        "clusters[0].connect_timeout: must be greater than zero",
+    ] {
+        assert!(err.contains(&format!("{file}: {want}")), "{err}");
+    }
 }
 
 #[test]
 fn check_names_unknown_keys_with_their_line() {
-    let dir = TempDir::new();
-    let path = dir.write(
-        "typo.yaml",
-        "listeners:\n  - name: a\n    adress: 127.0.0.1:1\n",
-    );
-    let out = Command::new(apex_bin())
-        .args(["check", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:", path.display())), "{err}");
+    let (code, err, file) = apex_check("listeners:\n  - name: a\n    adress: 127.0.0.1:1\n");
+    assert_eq!(code, Some(1));
+    assert!(err.contains(&format!("{file}:3")), "file and line: {err}");
     assert!(
         err.contains("listeners[0]") && err.contains("unknown field `adress`"),
         "{err}"

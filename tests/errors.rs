@@ -207,3 +207,28 @@ under_each_driver!(
     slow_request_head_gets_408_and_a_close,
     idle_keepalive_connection_is_closed_silently
 );
+
+fn requests_log_nothing_at_info(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dead = closed_port();
+    let yaml = config(
+        "  - { match: { path: \"/dead\" }, cluster: dead }\n  - { match: { path_prefix: \"/\" }, cluster: live }",
+        &format!("  - {{ name: live, endpoints: [\"{}\"] }}\n  - {{ name: dead, endpoints: [\"{dead}\"] }}", up.addr),
+    );
+    let mut apex = Apex::start(&yaml, rt);
+    let before = apex.logs().lines().filter(|l| l.contains(" INFO ")).count();
+    let mut c = Wire::connect(apex.addr);
+    for _ in 0..20 {
+        assert_eq!(c.request(GET).status, 200);
+    }
+    assert_eq!(
+        c.request("GET /dead HTTP/1.1\r\nHost: a\r\n\r\n").status,
+        502
+    );
+    // Log lines arrive in order: once the warning is here, any per-request line would be too.
+    apex.wait_for_log(&["upstream request failed"]).unwrap();
+    let after = apex.logs().lines().filter(|l| l.contains(" INFO ")).count();
+    assert_eq!(before, after, "{}", apex.logs());
+}
+
+under_each_driver!(requests_log_nothing_at_info);

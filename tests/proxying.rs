@@ -40,15 +40,7 @@ fn idle_connection_closed_by_upstream_is_not_reused(rt: &str) {
 }
 
 fn stale_pooled_connection_is_retried_for_get(rt: &str) {
-    // The first request on each connection is answered; a second one finds the connection
-    // closed under it, after the proxy has already sent the request (a race no check can see).
-    let up = Upstream::start(|r, w| {
-        if r.index > 0 {
-            return After::Close;
-        }
-        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        After::KeepOpen
-    });
+    let up = Upstream::closing_after_first_request();
     let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut c = Wire::connect(apex.addr);
     assert_eq!(c.request(GET).status, 200);
@@ -73,13 +65,7 @@ fn stale_pooled_connection_is_retried_for_get(rt: &str) {
 }
 
 fn post_is_never_replayed(rt: &str) {
-    let up = Upstream::start(|r, w| {
-        if r.index > 0 {
-            return After::Close;
-        }
-        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-        After::KeepOpen
-    });
+    let up = Upstream::closing_after_first_request();
     let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut c = Wire::connect(apex.addr);
     assert_eq!(c.request(GET).status, 200);

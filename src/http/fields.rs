@@ -125,6 +125,14 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// Appends one field line, `name: value` CRLF, as received.
+pub fn encode_field(out: &mut Vec<u8>, h: &Header<'_>) {
+    out.extend_from_slice(h.name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(h.value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Whether the field `name` must be dropped: hop-by-hop, or named by a `Connection` field.
 pub fn must_drop(headers: &[Header<'_>], name: &str) -> bool {
     is_hop_by_hop(name) || connection_has(headers, name)

@@ -259,10 +259,7 @@ pub fn encode_upstream_head(
             continue;
         }
         has_host |= name.eq_ignore_ascii_case("host");
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        fields::encode_field(out, h);
     }
     if !has_host {
         out.extend_from_slice(b"Host: ");

@@ -115,10 +115,7 @@ pub fn encode_downstream_head(
         if fields::must_drop(resp.headers, h.name) {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        fields::encode_field(out, h);
     }
     match framing {
         Framing::Length(n) => {

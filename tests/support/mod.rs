@@ -64,6 +64,18 @@ pub fn apex_bin() -> &'static str {
     env!("CARGO_BIN_EXE_apex")
 }
 
+/// Runs `apex check` on `yaml`; returns the exit code, stderr and the file's path.
+pub fn apex_check(yaml: &str) -> (Option<i32>, String, String) {
+    let dir = TempDir::new();
+    let path = dir.write("check.yaml", yaml);
+    let out = Command::new(apex_bin())
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .expect("run apex check");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), stderr, path.display().to_string())
+}
+
 /// A running `apex` child process; killed on drop.
 pub struct Apex {
     child: Child,
@@ -489,6 +501,18 @@ impl Upstream {
                 )
                 .as_bytes(),
             );
+            After::KeepOpen
+        })
+    }
+
+    /// Answers the first request on each connection; on a later one it closes the connection
+    /// without answering, after the proxy has sent the request (a race no check can see).
+    pub fn closing_after_first_request() -> Upstream {
+        Upstream::start(|r, w| {
+            if r.index > 0 {
+                return After::Close;
+            }
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             After::KeepOpen
         })
     }
