@@ -173,3 +173,73 @@ fn a_bad_config_refuses_to_start_and_says_why() {
         "{err}"
     );
 }
+
+/// Makes `io_uring_setup` fail with ENOSYS in the child, as a container's seccomp profile does.
+#[cfg(target_arch = "x86_64")]
+fn refuse_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const NR_IO_URING_SETUP: u32 = 425;
+    let filter = [
+        // Load the syscall number (offset 0 of struct seccomp_data).
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        // Equal to io_uring_setup? Fall through to ERRNO; else skip to ALLOW.
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: NR_IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::ENOSYS as u32,
+        },
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe; `filter` is copied into the closure and outlives both calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut _,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refused_io_uring_falls_back_to_epoll_and_says_why() {
+    let dir = TempDir::new();
+    let yaml = config(
+        "  - { match: { path: \"/\" }, respond: { status: 200, body: \"up\" } }",
+        "  []",
+    );
+    let path = dir.write("apex.yaml", &yaml);
+    let mut apex =
+        Apex::spawn_with(&["--config", path.to_str().unwrap()], refuse_io_uring).unwrap();
+    let line = apex.wait_for_log(&["worker starting"]).unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(field(&line, "driver"), Some("epoll"), "{line}");
+    assert!(line.contains("io_uring unavailable"), "{line}");
+    let r = Wire::connect(apex.addr).request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "up");
+}

@@ -102,14 +102,19 @@ impl Apex {
     /// Runs the binary with `args` and waits for its "apex started" line and listener
     /// addresses; `Err(logs)` if it exits first.
     pub fn spawn(args: &[&str]) -> Result<Apex, String> {
-        let mut child = Command::new(apex_bin())
-            .args(args)
+        Apex::spawn_with(args, |_| {})
+    }
+
+    /// Like [`Apex::spawn`], letting the test adjust the command first.
+    pub fn spawn_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Result<Apex, String> {
+        let mut cmd = Command::new(apex_bin());
+        cmd.args(args)
             .env("RUST_LOG", "info,apex=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn apex");
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn apex");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
