@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod listener;
 pub mod proxy;
 pub mod routing;

@@ -10,7 +10,11 @@ use apex::config::{
     self, Action, Cluster, Config, Listener, PathMatch, Route, RuntimeKind, Workers,
 };
 use clap::{Parser, Subcommand};
-use tracing::error;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Instant;
+
+use apex::lifecycle::{self, Lifecycle};
+use tracing::{error, info, warn};
 
 const DEFAULT_CONFIG: &str = "configs/apex.yaml";
 
@@ -118,6 +122,8 @@ fn quick_proxy_config(
             .map(parse_runtime)
             .transpose()?
             .unwrap_or(RuntimeKind::IoUring),
+        worker_connections: config::defaults::WORKER_CONNECTIONS,
+        drain_timeout: config::defaults::DRAIN_TIMEOUT,
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             host: config::HostMatch::Any,
@@ -129,10 +135,63 @@ fn quick_proxy_config(
     })
 }
 
+/// Runs until SIGTERM/SIGINT and a graceful drain (at most `drain_timeout`); a second signal
+/// exits at once.
 fn run(config: Config) -> anyhow::Result<()> {
-    let server = apex::runtime::start(config).context("apex could not start")?;
-    server.wait();
-    Ok(())
+    let drain_timeout = config.drain_timeout;
+    lifecycle::block_signals().context("cannot block signals")?;
+    let (events, lifecycle_events) = mpsc::channel();
+    let server = apex::runtime::start(config, events.clone()).context("apex could not start")?;
+    lifecycle::forward_signals(events).context("cannot start the signal thread")?;
+    let mut alive = server.workers;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let event = match deadline {
+            None => lifecycle_events
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => lifecycle_events.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        match event {
+            Ok(Lifecycle::Stop(sig)) if deadline.is_none() => {
+                info!(
+                    signal = lifecycle::signal_name(sig),
+                    timeout = ?drain_timeout,
+                    "draining: no new connections, finishing requests in flight"
+                );
+                server.drain();
+                deadline = Some(Instant::now() + drain_timeout);
+            }
+            Ok(Lifecycle::Stop(sig)) => {
+                warn!(
+                    signal = lifecycle::signal_name(sig),
+                    "second signal: exiting now"
+                );
+                std::process::exit(1);
+            }
+            Ok(Lifecycle::WorkerExited(id)) => {
+                alive -= 1;
+                if deadline.is_none() {
+                    error!(worker = id, "a worker stopped without being asked to");
+                }
+                if alive == 0 && deadline.is_none() {
+                    return Err(anyhow!("every worker stopped"));
+                }
+                if alive == 0 {
+                    info!("all workers drained; exiting");
+                    return Ok(());
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                warn!(
+                    workers_left = alive,
+                    "drain timeout reached; closing remaining connections"
+                );
+                return Ok(());
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -12,7 +12,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::{RawCluster, RawConfig, RawListener, RawRespond, RawRoute, RawWorkers};
+use raw::{RawCluster, RawConfig, RawListener, RawRespond, RawRoute, RawSize, RawWorkers};
+
+use crate::http::{HeadLimits, MAX_FIELDS_CAP};
 
 /// Defaults shared by the config file and `apex proxy`, so both modes behave alike.
 pub mod defaults {
@@ -34,6 +36,10 @@ pub mod defaults {
     pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
     /// Between two reads of a request body.
     pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Open client connections per worker; at the cap a worker stops accepting until one closes.
+    pub const WORKER_CONNECTIONS: usize = 10_000;
+    /// After SIGTERM/SIGINT, in-flight requests get this long before the process exits anyway.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// How many worker threads to run.
@@ -75,6 +81,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub workers: Workers,
     pub runtime: RuntimeKind,
+    pub worker_connections: usize,
+    pub drain_timeout: Duration,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub clusters: Vec<Cluster>,
@@ -87,6 +95,10 @@ pub struct Listener {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
+    /// Request line, head and field-count limits (414, 431).
+    pub limits: HeadLimits,
+    /// Larger request bodies get 413; `None`: no limit.
+    pub max_request_body: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +175,8 @@ impl Listener {
             header_timeout: defaults::HEADER_TIMEOUT,
             keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
             body_timeout: defaults::BODY_TIMEOUT,
+            limits: HeadLimits::default(),
+            max_request_body: None,
         }
     }
 }
@@ -192,6 +206,9 @@ pub enum Problem {
     NoEndpoints,
     BadEndpoint(String),
     BadPoolSize,
+    BadSize(String),
+    BadFieldCount,
+    BadConnections,
     UnknownCluster(String),
     NoAction,
     TwoActions,
@@ -222,6 +239,12 @@ impl fmt::Display for Problem {
             Problem::NoEndpoints => write!(f, "a cluster needs at least one endpoint"),
             Problem::BadEndpoint(e) => write!(f, "`{e}` is not host:port or does not resolve"),
             Problem::BadPoolSize => write!(f, "must be a number from 0 to 65536"),
+            Problem::BadSize(v) => write!(
+                f,
+                "`{v}` is not a size: write bytes, or a number with a unit, e.g. 64KiB, 10MiB"
+            ),
+            Problem::BadFieldCount => write!(f, "must be a number from 1 to {MAX_FIELDS_CAP}"),
+            Problem::BadConnections => write!(f, "must be a number from 1 to 1000000"),
             Problem::UnknownCluster(c) => write!(f, "no cluster is named `{c}`"),
             Problem::NoAction => write!(f, "a route needs `cluster` or `respond`"),
             Problem::TwoActions => write!(f, "a route takes `cluster` or `respond`, not both"),
@@ -273,6 +296,22 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Parses a byte size: `65536`, `64k`/`64KiB`, `10m`/`10MiB`, `1g`/`1GiB` (binary units).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
 
 /// Parses `500ms`, `2s`, `1m`, `1h` (integer count, one unit).
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -374,6 +413,21 @@ impl Validator<'_> {
         }
     }
 
+    fn size(&mut self, key: String, raw: &Option<RawSize>) -> Option<u64> {
+        let parsed = match raw.as_ref()? {
+            RawSize::Bytes(n) if *n > 0 => Some(*n as u64),
+            RawSize::Bytes(n) => {
+                self.err(key, Problem::BadSize(n.to_string()));
+                return None;
+            }
+            RawSize::Text(t) => parse_size(t).filter(|&n| n > 0).or_else(|| {
+                self.err(key, Problem::BadSize(t.clone()));
+                None
+            }),
+        };
+        parsed
+    }
+
     fn config(mut self, raw: RawConfig) -> Result<Config, ConfigErrors> {
         let workers = match &raw.workers {
             None => Workers::Auto,
@@ -391,6 +445,19 @@ impl Validator<'_> {
                 RuntimeKind::IoUring
             }),
         };
+        let worker_connections = match raw.worker_connections {
+            None => defaults::WORKER_CONNECTIONS,
+            Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+            Some(_) => {
+                self.err("worker_connections".into(), Problem::BadConnections);
+                defaults::WORKER_CONNECTIONS
+            }
+        };
+        let drain_timeout = self.duration(
+            "drain_timeout".into(),
+            &raw.drain_timeout,
+            defaults::DRAIN_TIMEOUT,
+        );
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
@@ -435,6 +502,8 @@ impl Validator<'_> {
             source: None,
             workers,
             runtime,
+            worker_connections,
+            drain_timeout,
             listeners,
             routes,
             clusters,
@@ -480,12 +549,27 @@ impl Validator<'_> {
             &l.body_timeout,
             defaults::BODY_TIMEOUT,
         );
+        let mut limits = HeadLimits::default();
+        if let Some(n) = self.size(format!("{p}.max_request_line"), &l.max_request_line) {
+            limits.max_request_line = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = self.size(format!("{p}.max_header_bytes"), &l.max_header_bytes) {
+            limits.max_head = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        match l.max_header_fields {
+            None => {}
+            Some(n) if (1..=MAX_FIELDS_CAP as i64).contains(&n) => limits.max_fields = n as usize,
+            Some(_) => self.err(format!("{p}.max_header_fields"), Problem::BadFieldCount),
+        }
+        let max_request_body = self.size(format!("{p}.max_request_body"), &l.max_request_body);
         Some(Listener {
             name: l.name.clone(),
             address: address?,
             header_timeout,
             keepalive_timeout,
             body_timeout,
+            limits,
+            max_request_body,
         })
     }
 
@@ -773,6 +857,31 @@ routes:
         assert_eq!(parse_duration("2"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("1.5s"), None);
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("65536"), Some(65536));
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("8k"), Some(8192));
+        assert_eq!(parse_size("10MiB"), Some(10 << 20));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("1.5m"), None);
+        assert_eq!(parse_size("lots"), None);
+    }
+
+    #[test]
+    fn listener_limits_are_validated() {
+        let ok = Config::from_yaml(
+            "listeners: [ { name: a, address: \"127.0.0.1:1\", max_header_bytes: 16KiB, max_header_fields: 20, max_request_body: 1MiB } ]\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let l = &ok.listeners[0];
+        assert_eq!((l.limits.max_head, l.limits.max_fields), (16384, 20));
+        assert_eq!(l.max_request_body, Some(1 << 20));
+        let e = errors("listeners: [ { name: a, address: \"127.0.0.1:1\", max_header_fields: 1000, max_request_body: huge } ]\n");
+        assert_eq!(e.len(), 2, "{e:?}");
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub runtime: Option<String>,
     #[serde(default)]
+    pub worker_connections: Option<i64>,
+    #[serde(default)]
+    pub drain_timeout: Option<String>,
+    #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -41,6 +45,22 @@ pub struct RawListener {
     pub keepalive_timeout: Option<String>,
     #[serde(default)]
     pub body_timeout: Option<String>,
+    #[serde(default)]
+    pub max_request_line: Option<RawSize>,
+    #[serde(default)]
+    pub max_header_bytes: Option<RawSize>,
+    #[serde(default)]
+    pub max_header_fields: Option<i64>,
+    #[serde(default)]
+    pub max_request_body: Option<RawSize>,
+}
+
+/// A byte size: `65536`, or a number with a unit, `64KiB`, `8k`, `10MiB`, `1g`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]

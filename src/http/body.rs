@@ -15,6 +15,8 @@ pub struct BodyRelay {
     remaining: u64,
     decoder: ChunkedDecoder,
     done: bool,
+    /// Body bytes taken so far (decoded: chunk framing excluded).
+    taken: u64,
 }
 
 impl BodyRelay {
@@ -32,12 +34,18 @@ impl BodyRelay {
             remaining,
             decoder: ChunkedDecoder::new(),
             done,
+            taken: 0,
         }
     }
 
     /// Whether the whole body has been taken from the input.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Body bytes taken so far, without chunk framing.
+    pub fn body_bytes(&self) -> u64 {
+        self.taken
     }
 
     /// Body bytes still expected, for `Length` input; 0 otherwise.
@@ -99,10 +107,11 @@ impl BodyRelay {
         false
     }
 
-    fn emit(&self, data: &[u8], out: &mut Vec<u8>) {
+    fn emit(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if data.is_empty() {
             return;
         }
+        self.taken += data.len() as u64;
         if self.output == Framing::Chunked {
             chunked::encode_chunk_start(out, data.len());
             out.extend_from_slice(data);

@@ -9,7 +9,8 @@ use tracing::debug;
 
 use super::forward::forward_request;
 use super::io::{Runtime, Stream};
-use super::{Worker, WorkerView};
+use super::wait::{race, Either};
+use super::{ConnGuard, Worker, WorkerView};
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
 use crate::http::request::{encode_upstream_head, parse_request_head};
@@ -138,14 +139,16 @@ enum HeadRead {
     Invalid(HeadError),
 }
 
-/// Waits until `rbuf` holds a complete request head.
+/// Waits until `rbuf` holds a complete request head. While nothing of a request has arrived,
+/// the wait also ends when the worker starts draining.
 async fn read_request_head<R: Runtime>(
+    worker: &Worker<R>,
     client: &mut R::Stream,
     rbuf: &mut Vec<u8>,
     listener: &Listener,
-    limits: &HeadLimits,
     first: bool,
 ) -> HeadRead {
+    let limits = &listener.limits;
     let mut scanner = HeadScanner::default();
     // The first request must start within the header timeout; later ones may idle longer.
     let mut deadline = first.then(|| Instant::now() + listener.header_timeout);
@@ -163,12 +166,19 @@ async fn read_request_head<R: Runtime>(
             None => listener.keepalive_timeout,
         };
         let started = !rbuf.is_empty();
-        match R::timeout(
+        let read = R::timeout(
             wait.max(Duration::from_millis(1)),
             read_some(client, rbuf, MIN_READ),
-        )
-        .await
-        {
+        );
+        let result = if started {
+            read.await
+        } else {
+            match race(read, worker.drain.wait()).await {
+                Either::Left(r) => r,
+                Either::Right(()) => return HeadRead::Closed,
+            }
+        };
+        match result {
             None if started => return HeadRead::TimedOut,
             None | Some(Ok(0)) | Some(Err(_)) => return HeadRead::Closed,
             Some(Ok(_)) => {}
@@ -228,18 +238,21 @@ fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>
     true
 }
 
-/// Serves one client connection until it closes, errs or times out.
+/// Serves one client connection until it closes, errs or times out. `_guard` counts the
+/// connection against the worker's cap until this returns.
 pub async fn serve_downstream<R: Runtime>(
     worker: Rc<Worker<R>>,
     mut client: R::Stream,
     peer: SocketAddr,
     listener: Rc<Listener>,
+    _guard: ConnGuard<R>,
 ) {
     let mut bufs = Buffers::default();
     let mut first = true;
+    let limits = listener.limits;
     loop {
-        let limits = worker.limits;
-        match read_request_head::<R>(&mut client, &mut bufs.rbuf, &listener, &limits, first).await {
+        let head = read_request_head::<R>(&worker, &mut client, &mut bufs.rbuf, &listener, first);
+        match head.await {
             HeadRead::Ready => {}
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
@@ -254,8 +267,8 @@ pub async fn serve_downstream<R: Runtime>(
         }
         first = false;
         let view = worker.view();
-        let (info, plan) = match prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead)
-        {
+        let prepared = prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead);
+        let (info, plan) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
@@ -263,9 +276,16 @@ pub async fn serve_downstream<R: Runtime>(
                 return;
             }
         };
+        if let (Some(max), Framing::Length(n)) = (listener.max_request_body, info.framing) {
+            if n > max {
+                // Refused before reading any of it; the lingering close bounds what we read.
+                send_error::<R>(&mut client, &mut bufs.out, 413, false, false).await;
+                return;
+            }
+        }
         let keep_open = match plan {
             Plan::Forward(cluster) => {
-                forward_request::<R>(
+                let request = forward_request::<R>(
                     &worker,
                     &view,
                     cluster,
@@ -273,12 +293,12 @@ pub async fn serve_downstream<R: Runtime>(
                     &mut bufs,
                     &info,
                     &listener,
-                )
-                .await
+                );
+                request.await
             }
             Plan::Respond(route) => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive;
+                let keep = whole && info.keep_alive && !worker.is_draining();
                 let direct = view.snap.direct[route]
                     .as_ref()
                     .expect("respond route is encoded");
@@ -297,15 +317,9 @@ pub async fn serve_downstream<R: Runtime>(
             }
             Plan::NotFound => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive;
-                send_error::<R>(
-                    &mut client,
-                    &mut bufs.out,
-                    404,
-                    keep,
-                    info.needs_keep_alive_header(),
-                )
-                .await
+                let keep = whole && info.keep_alive && !worker.is_draining();
+                let ka = info.needs_keep_alive_header();
+                send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka).await
             }
         };
         if !keep_open {

@@ -38,6 +38,7 @@ fn prepare_response(
     ubuf: &[u8],
     info: &RequestInfo,
     limits: &HeadLimits,
+    draining: bool,
     out: &mut Vec<u8>,
 ) -> Result<HeadParse, ProxyError> {
     let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_FIELDS_CAP];
@@ -59,7 +60,7 @@ fn prepare_response(
         Framing::Chunked | Framing::UntilClose => Framing::Chunked,
         f => f,
     };
-    let close_client = !info.keep_alive || down_framing == Framing::UntilClose;
+    let close_client = !info.keep_alive || down_framing == Framing::UntilClose || draining;
     encode_downstream_head(
         out,
         &resp,
@@ -92,6 +93,8 @@ async fn connect_upstream<R: Runtime>(
 enum BodyStop {
     ClientGone,
     Timeout,
+    /// Over the listener's `max_request_body`.
+    TooLarge,
     Bad(&'static str),
     Upstream(std::io::Error),
 }
@@ -104,6 +107,7 @@ async fn stream_request_body<R: Runtime>(
     bufs: &mut Buffers,
     body: &mut BodyRelay,
     idle: Duration,
+    max_body: Option<u64>,
 ) -> Result<(), BodyStop> {
     while !body.is_done() {
         debug_assert!(bufs.rbuf.is_empty());
@@ -115,6 +119,9 @@ async fn stream_request_body<R: Runtime>(
         let taken = body
             .relay(&bufs.rbuf, &mut bufs.out)
             .map_err(|e| BodyStop::Bad(e.reason()))?;
+        if max_body.is_some_and(|max| body.body_bytes() > max) {
+            return Err(BodyStop::TooLarge);
+        }
         bufs.rbuf.drain(..taken);
         let (res, mut b) = up.write_all(std::mem::take(&mut bufs.out)).await;
         b.clear();
@@ -132,6 +139,7 @@ async fn read_response_head<R: Runtime>(
     info: &RequestInfo,
     limits: &HeadLimits,
     timeout: Duration,
+    draining: &dyn Fn() -> bool,
 ) -> Result<ResponsePlan, ProxyError> {
     let deadline = Instant::now() + timeout;
     bufs.ubuf.clear();
@@ -143,7 +151,7 @@ async fn read_response_head<R: Runtime>(
             Some(Ok(_)) => {}
         }
         loop {
-            match prepare_response(&bufs.ubuf, info, limits, &mut bufs.out)? {
+            match prepare_response(&bufs.ubuf, info, limits, draining(), &mut bufs.out)? {
                 HeadParse::Partial => break,
                 HeadParse::Interim(n) => {
                     bufs.ubuf.drain(..n);
@@ -179,6 +187,12 @@ pub async fn forward_request<R: Runtime>(
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
+    if listener
+        .max_request_body
+        .is_some_and(|max| body.body_bytes() > max)
+    {
+        return send_error::<R>(client, &mut bufs.out, 413, false, false).await;
+    }
     let replayable = info.idempotent && body.is_done();
 
     let mut retried = false;
@@ -213,10 +227,13 @@ pub async fn forward_request<R: Runtime>(
                     return false;
                 }
             }
-            match stream_request_body::<R>(client, &mut up, bufs, &mut body, listener.body_timeout)
-                .await
-            {
+            let idle = listener.body_timeout;
+            let max = listener.max_request_body;
+            match stream_request_body::<R>(client, &mut up, bufs, &mut body, idle, max).await {
                 Ok(()) => {}
+                Err(BodyStop::TooLarge) => {
+                    return send_error::<R>(client, &mut bufs.out, 413, false, false).await
+                }
                 Err(BodyStop::ClientGone) => return false,
                 Err(BodyStop::Timeout) => {
                     return send_error::<R>(client, &mut bufs.out, 408, false, false).await
@@ -232,8 +249,9 @@ pub async fn forward_request<R: Runtime>(
             &mut up,
             bufs,
             info,
-            &worker.limits,
+            &worker.response_limits,
             cluster.response_timeout,
+            &|| worker.is_draining(),
         )
         .await
         {
@@ -252,7 +270,7 @@ pub async fn forward_request<R: Runtime>(
             warn!(upstream = %addr, cluster = %cluster.name, error = %e, "upstream request failed");
             bufs.out.clear();
             // A body still on the wire cannot be skipped safely: close after answering.
-            let keep = body.is_done() && info.keep_alive;
+            let keep = body.is_done() && info.keep_alive && !worker.is_draining();
             return send_error::<R>(
                 client,
                 &mut bufs.out,

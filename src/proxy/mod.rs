@@ -8,8 +8,9 @@ pub mod error;
 pub mod forward;
 pub mod io;
 pub mod pool;
+pub mod wait;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::http::HeadLimits;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use io::Runtime;
 use pool::Pool;
+use wait::{Event, WakeList};
 
 /// What one worker serves from: the snapshot plus this worker's own per-snapshot state.
 pub struct WorkerView {
@@ -35,7 +37,27 @@ pub struct Worker<R: Runtime> {
     snapshots: RefCell<Cache<SharedSnapshot, Arc<Snapshot>>>,
     view: RefCell<Rc<WorkerView>>,
     pub pool: Pool<R::Stream>,
-    pub limits: HeadLimits,
+    /// Limits on upstream response heads (request limits are per listener).
+    pub response_limits: HeadLimits,
+    /// Open client connections on this worker.
+    open: Cell<usize>,
+    /// Fired once on SIGTERM/SIGINT: stop accepting, close idle connections.
+    pub drain: Event,
+    /// Tasks waiting for a client connection to close.
+    pub closed: WakeList,
+}
+
+/// Counts one open client connection; dropping it (when the connection ends) wakes whoever
+/// waits for a free slot.
+pub struct ConnGuard<R: Runtime> {
+    worker: Rc<Worker<R>>,
+}
+
+impl<R: Runtime> Drop for ConnGuard<R> {
+    fn drop(&mut self) {
+        self.worker.open.set(self.worker.open.get() - 1);
+        self.worker.closed.wake_all();
+    }
 }
 
 impl<R: Runtime> Worker<R> {
@@ -48,8 +70,36 @@ impl<R: Runtime> Worker<R> {
             snapshots: RefCell::new(cache),
             view: RefCell::new(view),
             pool: Pool::default(),
-            limits: HeadLimits::default(),
+            response_limits: HeadLimits::default(),
+            open: Cell::new(0),
+            drain: Event::default(),
+            closed: WakeList::default(),
         }
+    }
+
+    /// Registers a newly accepted client connection.
+    pub fn connection_opened(self: &Rc<Self>) -> ConnGuard<R> {
+        self.open.set(self.open.get() + 1);
+        ConnGuard {
+            worker: Rc::clone(self),
+        }
+    }
+
+    /// Open client connections on this worker.
+    pub fn open_connections(&self) -> usize {
+        self.open.get()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_fired()
+    }
+
+    /// Begins the graceful drain: accept loops stop, idle connections close, and responses in
+    /// flight go out with `Connection: close`.
+    pub fn start_drain(&self) {
+        self.drain.fire();
+        // Accept loops parked at the connection cap wait on `closed`.
+        self.closed.wake_all();
     }
 
     fn make_view(id: usize, snap: Arc<Snapshot>) -> WorkerView {

@@ -4,20 +4,25 @@
 pub mod monoio;
 
 use std::io;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
 use ::monoio::time::TimeDriver;
 use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
-use tracing::{info, warn};
+use std::time::Instant;
+
+use tracing::{debug, error, info, warn};
 
 use self::monoio::{Monoio, MonoioStream};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
+use crate::lifecycle::Lifecycle;
 use crate::listener::{bind_reuseport, BindError};
 use crate::proxy::downstream::serve_downstream;
+use crate::proxy::wait::{race, Either};
 use crate::proxy::Worker;
 use crate::snapshot::{publish_first, SharedSnapshot};
 
@@ -46,20 +51,39 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// A started proxy: its workers run until the process exits.
+/// A started proxy. Its workers run until told to drain (or until this is dropped, which
+/// closes their control sockets and so drains them too).
 pub struct Server {
     /// Each configured listener's name and the address it is bound to (port 0 resolved).
     pub listeners: Vec<(String, SocketAddr)>,
     pub shared: SharedSnapshot,
-    pub threads: Vec<JoinHandle<()>>,
+    pub workers: usize,
+    /// One control socket per worker; a byte on it starts that worker's drain.
+    controls: Vec<StdUnixStream>,
 }
 
 impl Server {
-    /// Blocks until every worker thread has ended.
-    pub fn wait(self) {
-        for t in self.threads {
-            let _ = t.join();
+    /// Tells every worker to drain: stop accepting, finish in-flight requests, close idle
+    /// connections, then exit (each reports `Lifecycle::WorkerExited`).
+    pub fn drain(&self) {
+        for c in &self.controls {
+            let _ = (&*c).write_all(b"d");
         }
+    }
+}
+
+/// Reports a worker's end to the main thread even when the worker panics.
+struct ExitReport {
+    id: usize,
+    events: Sender<Lifecycle>,
+}
+
+impl Drop for ExitReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(worker = self.id, "worker thread panicked");
+        }
+        let _ = self.events.send(Lifecycle::WorkerExited(self.id));
     }
 }
 
@@ -123,7 +147,8 @@ pub fn worker_count(workers: Workers) -> usize {
 }
 
 /// Binds every listener once per worker, starts the workers and returns once each is serving.
-pub fn start(config: Config) -> Result<Server, StartError> {
+/// Each worker's end is reported on `events`.
+pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartError> {
     let count = worker_count(config.workers);
     let mut per_worker: Vec<Vec<(Listener, TcpListener)>> =
         (0..count).map(|_| Vec::new()).collect();
@@ -143,16 +168,34 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let shared = publish_first(config);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let mut threads = Vec::new();
+    let mut controls = Vec::new();
     for (id, socks) in per_worker.into_iter().enumerate() {
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let shared = shared.clone();
         let ready = ready_tx.clone();
-        let t = std::thread::Builder::new()
+        let (ours, theirs) = StdUnixStream::pair().map_err(StartError::Spawn)?;
+        theirs.set_nonblocking(true).map_err(StartError::Spawn)?;
+        controls.push(ours);
+        let exit = ExitReport {
+            id,
+            events: events.clone(),
+        };
+        let w = WorkerStart {
+            id,
+            core,
+            kind,
+            socks,
+            shared,
+            control: theirs,
+            ready,
+        };
+        std::thread::Builder::new()
             .name(format!("apex-worker-{id}"))
-            .spawn(move || run_worker(id, core, kind, socks, shared, ready))
+            .spawn(move || {
+                let _exit = exit;
+                run_worker(w)
+            })
             .map_err(StartError::Spawn)?;
-        threads.push(t);
     }
     drop(ready_tx);
     for id in 0..count {
@@ -175,18 +218,32 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     Ok(Server {
         listeners,
         shared,
-        threads,
+        workers: count,
+        controls,
     })
 }
 
-fn run_worker(
+/// What a worker thread starts with.
+struct WorkerStart {
     id: usize,
     core: Option<core_affinity::CoreId>,
     kind: RuntimeKind,
     socks: Vec<(Listener, TcpListener)>,
     shared: SharedSnapshot,
+    control: StdUnixStream,
     ready: mpsc::Sender<Result<(), String>>,
-) {
+}
+
+fn run_worker(w: WorkerStart) {
+    let WorkerStart {
+        id,
+        core,
+        kind,
+        socks,
+        shared,
+        control,
+        ready,
+    } = w;
     let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
     let pin = match pinned {
         Some((cpu, true)) => format!("cpu {cpu}"),
@@ -225,10 +282,11 @@ fn run_worker(
     } else {
         info!(worker = id, driver = driver.name, detail = %driver.detail, pin = %pin, "worker starting");
     }
+    let main = worker_main(id, socks, shared, control, ready.clone());
     match result {
-        Ok(mut rt) => rt.block_on(worker_main(id, socks, shared, ready)),
+        Ok(mut rt) => rt.block_on(main),
         Err(_) => match build_epoll() {
-            Ok(mut rt) => rt.block_on(worker_main(id, socks, shared, ready)),
+            Ok(mut rt) => rt.block_on(main),
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot build an epoll runtime: {e}")));
             }
@@ -240,9 +298,17 @@ async fn worker_main(
     id: usize,
     socks: Vec<(Listener, TcpListener)>,
     shared: SharedSnapshot,
+    control: StdUnixStream,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
     let worker = Rc::new(Worker::<Monoio>::new(id, shared));
+    let control = match ::monoio::net::UnixStream::from_std(control) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!("control socket: {e}")));
+            return;
+        }
+    };
     let mut accepting = Vec::new();
     for (cfg, sock) in socks {
         let l = match ::monoio::net::TcpListener::from_std(sock) {
@@ -258,26 +324,60 @@ async fn worker_main(
             Rc::new(cfg),
         )));
     }
+    ::monoio::spawn(await_drain_order(Rc::clone(&worker), control));
     let _ = ready.send(Ok(()));
+    // Accept loops end when the drain starts, closing this worker's listening sockets.
     for task in accepting {
         task.await;
     }
+    let open = worker.open_connections();
+    debug!(worker = id, open, "draining: stopped accepting");
+    worker.closed.until(|| worker.open_connections() == 0).await;
+    info!(worker = id, "drained");
+}
+
+/// Starts the drain when the main thread writes to (or closes) the control socket.
+async fn await_drain_order(worker: Rc<Worker<Monoio>>, mut control: ::monoio::net::UnixStream) {
+    use ::monoio::io::AsyncReadRent;
+    let buf = Vec::with_capacity(8);
+    let _ = control.read(buf).await;
+    worker.start_drain();
 }
 
 async fn accept_loop(worker: Rc<Worker<Monoio>>, l: ::monoio::net::TcpListener, cfg: Rc<Listener>) {
+    let mut last_warning: Option<Instant> = None;
     loop {
-        match l.accept().await {
-            Ok((stream, peer)) => {
+        let cap = worker.view().snap.config.worker_connections;
+        if worker.open_connections() >= cap {
+            // At the cap: accept nothing until a connection closes (the kernel queues the rest).
+            worker
+                .closed
+                .until(|| worker.open_connections() < cap || worker.is_draining())
+                .await;
+        }
+        if worker.is_draining() {
+            return;
+        }
+        match race(l.accept(), worker.drain.wait()).await {
+            Either::Right(()) => return,
+            Either::Left(Ok((stream, peer))) => {
                 let _ = stream.set_nodelay(true);
+                let guard = worker.connection_opened();
                 ::monoio::spawn(serve_downstream::<Monoio>(
                     Rc::clone(&worker),
                     MonoioStream(stream),
                     peer,
                     Rc::clone(&cfg),
+                    guard,
                 ));
             }
-            Err(e) => {
-                warn!(worker = worker.id, listener = %cfg.name, error = %e, "accept failed; backing off");
+            Either::Left(Err(e)) => {
+                // EMFILE/ENFILE and the like: back off instead of spinning, and say so at most
+                // once a second.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(worker = worker.id, listener = %cfg.name, error = %e, "accept failed; backing off");
+                    last_warning = Some(Instant::now());
+                }
                 ::monoio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }

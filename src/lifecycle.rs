@@ -1,0 +1,72 @@
+//! The process's lifecycle outside the data plane: signals, and what the main thread waits for.
+//!
+//! Signals are blocked in every thread (the mask is inherited by the workers) and received
+//! synchronously by one thread with `sigwait`, so no handler ever runs inside a worker.
+
+use std::io;
+use std::sync::mpsc::Sender;
+
+/// What the main thread reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// SIGTERM or SIGINT: drain; a second one: exit at once.
+    Stop(i32),
+    /// A worker thread ended (drained, or died).
+    WorkerExited(usize),
+}
+
+/// The signals Apex handles itself.
+const HANDLED: [i32; 2] = [libc::SIGTERM, libc::SIGINT];
+
+fn handled_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset only write the set they are given, which lives on the stack.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in HANDLED {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the handled signals in the calling thread; call before starting any other thread.
+pub fn block_signals() -> io::Result<()> {
+    let set = handled_set();
+    // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Starts a thread that waits for the handled signals and reports each one.
+pub fn forward_signals(events: Sender<Lifecycle>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("apex-signals".into())
+        .spawn(move || {
+            let set = handled_set();
+            loop {
+                let mut sig = 0;
+                // SAFETY: `set` is valid and blocked in every thread; `sig` is a valid out-pointer.
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
+                if rc != 0 {
+                    continue;
+                }
+                if events.send(Lifecycle::Stop(sig)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}

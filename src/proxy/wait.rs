@@ -1,0 +1,172 @@
+//! Single-threaded wake-ups inside a worker: the drain signal, the connection cap, and racing a
+//! future against them. Nothing here is `Send`; nothing takes a lock.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+/// A one-shot event many tasks can wait for (the worker's drain). Each waiter holds one slot, so
+/// re-polling costs O(1) and a dropped waiter frees its slot.
+#[derive(Default)]
+pub struct Event {
+    fired: Cell<bool>,
+    slots: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<usize>>,
+}
+
+impl Event {
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Fires the event and wakes every waiter; later waits complete at once.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        let wakers: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    pub fn wait(&self) -> EventWait<'_> {
+        EventWait {
+            event: self,
+            slot: None,
+        }
+    }
+}
+
+pub struct EventWait<'a> {
+    event: &'a Event,
+    slot: Option<usize>,
+}
+
+impl Future for EventWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.event.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut slots = self.event.slots.borrow_mut();
+        let slot = match self.slot {
+            Some(i) => i,
+            None => {
+                let i = self.event.free.borrow_mut().pop().unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+                i
+            }
+        };
+        match &mut slots[slot] {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            s => *s = Some(cx.waker().clone()),
+        }
+        drop(slots);
+        self.slot = Some(slot);
+        Poll::Pending
+    }
+}
+
+impl Drop for EventWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(s) = self.event.slots.borrow_mut().get_mut(i) {
+                *s = None;
+            }
+            self.event.free.borrow_mut().push(i);
+        }
+    }
+}
+
+/// Wakes the few tasks (accept loops, the worker's exit) that wait for a connection to close.
+#[derive(Default)]
+pub struct WakeList {
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl WakeList {
+    pub fn wake_all(&self) {
+        if self.wakers.borrow().is_empty() {
+            return;
+        }
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Completes once `ready()` holds, re-checking after each wake-up.
+    pub async fn until(&self, ready: impl Fn() -> bool) {
+        std::future::poll_fn(|cx| {
+            if ready() {
+                return Poll::Ready(());
+            }
+            self.wakers.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Polls both futures; the first to finish wins and the other is dropped. `a` is polled first.
+pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(x) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(x));
+        }
+        if let Poll::Ready(y) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(y));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn event_wakes_waiters_once_and_reuses_slots() {
+        let ev = Event::default();
+        let count = Arc::new(Count(0.into()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        {
+            let mut w1 = pin!(ev.wait());
+            assert!(w1.as_mut().poll(&mut cx).is_pending());
+            assert!(w1.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(ev.slots.borrow().len(), 1);
+        let mut w2 = pin!(ev.wait());
+        assert!(w2.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            ev.slots.borrow().len(),
+            1,
+            "the dropped waiter's slot was reused"
+        );
+        ev.fire();
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(w2.as_mut().poll(&mut cx).is_ready());
+    }
+}
