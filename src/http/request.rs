@@ -231,6 +231,22 @@ pub fn parse_request_head<'b, 'h>(
     }))
 }
 
+/// Appends `req` exactly as parsed: its start line and every field, with CRLF line endings.
+/// Parsing the result gives back the same head (the property the fuzzers and tests check).
+pub fn encode_request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>) {
+    out.extend_from_slice(req.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.target.as_bytes());
+    out.extend_from_slice(match req.version {
+        Version::Http10 => b" HTTP/1.0\r\n",
+        Version::Http11 => b" HTTP/1.1\r\n",
+    });
+    for h in req.headers {
+        fields::encode_field(out, h);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends the head Apex sends upstream: same method, target and `Host`, HTTP/1.1, hop-by-hop
 /// fields removed, `X-Forwarded-For` extended with `client`, `X-Forwarded-Proto` set, and framing
 /// re-created from `req.framing`. `default_host` fills `Host` for HTTP/1.0 requests without one.
