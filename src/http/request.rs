@@ -54,15 +54,19 @@ impl RequestHead<'_, '_> {
     }
 }
 
-/// `http://host:port/path` → (`host:port`, `/path`).
+/// `http://host:port/path` → (`host:port`, `/path`). Compares bytes: the target may hold
+/// non-ASCII bytes, and slicing a `str` inside a character would panic.
 fn absolute_form_rest(target: &str) -> Option<(&str, &str)> {
-    let rest = if target.len() > 7 && target[..7].eq_ignore_ascii_case("http://") {
-        &target[7..]
-    } else if target.len() > 8 && target[..8].eq_ignore_ascii_case("https://") {
-        &target[8..]
+    let b = target.as_bytes();
+    let scheme_len = if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"http://") {
+        7
+    } else if b.len() > 8 && b[..8].eq_ignore_ascii_case(b"https://") {
+        8
     } else {
         return None;
     };
+    // The scheme is ASCII, so `scheme_len` is a character boundary.
+    let rest = &target[scheme_len..];
     let slash = rest.find(['/', '?']).unwrap_or(rest.len());
     Some((&rest[..slash], &rest[slash..]))
 }
@@ -403,6 +407,19 @@ X-Forwarded-Proto: https\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r
             String::from_utf8(out).unwrap(),
             "POST /p HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
 X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn non_ascii_in_an_absolute_target_does_not_panic() {
+        // Found by the request_head fuzzer: a multi-byte character across the scheme's end.
+        let raw = "GET http:/\u{456}ther:81/x HTTP/1.1\r\nHost: h\r\n\r\n";
+        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let _ = parse_request_head(raw.as_bytes(), &mut f, &HeadLimits::default());
+        assert_eq!(absolute_form_rest("http:/\u{456}x"), None);
+        assert_eq!(
+            absolute_form_rest("http://\u{456}/p"),
+            Some(("\u{456}", "/p"))
         );
     }
 

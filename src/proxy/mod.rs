@@ -7,6 +7,7 @@ pub mod downstream;
 pub mod error;
 pub mod forward;
 pub mod io;
+pub mod isolate;
 pub mod pool;
 pub mod wait;
 

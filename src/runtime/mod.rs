@@ -22,6 +22,7 @@ use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{bind_reuseport, BindError};
 use crate::proxy::downstream::serve_downstream;
+use crate::proxy::isolate::isolate;
 use crate::proxy::wait::{race, Either};
 use crate::proxy::Worker;
 use crate::snapshot::{publish_first, SharedSnapshot};
@@ -363,13 +364,17 @@ async fn accept_loop(worker: Rc<Worker<Monoio>>, l: ::monoio::net::TcpListener, 
             Either::Left(Ok((stream, peer))) => {
                 let _ = stream.set_nodelay(true);
                 let guard = worker.connection_opened();
-                ::monoio::spawn(serve_downstream::<Monoio>(
+                let conn = serve_downstream::<Monoio>(
                     Rc::clone(&worker),
                     MonoioStream(stream),
                     peer,
                     Rc::clone(&cfg),
                     guard,
-                ));
+                );
+                let id = worker.id;
+                ::monoio::spawn(isolate(conn, move |msg| {
+                    error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
+                }));
             }
             Either::Left(Err(e)) => {
                 // EMFILE/ENFILE and the like: back off instead of spinning, and say so at most

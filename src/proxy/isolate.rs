@@ -1,0 +1,69 @@
+//! Containing a panic to the connection that caused it.
+//!
+//! A panic inside one connection's task would otherwise unwind the whole worker thread and drop
+//! every connection it serves. Parsing is fuzzed so that this never happens; this is the
+//! backstop if it does.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Polls `inner`; a panic while polling completes the future (dropping the connection) and is
+/// reported through `on_panic`.
+pub struct Isolated<F, P> {
+    inner: Pin<Box<F>>,
+    on_panic: Option<P>,
+}
+
+pub fn isolate<F: Future<Output = ()>, P: FnOnce(String)>(inner: F, on_panic: P) -> Isolated<F, P> {
+    Isolated {
+        inner: Box::pin(inner),
+        on_panic: Some(on_panic),
+    }
+}
+
+impl<F: Future<Output = ()>, P: FnOnce(String) + Unpin> Future for Isolated<F, P> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // Unwind safety: after a panic the inner future is never polled again, and the
+        // worker's shared state is only `RefCell`s whose guards are released on unwind.
+        match catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".into());
+                if let Some(report) = this.on_panic.take() {
+                    report(msg);
+                }
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    #[test]
+    fn a_panicking_task_completes_and_reports() {
+        let mut reported = None;
+        let fut = isolate(async { panic!("boom") }, |m| reported = Some(m));
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let polled = fut.as_mut().poll(&mut cx);
+        std::panic::set_hook(prev);
+        assert!(polled.is_ready());
+        drop(fut);
+        assert_eq!(reported.as_deref(), Some("boom"));
+    }
+}
