@@ -54,8 +54,10 @@ mod tests {
 
     #[test]
     fn a_panicking_task_completes_and_reports() {
-        let mut reported = None;
-        let fut = isolate(async { panic!("boom") }, |m| reported = Some(m));
+        let reported = std::cell::RefCell::new(None);
+        let fut = isolate(async { panic!("boom") }, |m| {
+            *reported.borrow_mut() = Some(m)
+        });
         let mut fut = std::pin::pin!(fut);
         let mut cx = Context::from_waker(Waker::noop());
         let prev = std::panic::take_hook();
@@ -63,7 +65,6 @@ mod tests {
         let polled = fut.as_mut().poll(&mut cx);
         std::panic::set_hook(prev);
         assert!(polled.is_ready());
-        drop(fut);
-        assert_eq!(reported.as_deref(), Some("boom"));
+        assert_eq!(reported.borrow().as_deref(), Some("boom"));
     }
 }
