@@ -12,9 +12,7 @@ impl RoundRobin {
     /// `start` spreads workers over different first endpoints so that N workers starting
     /// together do not all hit endpoint 0 first.
     pub fn new(start: usize) -> Self {
-        RoundRobin {
-            next: Cell::new(start),
-        }
+        RoundRobin { next: Cell::new(start) }
     }
 
     /// An index below `n` (`n` > 0).

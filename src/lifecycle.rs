@@ -43,22 +43,20 @@ pub fn block_signals() -> io::Result<()> {
 
 /// Starts a thread that waits for the handled signals and reports each one.
 pub fn forward_signals(events: Sender<Lifecycle>) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("apex-signals".into())
-        .spawn(move || {
-            let set = handled_set();
-            loop {
-                let mut sig = 0;
-                // SAFETY: `set` is valid and blocked in every thread; `sig` is a valid out-pointer.
-                let rc = unsafe { libc::sigwait(&set, &mut sig) };
-                if rc != 0 {
-                    continue;
-                }
-                if events.send(Lifecycle::Stop(sig)).is_err() {
-                    return;
-                }
+    std::thread::Builder::new().name("apex-signals".into()).spawn(move || {
+        let set = handled_set();
+        loop {
+            let mut sig = 0;
+            // SAFETY: `set` is valid and blocked in every thread; `sig` is a valid out-pointer.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                continue;
             }
-        })?;
+            if events.send(Lifecycle::Stop(sig)).is_err() {
+                return;
+            }
+        }
+    })?;
     Ok(())
 }
 

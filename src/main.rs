@@ -19,11 +19,7 @@ use tracing::{error, info, warn};
 const DEFAULT_CONFIG: &str = "configs/apex.yaml";
 
 #[derive(Parser)]
-#[command(
-    name = "apex",
-    version,
-    about = "A thread-per-core HTTP reverse proxy on io_uring"
-)]
+#[command(name = "apex", version, about = "A thread-per-core HTTP reverse proxy on io_uring")]
 struct Cli {
     /// Config file to run.
     #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -94,9 +90,8 @@ fn quick_proxy_config(
     upstream_timeout: &str,
     runtime: Option<&str>,
 ) -> anyhow::Result<Config> {
-    let timeout = config::parse_duration(upstream_timeout)
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
+    let timeout =
+        config::parse_duration(upstream_timeout).filter(|d| !d.is_zero()).ok_or_else(|| {
             anyhow!("--upstream-timeout `{upstream_timeout}` is not a duration like 2s")
         })?;
     let mut endpoints = Vec::new();
@@ -114,14 +109,8 @@ fn quick_proxy_config(
     cluster.response_timeout = timeout;
     Ok(Config {
         source: None,
-        workers: workers
-            .map(workers_from)
-            .transpose()?
-            .unwrap_or(Workers::Auto),
-        runtime: runtime
-            .map(parse_runtime)
-            .transpose()?
-            .unwrap_or(RuntimeKind::IoUring),
+        workers: workers.map(workers_from).transpose()?.unwrap_or(Workers::Auto),
+        runtime: runtime.map(parse_runtime).transpose()?.unwrap_or(RuntimeKind::IoUring),
         worker_connections: config::defaults::WORKER_CONNECTIONS,
         drain_timeout: config::defaults::DRAIN_TIMEOUT,
         listeners: vec![Listener::with_defaults("proxy", listen)],
@@ -147,9 +136,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let mut deadline: Option<Instant> = None;
     loop {
         let event = match deadline {
-            None => lifecycle_events
-                .recv()
-                .map_err(|_| RecvTimeoutError::Disconnected),
+            None => lifecycle_events.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(d) => lifecycle_events.recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match event {
@@ -163,10 +150,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                 deadline = Some(Instant::now() + drain_timeout);
             }
             Ok(Lifecycle::Stop(sig)) => {
-                warn!(
-                    signal = lifecycle::signal_name(sig),
-                    "second signal: exiting now"
-                );
+                warn!(signal = lifecycle::signal_name(sig), "second signal: exiting now");
                 std::process::exit(1);
             }
             Ok(Lifecycle::WorkerExited(id)) => {
@@ -183,10 +167,7 @@ fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
-                warn!(
-                    workers_left = alive,
-                    "drain timeout reached; closing remaining connections"
-                );
+                warn!(workers_left = alive, "drain timeout reached; closing remaining connections");
                 return Ok(());
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -214,14 +195,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Some(Command::Proxy {
-            listen,
-            to,
-            workers,
-            upstream_timeout,
-            runtime,
-        }) => quick_proxy_config(listen, &to, workers, &upstream_timeout, runtime.as_deref())
-            .and_then(run),
+        Some(Command::Proxy { listen, to, workers, upstream_timeout, runtime }) => {
+            quick_proxy_config(listen, &to, workers, &upstream_timeout, runtime.as_deref())
+                .and_then(run)
+        }
         None => (|| {
             let mut config = Config::load(&cli.config).map_err(|e| anyhow!("{e}"))?;
             if let Some(r) = &cli.runtime {

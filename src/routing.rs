@@ -71,10 +71,7 @@ impl Router {
     pub fn new(routes: &[Route]) -> Router {
         let mut r = Router::default();
         for (i, route) in routes.iter().enumerate() {
-            let entry = Entry {
-                method: route.method.clone(),
-                route: i,
-            };
+            let entry = Entry { method: route.method.clone(), route: i };
             let table = match &route.host {
                 HostMatch::Exact(h) => r.exact_hosts.entry(h.clone()).or_default(),
                 HostMatch::Suffix(s) => match r.suffixes.iter().position(|(q, _)| q == s) {
@@ -107,11 +104,7 @@ impl Router {
             ""
         };
         if !host.is_empty() {
-            if let Some(r) = self
-                .exact_hosts
-                .get(host)
-                .and_then(|t| t.lookup(path, method))
-            {
+            if let Some(r) = self.exact_hosts.get(host).and_then(|t| t.lookup(path, method)) {
                 return Some(r);
             }
             for (suffix, table) in &self.suffixes {
@@ -162,11 +155,7 @@ routes:
         assert_eq!(r.route("api.example.com", "/v1/users", "POST"), Some(6));
         // The exact host has no route for /other: the next most specific host group answers.
         assert_eq!(r.route("api.example.com", "/other", "GET"), Some(3));
-        assert_eq!(
-            r.route("example.com", "/", "GET"),
-            Some(0),
-            "*.x does not match x itself"
-        );
+        assert_eq!(r.route("example.com", "/", "GET"), Some(0), "*.x does not match x itself");
     }
 
     #[test]

@@ -51,11 +51,7 @@ impl Snapshot {
                 Action::Forward(_) => None,
             })
             .collect();
-        Snapshot {
-            config,
-            router,
-            direct,
-        }
+        Snapshot { config, router, direct }
     }
 }
 

@@ -25,10 +25,7 @@ fn default_config_serves_status_page(rt: &str) {
 
 fn runtime_flag_selects_the_driver(rt: &str) {
     let mut apex = Apex::start(
-        &config(
-            "  - { match: { path: \"/\" }, respond: { status: 204 } }",
-            "  []",
-        ),
+        &config("  - { match: { path: \"/\" }, respond: { status: 204 } }", "  []"),
         rt,
     );
     let line = apex.wait_for_log(&["worker starting"]).unwrap();
@@ -39,17 +36,11 @@ fn runtime_flag_selects_the_driver(rt: &str) {
 }
 
 fn each_worker_pins_and_logs_its_driver(rt: &str) {
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 204 } }",
-        "  []",
-    )
-    .replace("workers: 1", "workers: 2");
+    let yaml = config("  - { match: { path: \"/\" }, respond: { status: 204 } }", "  []")
+        .replace("workers: 1", "workers: 2");
     let mut apex = Apex::start(&yaml, rt);
     let logs = apex.logs();
-    let workers: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("worker starting"))
-        .collect();
+    let workers: Vec<&str> = logs.lines().filter(|l| l.contains("worker starting")).collect();
     assert_eq!(workers.len(), 2, "{logs}");
     for w in workers {
         assert_eq!(field(w, "driver"), Some(rt), "{w}");
@@ -58,10 +49,7 @@ fn each_worker_pins_and_logs_its_driver(rt: &str) {
 }
 
 fn second_instance_on_same_port_fails_clearly(rt: &str) {
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 204 } }",
-        "  []",
-    );
+    let yaml = config("  - { match: { path: \"/\" }, respond: { status: 204 } }", "  []");
     let first = Apex::start(&yaml, rt);
     let dir = TempDir::new();
     let taken = yaml.replace("127.0.0.1:0", &first.addr.to_string());
@@ -72,10 +60,7 @@ fn second_instance_on_same_port_fails_clearly(rt: &str) {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!("address {} is already in use", first.addr)),
-        "{err}"
-    );
+    assert!(err.contains(&format!("address {} is already in use", first.addr)), "{err}");
     // And the first instance still serves.
     let r = Wire::connect(first.addr).request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(r.status, 204);
@@ -99,15 +84,11 @@ fn quick_proxy_mode_balances_round_robin(rt: &str) {
     ])
     .unwrap();
     let mut c = Wire::connect(apex.addr);
-    let bodies: Vec<String> = (0..6)
-        .map(|_| c.request("GET / HTTP/1.1\r\nHost: x\r\n\r\n").text())
-        .collect();
+    let bodies: Vec<String> =
+        (0..6).map(|_| c.request("GET / HTTP/1.1\r\nHost: x\r\n\r\n").text()).collect();
     let count_a = bodies.iter().filter(|b| *b == "a").count();
     assert_eq!(count_a, 3, "{bodies:?}");
-    assert!(
-        bodies.windows(2).all(|w| w[0] != w[1]),
-        "alternates per request: {bodies:?}"
-    );
+    assert!(bodies.windows(2).all(|w| w[0] != w[1]), "alternates per request: {bodies:?}");
 }
 
 under_each_driver!(
@@ -120,15 +101,9 @@ under_each_driver!(
 
 #[test]
 fn check_accepts_the_default_config() {
-    let out = Command::new(apex_bin())
-        .args(["check", "--config", "configs/apex.yaml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new(apex_bin()).args(["check", "--config", "configs/apex.yaml"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -152,26 +127,17 @@ fn check_names_unknown_keys_with_their_line() {
     let (code, err, file) = apex_check("listeners:\n  - name: a\n    adress: 127.0.0.1:1\n");
     assert_eq!(code, Some(1));
     assert!(err.contains(&format!("{file}:3")), "file and line: {err}");
-    assert!(
-        err.contains("listeners[0]") && err.contains("unknown field `adress`"),
-        "{err}"
-    );
+    assert!(err.contains("listeners[0]") && err.contains("unknown field `adress`"), "{err}");
 }
 
 #[test]
 fn a_bad_config_refuses_to_start_and_says_why() {
     let dir = TempDir::new();
     let path = dir.write("bad.yaml", "listeners: []\n");
-    let out = Command::new(apex_bin())
-        .args(["--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Command::new(apex_bin()).args(["--config", path.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("listeners: at least one listener is required"),
-        "{err}"
-    );
+    assert!(err.contains("listeners: at least one listener is required"), "{err}");
 }
 
 /// Makes `io_uring_setup` fail with ENOSYS in the child, as a container's seccomp profile does.
@@ -181,40 +147,18 @@ fn refuse_io_uring(cmd: &mut Command) {
     const NR_IO_URING_SETUP: u32 = 425;
     let filter = [
         // Load the syscall number (offset 0 of struct seccomp_data).
-        libc::sock_filter {
-            code: 0x20,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 },
         // Equal to io_uring_setup? Fall through to ERRNO; else skip to ALLOW.
-        libc::sock_filter {
-            code: 0x15,
-            jt: 0,
-            jf: 1,
-            k: NR_IO_URING_SETUP,
-        },
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x0005_0000 | libc::ENOSYS as u32,
-        },
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x7fff_0000,
-        },
+        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: NR_IO_URING_SETUP },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0005_0000 | libc::ENOSYS as u32 },
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 },
     ];
     // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
     // async-signal-safe; `filter` is copied into the closure and outlives both calls.
     unsafe {
         cmd.pre_exec(move || {
-            let prog = libc::sock_fprog {
-                len: filter.len() as u16,
-                filter: filter.as_ptr() as *mut _,
-            };
+            let prog =
+                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
             {
@@ -229,10 +173,8 @@ fn refuse_io_uring(cmd: &mut Command) {
 #[test]
 fn refused_io_uring_falls_back_to_epoll_and_says_why() {
     let dir = TempDir::new();
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 200, body: \"up\" } }",
-        "  []",
-    );
+    let yaml =
+        config("  - { match: { path: \"/\" }, respond: { status: 200, body: \"up\" } }", "  []");
     let path = dir.write("apex.yaml", &yaml);
     let mut apex =
         Apex::spawn_with(&["--config", path.to_str().unwrap()], refuse_io_uring).unwrap();

@@ -31,8 +31,7 @@ fn sigterm_finishes_requests_in_flight_then_exits_zero(rt: &str) {
     busy.send(GET.as_bytes());
     arrived.wait();
     apex.signal(libc::SIGTERM);
-    apex.wait_for_log(&["draining: stopped accepting"])
-        .expect("the worker began draining");
+    apex.wait_for_log(&["draining: stopped accepting"]).expect("the worker began draining");
     assert!(
         std::net::TcpStream::connect(apex.addr).is_err(),
         "new connections are refused once draining"
@@ -65,8 +64,7 @@ fn second_signal_exits_at_once(rt: &str) {
     busy.send(GET.as_bytes());
     arrived.wait();
     apex.signal(libc::SIGTERM);
-    apex.wait_for_log(&["draining: no new connections"])
-        .unwrap();
+    apex.wait_for_log(&["draining: no new connections"]).unwrap();
     apex.signal(libc::SIGTERM);
     assert_eq!(apex.wait_exit(), Some(1));
 }
@@ -82,10 +80,7 @@ fn drain_timeout_bounds_the_exit(rt: &str) {
     apex.signal(libc::SIGTERM);
     assert_eq!(apex.wait_exit(), Some(0));
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(290) && took < Duration::from_secs(5),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(5), "{took:?}");
     assert!(apex.logs().contains("drain timeout reached"));
 }
 

@@ -11,20 +11,12 @@ use support::*;
 const GET: &str = "GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
 
 fn no_route_is_404_and_the_connection_stays_open(rt: &str) {
-    let yaml = config(
-        "  - { match: { path: \"/only\" }, respond: { status: 200, body: \"x\" } }",
-        "  []",
-    );
+    let yaml =
+        config("  - { match: { path: \"/only\" }, respond: { status: 200, body: \"x\" } }", "  []");
     let apex = Apex::start(&yaml, rt);
     let mut c = Wire::connect(apex.addr);
-    assert_eq!(
-        c.request("GET /other HTTP/1.1\r\nHost: a\r\n\r\n").status,
-        404
-    );
-    assert_eq!(
-        c.request("GET /only HTTP/1.1\r\nHost: a\r\n\r\n").status,
-        200
-    );
+    assert_eq!(c.request("GET /other HTTP/1.1\r\nHost: a\r\n\r\n").status, 404);
+    assert_eq!(c.request("GET /only HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
 }
 
 fn refused_upstream_is_502_promptly_and_logged_with_its_address(rt: &str) {
@@ -33,18 +25,9 @@ fn refused_upstream_is_502_promptly_and_logged_with_its_address(rt: &str) {
     let started = Instant::now();
     let r = Wire::connect(apex.addr).request(GET);
     assert_eq!(r.status, 502);
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        started.elapsed()
-    );
-    let line = apex
-        .wait_for_log(&["upstream request failed"])
-        .expect("an error log line");
-    assert!(
-        line.contains(&dead.to_string()),
-        "the log names the upstream: {line}"
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let line = apex.wait_for_log(&["upstream request failed"]).expect("an error log line");
+    assert!(line.contains(&dead.to_string()), "the log names the upstream: {line}");
     assert!(line.contains("WARN"), "{line}");
 }
 
@@ -54,19 +37,13 @@ fn silent_upstream_is_504_after_the_response_timeout(rt: &str) {
         let _ = w.read_head();
         After::Close
     });
-    let apex = Apex::start(
-        &proxy_config(&[up.addr], "    response_timeout: 300ms\n"),
-        rt,
-    );
+    let apex = Apex::start(&proxy_config(&[up.addr], "    response_timeout: 300ms\n"), rt);
     let started = Instant::now();
     let mut c = Wire::connect(apex.addr);
     let r = c.request(GET);
     let took = started.elapsed();
     assert_eq!(r.status, 504);
-    assert!(
-        took >= Duration::from_millis(290) && took < Duration::from_secs(3),
-        "took {took:?}"
-    );
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "took {took:?}");
     // The request body was complete, so the client connection is still usable.
     assert_eq!(c.request(GET).status, 504);
 }
@@ -75,8 +52,7 @@ fn silent_upstream_is_504_after_the_response_timeout(rt: &str) {
 /// connect to it hangs until the client gives up.
 fn black_hole() -> (Socket, Vec<TcpStream>, SocketAddr) {
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
     s.listen(0).unwrap();
     let addr = s.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
@@ -137,10 +113,7 @@ fn oversized_heads_get_414_and_431(rt: &str) {
     let up = Upstream::ok("fine");
     let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
-    let huge_field = format!(
-        "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
-        "b".repeat(70 * 1024)
-    );
+    let huge_field = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(70 * 1024));
     for (req, status) in [(long_target, 414), (huge_field, 431)] {
         let mut c = Wire::connect(apex.addr);
         c.send(req.as_bytes());
@@ -149,10 +122,7 @@ fn oversized_heads_get_414_and_431(rt: &str) {
         assert!(c.is_closed());
     }
     // A single 16 KiB field is fine.
-    let ok = format!(
-        "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
-        "c".repeat(16 * 1024)
-    );
+    let ok = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "c".repeat(16 * 1024));
     assert_eq!(Wire::connect(apex.addr).request(&ok).status, 200);
     assert_eq!(up.accepts(), 1);
 }
@@ -168,14 +138,8 @@ under_each_driver!(
 );
 
 fn slow_request_head_gets_408_and_a_close(rt: &str) {
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 200 } }",
-        "  []",
-    )
-    .replace(
-        "address: 127.0.0.1:0",
-        "address: 127.0.0.1:0\n    header_timeout: 300ms",
-    );
+    let yaml = config("  - { match: { path: \"/\" }, respond: { status: 200 } }", "  []")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    header_timeout: 300ms");
     let apex = Apex::start(&yaml, rt);
     let mut c = Wire::connect(apex.addr);
     let started = Instant::now();
@@ -187,14 +151,8 @@ fn slow_request_head_gets_408_and_a_close(rt: &str) {
 }
 
 fn idle_keepalive_connection_is_closed_silently(rt: &str) {
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 200 } }",
-        "  []",
-    )
-    .replace(
-        "address: 127.0.0.1:0",
-        "address: 127.0.0.1:0\n    keepalive_timeout: 300ms",
-    );
+    let yaml = config("  - { match: { path: \"/\" }, respond: { status: 200 } }", "  []")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    keepalive_timeout: 300ms");
     let apex = Apex::start(&yaml, rt);
     let mut c = Wire::connect(apex.addr);
     assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
@@ -221,10 +179,7 @@ fn requests_log_nothing_at_info(rt: &str) {
     for _ in 0..20 {
         assert_eq!(c.request(GET).status, 200);
     }
-    assert_eq!(
-        c.request("GET /dead HTTP/1.1\r\nHost: a\r\n\r\n").status,
-        502
-    );
+    assert_eq!(c.request("GET /dead HTTP/1.1\r\nHost: a\r\n\r\n").status, 502);
     // Log lines arrive in order: once the warning is here, any per-request line would be too.
     apex.wait_for_log(&["upstream request failed"]).unwrap();
     let after = apex.logs().lines().filter(|l| l.contains(" INFO ")).count();

@@ -23,11 +23,7 @@ fn parse(bytes: &[u8]) -> Option<Owned> {
             method: h.method.into(),
             target: h.target.into(),
             version: format!("{:?}", h.version),
-            fields: h
-                .headers
-                .iter()
-                .map(|x| (x.name.to_string(), x.value.to_vec()))
-                .collect(),
+            fields: h.headers.iter().map(|x| (x.name.to_string(), x.value.to_vec())).collect(),
             framing: format!("{:?}", h.framing),
             keep_alive: h.keep_alive,
         }),
@@ -54,10 +50,7 @@ fn head() -> impl Strategy<Value = String> {
     let version = prop::sample::select(vec!["HTTP/1.0", "HTTP/1.1"]);
     let name = "[A-Za-z][A-Za-z0-9-]{0,15}".prop_filter("no framing or host fields", |n| {
         let l = n.to_ascii_lowercase();
-        !matches!(
-            l.as_str(),
-            "host" | "content-length" | "transfer-encoding" | "expect"
-        )
+        !matches!(l.as_str(), "host" | "content-length" | "transfer-encoding" | "expect")
     });
     let value = "[ -~]{0,30}".prop_map(|v| v.trim().to_string());
     let fields = prop::collection::vec((name, value), 0..20);
@@ -67,11 +60,7 @@ fn head() -> impl Strategy<Value = String> {
         Just("Transfer-Encoding: chunked\r\n".to_string()),
     ];
     (method, target, version, fields, framing).prop_map(|(m, t, v, fs, fr)| {
-        let fr = if v == "HTTP/1.0" && fr.starts_with("Transfer") {
-            String::new()
-        } else {
-            fr
-        };
+        let fr = if v == "HTTP/1.0" && fr.starts_with("Transfer") { String::new() } else { fr };
         let mut s = format!("{m} {t} {v}\r\nHost: example.com\r\n");
         for (n, val) in fs {
             s.push_str(&format!("{n}: {val}\r\n"));

@@ -40,22 +40,10 @@ Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTrailer: X-T\r\nX-End: kept\r\n\r\n",
         "proxy-authorization",
         "trailer",
     ] {
-        assert_eq!(
-            got.header(hop),
-            None,
-            "{hop} reached the upstream:\n{}",
-            got.head
-        );
+        assert_eq!(got.header(hop), None, "{hop} reached the upstream:\n{}", got.head);
     }
     assert_eq!(got.header("x-end").as_deref(), Some("kept"));
-    for hop in [
-        "x-up-hop",
-        "keep-alive",
-        "upgrade",
-        "trailer",
-        "proxy-connection",
-        "connection",
-    ] {
+    for hop in ["x-up-hop", "keep-alive", "upgrade", "trailer", "proxy-connection", "connection"] {
         assert_eq!(r.header(hop), None, "{hop} reached the client:\n{}", r.head);
     }
     assert_eq!(r.header("x-end"), Some("kept"));
@@ -71,10 +59,7 @@ fn forwarded_for_is_appended_and_proto_is_set(rt: &str) {
     assert_eq!(got.header("x-forwarded-proto").as_deref(), Some("http"));
     c.request("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n");
     let got = up.next();
-    assert_eq!(
-        got.header("x-forwarded-for").as_deref(),
-        Some("203.0.113.7, 127.0.0.1")
-    );
+    assert_eq!(got.header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
     assert_eq!(
         got.header("x-forwarded-proto").as_deref(),
         Some("http"),
@@ -105,34 +90,19 @@ fn routes_choose_by_host_path_and_method(rt: &str) {
         let r = c.request(req);
         (r.status, r.text())
     };
-    assert_eq!(
-        ask("GET /v1/users HTTP/1.1\r\nHost: API.example.com\r\n\r\n"),
-        (200, "api".into())
-    );
+    assert_eq!(ask("GET /v1/users HTTP/1.1\r\nHost: API.example.com\r\n\r\n"), (200, "api".into()));
     assert_eq!(
         ask("POST /v1/users HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\n\r\n"),
         (200, "web".into())
     );
-    assert_eq!(
-        ask("GET /other HTTP/1.1\r\nHost: api.example.com\r\n\r\n"),
-        (200, "web".into())
-    );
-    assert_eq!(
-        ask("GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n"),
-        (200, "web".into())
-    );
-    assert_eq!(
-        ask("GET / HTTP/1.1\r\nHost: other.org\r\n\r\n"),
-        (200, "front\n".into())
-    );
+    assert_eq!(ask("GET /other HTTP/1.1\r\nHost: api.example.com\r\n\r\n"), (200, "web".into()));
+    assert_eq!(ask("GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n"), (200, "web".into()));
+    assert_eq!(ask("GET / HTTP/1.1\r\nHost: other.org\r\n\r\n"), (200, "front\n".into()));
     assert_eq!(
         ask("GET /static/app.js HTTP/1.1\r\nHost: other.org\r\n\r\n"),
         (200, "static".into())
     );
-    assert_eq!(
-        ask("GET /nothing HTTP/1.1\r\nHost: other.org\r\n\r\n").0,
-        404
-    );
+    assert_eq!(ask("GET /nothing HTTP/1.1\r\nHost: other.org\r\n\r\n").0, 404);
     assert_eq!(
         ask("GET http://api.example.com/v1/x HTTP/1.1\r\nHost: other.org\r\n\r\n"),
         (200, "api".into())

@@ -10,10 +10,7 @@ use std::time::Duration;
 use support::*;
 
 fn with_listener_settings(yaml: String, settings: &str) -> String {
-    yaml.replace(
-        "address: 127.0.0.1:0",
-        &format!("address: 127.0.0.1:0\n{settings}"),
-    )
+    yaml.replace("address: 127.0.0.1:0", &format!("address: 127.0.0.1:0\n{settings}"))
 }
 
 fn body_over_max_request_body_is_413_without_reading_it(rt: &str) {
@@ -36,15 +33,10 @@ fn body_over_max_request_body_is_413_without_reading_it(rt: &str) {
     // At the limit is fine.
     let mut c = Wire::connect(apex.addr);
     let body = "y".repeat(1024);
-    let r = c.request(&format!(
-        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1024\r\n\r\n{body}"
-    ));
+    let r = c.request(&format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1024\r\n\r\n{body}"));
     assert_eq!(r.status, 200);
     assert_eq!(up.next().body.len(), 1024);
-    assert!(
-        up.drain().is_empty(),
-        "neither refused body reached the upstream"
-    );
+    assert!(up.drain().is_empty(), "neither refused body reached the upstream");
 }
 
 fn head_limits_are_configurable(rt: &str) {
@@ -57,17 +49,8 @@ fn head_limits_are_configurable(rt: &str) {
     let fields: String = (0..5).map(|i| format!("X-{i}: v\r\n")).collect();
     for (req, status) in [
         (format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n"), 431),
-        (
-            format!(
-                "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
-                "v".repeat(2100)
-            ),
-            431,
-        ),
-        (
-            format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "p".repeat(100)),
-            414,
-        ),
+        (format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(2100)), 431),
+        (format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "p".repeat(100)), 414),
         ("GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n".to_string(), 200),
     ] {
         let r = Wire::connect(apex.addr).request(&req);
@@ -78,10 +61,7 @@ fn head_limits_are_configurable(rt: &str) {
 fn at_the_connection_cap_new_clients_wait_for_a_free_slot(rt: &str) {
     let yaml = format!(
         "worker_connections: 2\n{}",
-        config(
-            "  - { match: { path: \"/\" }, respond: { status: 200, body: \"hi\" } }",
-            "  []"
-        )
+        config("  - { match: { path: \"/\" }, respond: { status: 200, body: \"hi\" } }", "  []")
     );
     let apex = Apex::start(&yaml, rt);
     let get = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
@@ -92,10 +72,7 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_slot(rt: &str) {
     // The kernel completes the handshake, but Apex does not accept a third connection yet.
     let mut third = Wire::connect(apex.addr);
     third.send(get.as_bytes());
-    third
-        .stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    third.stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let mut byte = [0u8; 1];
     let waited = std::io::Read::read(&mut third.stream, &mut byte);
     assert!(
@@ -110,38 +87,27 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_slot(rt: &str) {
 
 fn out_of_descriptors_backs_off_and_recovers(rt: &str) {
     let dir = TempDir::new();
-    let yaml = config(
-        "  - { match: { path: \"/\" }, respond: { status: 200, body: \"hi\" } }",
-        "  []",
-    );
+    let yaml =
+        config("  - { match: { path: \"/\" }, respond: { status: 200, body: \"hi\" } }", "  []");
     let path = dir.write("apex.yaml", &yaml);
-    let mut apex = Apex::spawn_with(
-        &["--config", path.to_str().unwrap(), "--runtime", rt],
-        |cmd| {
+    let mut apex =
+        Apex::spawn_with(&["--config", path.to_str().unwrap(), "--runtime", rt], |cmd| {
             // SAFETY: setrlimit is async-signal-safe and only touches the child being spawned.
             unsafe {
                 cmd.pre_exec(|| {
-                    let lim = libc::rlimit {
-                        rlim_cur: 48,
-                        rlim_max: 48,
-                    };
+                    let lim = libc::rlimit { rlim_cur: 48, rlim_max: 48 };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
                 });
             }
-        },
-    )
-    .unwrap();
+        })
+        .unwrap();
     let get = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     // More connections than the process has descriptors for.
-    let hogs: Vec<TcpStream> = (0..80)
-        .map(|_| TcpStream::connect(apex.addr).unwrap())
-        .collect();
-    let line = apex
-        .wait_for_log(&["accept failed; backing off"])
-        .expect("EMFILE was reported");
+    let hogs: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(apex.addr).unwrap()).collect();
+    let line = apex.wait_for_log(&["accept failed; backing off"]).expect("EMFILE was reported");
     assert!(line.contains("WARN"), "{line}");
     drop(hogs);
     let r = Wire::connect(apex.addr).request(get);

@@ -45,22 +45,12 @@ fn stale_pooled_connection_is_retried_for_get(rt: &str) {
     let mut c = Wire::connect(apex.addr);
     assert_eq!(c.request(GET).status, 200);
     let r = c.request(GET);
-    assert_eq!(
-        (r.status, r.text().as_str()),
-        (200, "ok"),
-        "the retry is invisible to the client"
-    );
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "the retry is invisible to the client");
     // Two upstream threads report concurrently: compare in sorted order.
-    let mut seen: Vec<(usize, usize)> = (0..3)
-        .map(|_| up.next())
-        .map(|r| (r.conn, r.index))
-        .collect();
+    let mut seen: Vec<(usize, usize)> =
+        (0..3).map(|_| up.next()).map(|r| (r.conn, r.index)).collect();
     seen.sort();
-    assert_eq!(
-        seen,
-        vec![(0, 0), (0, 1), (1, 0)],
-        "replayed once, on a fresh connection"
-    );
+    assert_eq!(seen, vec![(0, 0), (0, 1), (1, 0)], "replayed once, on a fresh connection");
     assert_eq!(up.accepts(), 2);
 }
 
@@ -74,26 +64,15 @@ fn post_is_never_replayed(rt: &str) {
     up.next();
     let post = up.next();
     assert_eq!(post.request_line(), "POST /pay HTTP/1.1");
-    assert_eq!(
-        up.accepts(),
-        1,
-        "no second connection was opened to replay the POST"
-    );
-    assert!(
-        up.drain().is_empty(),
-        "the POST reached the upstream exactly once"
-    );
+    assert_eq!(up.accepts(), 1, "no second connection was opened to replay the POST");
+    assert!(up.drain().is_empty(), "the POST reached the upstream exactly once");
 }
 
 fn pipelined_requests_are_answered_in_order(rt: &str) {
     let up = Upstream::start(|r, w| {
         let path = r.request_line().split(' ').nth(1).unwrap().to_string();
         w.send(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
-                path.len()
-            )
-            .as_bytes(),
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}", path.len()).as_bytes(),
         );
         After::KeepOpen
     });
@@ -150,10 +129,7 @@ fn chunked_and_close_delimited_responses_are_relayed(rt: &str) {
     let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut c = Wire::connect(apex.addr);
     let r = c.request("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
-    assert_eq!(
-        (r.header("transfer-encoding"), r.text().as_str()),
-        (Some("chunked"), "abcde")
-    );
+    assert_eq!((r.header("transfer-encoding"), r.text().as_str()), (Some("chunked"), "abcde"));
     // A close-delimited body reaches an HTTP/1.1 client chunked, on a connection that stays.
     let r = c.request("GET /close HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(
@@ -165,10 +141,7 @@ fn chunked_and_close_delimited_responses_are_relayed(rt: &str) {
     // An HTTP/1.0 client gets it close-delimited.
     let mut old = Wire::connect(apex.addr);
     let r = old.request("GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-    assert_eq!(
-        (r.header("transfer-encoding"), r.text().as_str()),
-        (None, "abcde")
-    );
+    assert_eq!((r.header("transfer-encoding"), r.text().as_str()), (None, "abcde"));
     assert_eq!(r.header("connection"), Some("close"));
 }
 
@@ -206,10 +179,7 @@ fn expect_100_continue_is_answered_before_the_body(rt: &str) {
     let mut c = Wire::connect(apex.addr);
     c.send(b"PUT /f HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
     let interim = c.read_head().unwrap().unwrap();
-    assert!(
-        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
-        "{interim}"
-    );
+    assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
     c.send(b"12345");
     let r = c.read_response(false).unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "stored"));
@@ -250,10 +220,7 @@ fn slow_stream_is_not_cut_by_the_response_timeout(rt: &str) {
         }
         After::KeepOpen
     });
-    let apex = Apex::start(
-        &proxy_config(&[up.addr], "    response_timeout: 300ms\n"),
-        rt,
-    );
+    let apex = Apex::start(&proxy_config(&[up.addr], "    response_timeout: 300ms\n"), rt);
     let r = Wire::connect(apex.addr).request(GET);
     assert_eq!((r.status, r.text().as_str()), (200, "abcd"));
 }
@@ -272,20 +239,13 @@ fn response_cut_mid_body_closes_the_client_connection(rt: &str) {
     c.send(b"GET /length HTTP/1.1\r\nHost: a\r\n\r\n");
     let head = c.read_head().unwrap().unwrap();
     assert!(head.contains("Content-Length: 100"));
-    assert_eq!(
-        c.read_to_end().unwrap(),
-        b"only ten b",
-        "short body, then the connection closed"
-    );
+    assert_eq!(c.read_to_end().unwrap(), b"only ten b", "short body, then the connection closed");
 
     let mut c = Wire::connect(apex.addr);
     c.send(b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
     c.read_head().unwrap().unwrap();
     assert_eq!(c.read_chunk().unwrap().unwrap(), b"hello");
-    assert!(
-        c.read_chunk().is_err(),
-        "no last chunk: the client can tell the body was cut"
-    );
+    assert!(c.read_chunk().is_err(), "no last chunk: the client can tell the body was cut");
 }
 
 fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
@@ -321,10 +281,7 @@ fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
     assert_eq!(r.body.len(), SIZE);
 
     let growth = peak_rss_kib(apex.pid()).saturating_sub(peak_before);
-    assert!(
-        growth < 2048,
-        "peak RSS grew by {growth} KiB moving 2 x 8 MiB"
-    );
+    assert!(growth < 2048, "peak RSS grew by {growth} KiB moving 2 x 8 MiB");
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.

@@ -250,10 +250,9 @@ impl fmt::Display for Problem {
             Problem::TwoActions => write!(f, "a route takes `cluster` or `respond`, not both"),
             Problem::PathAndPrefix => write!(f, "use `path` or `path_prefix`, not both"),
             Problem::BadPath(p) => write!(f, "`{p}` must start with `/` and hold no spaces"),
-            Problem::BadHost(h) => write!(
-                f,
-                "`{h}` is not a host name (exact, or `*.suffix`), without port or spaces"
-            ),
+            Problem::BadHost(h) => {
+                write!(f, "`{h}` is not a host name (exact, or `*.suffix`), without port or spaces")
+            }
             Problem::BadMethod(m) => write!(f, "`{m}` is not an HTTP method token"),
             Problem::BadStatus(s) => write!(f, "status {s} is not between 200 and 599"),
             Problem::BadHeader(h) => write!(f, "`{h}` is not a valid header name or value"),
@@ -333,9 +332,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl Config {
@@ -375,11 +372,7 @@ impl Config {
                 problem: Problem::Syntax(msg),
             }])
         })?;
-        Validator {
-            file,
-            errors: Vec::new(),
-        }
-        .config(raw)
+        Validator { file, errors: Vec::new() }.config(raw)
     }
 }
 
@@ -390,12 +383,7 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&mut self, key: String, problem: Problem) {
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line: None,
-            key,
-            problem,
-        });
+        self.errors.push(ConfigError { file: self.file.to_string(), line: None, key, problem });
     }
 
     fn duration(&mut self, key: String, raw: &Option<String>, default: Duration) -> Duration {
@@ -453,28 +441,17 @@ impl Validator<'_> {
                 defaults::WORKER_CONNECTIONS
             }
         };
-        let drain_timeout = self.duration(
-            "drain_timeout".into(),
-            &raw.drain_timeout,
-            defaults::DRAIN_TIMEOUT,
-        );
+        let drain_timeout =
+            self.duration("drain_timeout".into(), &raw.drain_timeout, defaults::DRAIN_TIMEOUT);
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
-        let listeners: Vec<Listener> = raw
-            .listeners
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| self.listener(i, l))
-            .collect();
+        let listeners: Vec<Listener> =
+            raw.listeners.iter().enumerate().filter_map(|(i, l)| self.listener(i, l)).collect();
         self.unique_names("listeners", raw.listeners.iter().map(|l| l.name.as_str()));
         self.unique_names("clusters", raw.clusters.iter().map(|c| c.name.as_str()));
-        let clusters: Vec<Cluster> = raw
-            .clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| self.cluster(i, c))
-            .collect();
+        let clusters: Vec<Cluster> =
+            raw.clusters.iter().enumerate().map(|(i, c)| self.cluster(i, c)).collect();
         let mut routes = Vec::new();
         let mut seen: BTreeMap<(String, String, String), usize> = BTreeMap::new();
         for (i, r) in raw.routes.iter().enumerate() {
@@ -485,10 +462,7 @@ impl Validator<'_> {
                     format!("{:?}", route.method),
                 );
                 if let Some(first) = seen.get(&key) {
-                    self.err(
-                        format!("routes[{i}].match"),
-                        Problem::DuplicateRoute(*first),
-                    );
+                    self.err(format!("routes[{i}].match"), Problem::DuplicateRoute(*first));
                 } else {
                     seen.insert(key, i);
                 }
@@ -514,10 +488,7 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (i, n) in names.enumerate() {
             if !seen.insert(n) {
-                self.err(
-                    format!("{section}[{i}].name"),
-                    Problem::DuplicateName(n.to_string()),
-                );
+                self.err(format!("{section}[{i}].name"), Problem::DuplicateName(n.to_string()));
             }
         }
     }
@@ -527,10 +498,7 @@ impl Validator<'_> {
         let address = match l.address.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.err(
-                    format!("{p}.address"),
-                    Problem::BadAddress(l.address.clone()),
-                );
+                self.err(format!("{p}.address"), Problem::BadAddress(l.address.clone()));
                 None
             }
         };
@@ -544,11 +512,8 @@ impl Validator<'_> {
             &l.keepalive_timeout,
             defaults::KEEPALIVE_TIMEOUT,
         );
-        let body_timeout = self.duration(
-            format!("{p}.body_timeout"),
-            &l.body_timeout,
-            defaults::BODY_TIMEOUT,
-        );
+        let body_timeout =
+            self.duration(format!("{p}.body_timeout"), &l.body_timeout, defaults::BODY_TIMEOUT);
         let mut limits = HeadLimits::default();
         if let Some(n) = self.size(format!("{p}.max_request_line"), &l.max_request_line) {
             limits.max_request_line = usize::try_from(n).unwrap_or(usize::MAX);
@@ -583,10 +548,7 @@ impl Validator<'_> {
             // Host names resolve here, once per config load, never per request.
             match e.to_socket_addrs().ok().and_then(|mut a| a.next()) {
                 Some(addr) => endpoints.push(addr),
-                None => self.err(
-                    format!("{p}.endpoints[{j}]"),
-                    Problem::BadEndpoint(e.clone()),
-                ),
+                None => self.err(format!("{p}.endpoints[{j}]"), Problem::BadEndpoint(e.clone())),
             }
         }
         let pool_max_idle = match c.pool_max_idle {
@@ -680,19 +642,12 @@ impl Validator<'_> {
                     None
                 }
             },
-            (None, Some(resp)) => self
-                .respond(&format!("{p}.respond"), resp)
-                .map(Action::Respond),
+            (None, Some(resp)) => self.respond(&format!("{p}.respond"), resp).map(Action::Respond),
         };
         if !ok {
             return None;
         }
-        Some(Route {
-            host,
-            path,
-            method,
-            action: action?,
-        })
+        Some(Route { host, path, method, action: action? })
     }
 
     fn check_path(&mut self, key: String, path: &str) -> bool {
@@ -716,24 +671,15 @@ impl Validator<'_> {
                 lname.as_str(),
                 "content-length" | "transfer-encoding" | "connection" | "keep-alive"
             );
-            let value_ok = value
-                .bytes()
-                .all(|b| b == b'\t' || (b >= b' ' && b != 0x7f));
+            let value_ok = value.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f));
             if !is_token(name) || framing || !value_ok {
-                self.err(
-                    format!("{p}.headers.{name}"),
-                    Problem::BadHeader(name.clone()),
-                );
+                self.err(format!("{p}.headers.{name}"), Problem::BadHeader(name.clone()));
                 ok = false;
             } else {
                 headers.push((name.clone(), value.clone()));
             }
         }
-        ok.then(|| DirectResponse {
-            status: r.status,
-            headers,
-            body: r.body.clone().into_bytes(),
-        })
+        ok.then(|| DirectResponse { status: r.status, headers, body: r.body.clone().into_bytes() })
     }
 }
 
@@ -742,8 +688,7 @@ fn parse_host_match(h: &str) -> Option<HostMatch> {
     let h = h.to_ascii_lowercase();
     let valid = |s: &str| {
         !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             && !s.starts_with('.')
     };
     if let Some(rest) = h.strip_prefix("*.") {
@@ -788,12 +733,7 @@ clusters:
     }
 
     fn errors(yaml: &str) -> Vec<String> {
-        Config::from_yaml(yaml, "bad.yaml")
-            .unwrap_err()
-            .0
-            .iter()
-            .map(|e| e.to_string())
-            .collect()
+        Config::from_yaml(yaml, "bad.yaml").unwrap_err().0.iter().map(|e| e.to_string()).collect()
     }
 
     #[test]
@@ -820,14 +760,8 @@ clusters:
         );
         let joined = e.join("\n");
         assert!(joined.contains("listeners[0].address"), "{joined}");
-        assert!(
-            joined.contains("routes[0].cluster: no cluster is named `missing`"),
-            "{joined}"
-        );
-        assert!(
-            joined.contains("clusters[0].endpoints: a cluster needs at least one"),
-            "{joined}"
-        );
+        assert!(joined.contains("routes[0].cluster: no cluster is named `missing`"), "{joined}");
+        assert!(joined.contains("clusters[0].endpoints: a cluster needs at least one"), "{joined}");
         assert!(joined.contains("clusters[0].connect_timeout: must be greater than zero"));
         assert!(joined.contains("clusters[0].response_timeout: `soon` is not a duration"));
         assert_eq!(e.len(), 5, "{joined}");
@@ -890,10 +824,7 @@ routes:
             parse_host_match("*.Example.com"),
             Some(HostMatch::Suffix(".example.com".into()))
         );
-        assert_eq!(
-            parse_host_match("a.b"),
-            Some(HostMatch::Exact("a.b".into()))
-        );
+        assert_eq!(parse_host_match("a.b"), Some(HostMatch::Exact("a.b".into())));
         assert_eq!(parse_host_match("a.b:80"), None);
         assert_eq!(parse_host_match("*"), None);
     }

@@ -28,14 +28,7 @@ impl BodyRelay {
             Framing::Length(n) => (n, n == 0),
             Framing::Chunked | Framing::UntilClose => (0, false),
         };
-        BodyRelay {
-            input,
-            output,
-            remaining,
-            decoder: ChunkedDecoder::new(),
-            done,
-            taken: 0,
-        }
+        BodyRelay { input, output, remaining, decoder: ChunkedDecoder::new(), done, taken: 0 }
     }
 
     /// Whether the whole body has been taken from the input.

@@ -78,13 +78,7 @@ impl Default for ChunkedDecoder {
 
 impl ChunkedDecoder {
     pub fn new() -> Self {
-        ChunkedDecoder {
-            state: State::Size,
-            size: 0,
-            digits: 0,
-            line: 0,
-            trailers: 0,
-        }
+        ChunkedDecoder { state: State::Size, size: 0, digits: 0, line: 0, trailers: 0 }
     }
 
     pub fn is_done(&self) -> bool {
@@ -148,11 +142,7 @@ impl ChunkedDecoder {
                     }
                     self.line = 0;
                     self.digits = 0;
-                    self.state = if self.size == 0 {
-                        State::TrailerStart
-                    } else {
-                        State::Data
-                    };
+                    self.state = if self.size == 0 { State::TrailerStart } else { State::Data };
                 }
                 State::Data => {
                     let avail = (input.len() - i) as u64;
@@ -299,16 +289,8 @@ mod tests {
             b"0\r\n\n",
             b"\r\n",
         ] {
-            assert!(
-                decode_all(bad, 1).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-            assert!(
-                decode_all(bad, bad.len()).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(decode_all(bad, 1).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(decode_all(bad, bad.len()).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
@@ -317,15 +299,9 @@ mod tests {
         let mut d = ChunkedDecoder::new();
         assert!(d.decode(b"ffffffffffffffff\r\n").is_ok());
         let mut d = ChunkedDecoder::new();
-        assert_eq!(
-            d.decode(b"1ffffffffffffffff\r\n"),
-            Err(ChunkError::SizeOverflow)
-        );
+        assert_eq!(d.decode(b"1ffffffffffffffff\r\n"), Err(ChunkError::SizeOverflow));
         let mut d = ChunkedDecoder::new();
-        assert!(
-            d.decode(b"0000000000000000005\r\n").is_ok(),
-            "leading zeros are not overflow"
-        );
+        assert!(d.decode(b"0000000000000000005\r\n").is_ok(), "leading zeros are not overflow");
     }
 
     #[test]

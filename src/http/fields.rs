@@ -5,10 +5,7 @@ use httparse::Header;
 /// Elements of a comma-separated field value (RFC 9110 §5.6.1), trimmed of optional whitespace;
 /// empty elements are skipped.
 pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(trim_ows)
-        .filter(|e| !e.is_empty())
+    value.split(|&b| b == b',').map(trim_ows).filter(|e| !e.is_empty())
 }
 
 pub fn trim_ows(mut v: &[u8]) -> &[u8] {
@@ -25,10 +22,7 @@ pub fn trim_ows(mut v: &[u8]) -> &[u8] {
 /// `Err` for anything but digits, overflow, or values that differ.
 pub fn content_length(headers: &[Header<'_>]) -> Result<Option<u64>, &'static str> {
     let mut found: Option<u64> = None;
-    for h in headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-    {
+    for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")) {
         let mut any = false;
         for part in h.value.split(|&b| b == b',') {
             let part = trim_ows(part);
@@ -71,10 +65,7 @@ pub fn transfer_coding(headers: &[Header<'_>]) -> TransferCoding {
     let mut count = 0usize;
     let mut chunked_at: Option<usize> = None;
     let mut chunked_times = 0;
-    for h in headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-    {
+    for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")) {
         for e in list_elements(h.value) {
             if e.eq_ignore_ascii_case(b"chunked") {
                 chunked_at = Some(count);
@@ -143,10 +134,7 @@ mod tests {
     use super::*;
 
     fn h<'a>(name: &'a str, value: &'a str) -> Header<'a> {
-        Header {
-            name,
-            value: value.as_bytes(),
-        }
+        Header { name, value: value.as_bytes() }
     }
 
     #[test]
@@ -157,20 +145,8 @@ mod tests {
             Ok(Some(5))
         );
         assert_eq!(content_length(&[]), Ok(None));
-        for bad in [
-            "+1",
-            "-1",
-            "1 2",
-            "",
-            "0x10",
-            "5, 6",
-            "1,",
-            "99999999999999999999",
-        ] {
-            assert!(
-                content_length(&[h("Content-Length", bad)]).is_err(),
-                "{bad:?}"
-            );
+        for bad in ["+1", "-1", "1 2", "", "0x10", "5, 6", "1,", "99999999999999999999"] {
+            assert!(content_length(&[h("Content-Length", bad)]).is_err(), "{bad:?}");
         }
         assert!(content_length(&[h("Content-Length", "5"), h("Content-Length", "6")]).is_err());
     }
@@ -178,10 +154,7 @@ mod tests {
     #[test]
     fn transfer_coding_accepts_only_a_single_final_chunked() {
         assert_eq!(transfer_coding(&[]), TransferCoding::Absent);
-        assert_eq!(
-            transfer_coding(&[h("Transfer-Encoding", "Chunked")]),
-            TransferCoding::Chunked
-        );
+        assert_eq!(transfer_coding(&[h("Transfer-Encoding", "Chunked")]), TransferCoding::Chunked);
         assert_eq!(
             transfer_coding(&[h("Transfer-Encoding", "gzip, chunked")]),
             TransferCoding::Unsupported
@@ -194,10 +167,7 @@ mod tests {
             transfer_coding(&[h("Transfer-Encoding", "chunked, chunked")]),
             TransferCoding::NotChunkedLast
         );
-        assert_eq!(
-            transfer_coding(&[h("Transfer-Encoding", "")]),
-            TransferCoding::NotChunkedLast
-        );
+        assert_eq!(transfer_coding(&[h("Transfer-Encoding", "")]), TransferCoding::NotChunkedLast);
         assert_eq!(
             transfer_coding(&[h("Transfer-Encoding", "xchunked")]),
             TransferCoding::NotChunkedLast
@@ -206,11 +176,7 @@ mod tests {
 
     #[test]
     fn connection_tokens_name_fields_to_drop() {
-        let hs = [
-            h("Connection", "close, X-Secret"),
-            h("X-Secret", "1"),
-            h("X-Public", "2"),
-        ];
+        let hs = [h("Connection", "close, X-Secret"), h("X-Secret", "1"), h("X-Public", "2")];
         assert!(connection_has(&hs, "close"));
         assert!(must_drop(&hs, "x-secret"));
         assert!(!must_drop(&hs, "X-Public"));

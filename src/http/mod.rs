@@ -51,11 +51,7 @@ pub const MAX_FIELDS_CAP: usize = 256;
 
 impl Default for HeadLimits {
     fn default() -> Self {
-        HeadLimits {
-            max_request_line: 8 * 1024,
-            max_head: 64 * 1024,
-            max_fields: 100,
-        }
+        HeadLimits { max_request_line: 8 * 1024, max_head: 64 * 1024, max_fields: 100 }
     }
 }
 

@@ -43,10 +43,7 @@ impl RequestHead<'_, '_> {
 
     /// Methods RFC 9110 §9.2.2 calls idempotent, which a proxy may replay on a fresh connection.
     pub fn is_idempotent(&self) -> bool {
-        matches!(
-            self.method,
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        )
+        matches!(self.method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE")
     }
 
     pub fn is_head(&self) -> bool {
@@ -86,8 +83,7 @@ fn host_without_port(authority: &str) -> &str {
 }
 
 fn valid_authority(v: &[u8]) -> bool {
-    v.iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+    v.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
 /// Parses a request head at the start of `buf`. `fields` is the caller's storage for the field
@@ -103,10 +99,7 @@ pub fn parse_request_head<'b, 'h>(
     let head = &buf[end.skip..end.end];
     // obs-fold: a field line that starts with whitespace (RFC 9112 §5.2); httparse would also
     // refuse it, but this names the reason.
-    if head
-        .windows(3)
-        .any(|w| w[0] == b'\r' && w[1] == b'\n' && (w[2] == b' ' || w[2] == b'\t'))
-    {
+    if head.windows(3).any(|w| w[0] == b'\r' && w[1] == b'\n' && (w[2] == b' ' || w[2] == b'\t')) {
         return Err(HeadError::BadRequest("obs-fold in header field"));
     }
     let max = limits.max_fields.min(fields.len());
@@ -125,12 +118,7 @@ pub fn parse_request_head<'b, 'h>(
         }
         Err(_) => return Err(HeadError::BadRequest("malformed request line")),
     }
-    let httparse::Request {
-        method,
-        path,
-        version,
-        headers,
-    } = req;
+    let httparse::Request { method, path, version, headers } = req;
     let headers: &'h [Header<'b>] = headers;
     let (Some(method), Some(target), Some(version)) = (method, path, version) else {
         return Err(HeadError::BadRequest("malformed request line"));
@@ -189,25 +177,17 @@ pub fn parse_request_head<'b, 'h>(
         (TransferCoding::Absent, None) => Framing::None,
         (TransferCoding::Absent, Some(n)) => Framing::Length(n),
         (_, Some(_)) => {
-            return Err(HeadError::BadRequest(
-                "both Content-Length and Transfer-Encoding",
-            ))
+            return Err(HeadError::BadRequest("both Content-Length and Transfer-Encoding"))
         }
         (_, None) if version == Version::Http10 => {
-            return Err(HeadError::BadRequest(
-                "Transfer-Encoding in an HTTP/1.0 request",
-            ))
+            return Err(HeadError::BadRequest("Transfer-Encoding in an HTTP/1.0 request"))
         }
         (TransferCoding::Chunked, None) => Framing::Chunked,
         (TransferCoding::Unsupported, None) => {
-            return Err(HeadError::NotImplemented(
-                "transfer coding other than chunked",
-            ))
+            return Err(HeadError::NotImplemented("transfer coding other than chunked"))
         }
         (TransferCoding::NotChunkedLast, None) => {
-            return Err(HeadError::BadRequest(
-                "Transfer-Encoding does not end in chunked",
-            ))
+            return Err(HeadError::BadRequest("Transfer-Encoding does not end in chunked"))
         }
     };
     let expect_continue = match expect {
@@ -288,11 +268,7 @@ pub fn encode_upstream_head(
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if xff_seen {
-        for h in req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-        {
+        for h in req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for")) {
             let v = fields::trim_ows(h.value);
             if !v.is_empty() {
                 out.extend_from_slice(v);
@@ -318,14 +294,10 @@ mod tests {
 
     fn parse(b: &[u8]) -> Result<Status<(Framing, bool, String)>, HeadError> {
         let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
-        Ok(
-            match parse_request_head(b, &mut f, &HeadLimits::default())? {
-                Status::Complete(h) => {
-                    Status::Complete((h.framing, h.keep_alive, h.host.to_string()))
-                }
-                Status::Partial => Status::Partial,
-            },
-        )
+        Ok(match parse_request_head(b, &mut f, &HeadLimits::default())? {
+            Status::Complete(h) => Status::Complete((h.framing, h.keep_alive, h.host.to_string())),
+            Status::Partial => Status::Partial,
+        })
     }
 
     fn refused(b: &str) -> HeadError {
@@ -335,10 +307,7 @@ mod tests {
     #[test]
     fn simple_get_parses() {
         let r = parse(b"GET /a?b HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n").unwrap();
-        assert_eq!(
-            r,
-            Status::Complete((Framing::None, true, "Example.com".into()))
-        );
+        assert_eq!(r, Status::Complete((Framing::None, true, "Example.com".into())));
     }
 
     #[test]
@@ -374,10 +343,7 @@ mod tests {
                 .status(),
             501
         );
-        assert_eq!(
-            refused("GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n").status(),
-            417
-        );
+        assert_eq!(refused("GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n").status(), 417);
     }
 
     #[test]
@@ -417,10 +383,7 @@ X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
         let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
         let _ = parse_request_head(raw.as_bytes(), &mut f, &HeadLimits::default());
         assert_eq!(absolute_form_rest("http:/\u{456}x"), None);
-        assert_eq!(
-            absolute_form_rest("http://\u{456}/p"),
-            Some(("\u{456}", "/p"))
-        );
+        assert_eq!(absolute_form_rest("http://\u{456}/p"), Some(("\u{456}", "/p")));
     }
 
     #[test]

@@ -51,21 +51,12 @@ pub fn parse_response_head<'b, 'h>(
         Ok(httparse::Status::Partial) => return Err("truncated response head"),
         Err(_) => return Err("malformed response head"),
     }
-    let httparse::Response {
-        version,
-        code,
-        reason,
-        headers,
-    } = resp;
+    let httparse::Response { version, code, reason, headers } = resp;
     let headers: &'h [Header<'b>] = headers;
     let (Some(version), Some(status)) = (version, code) else {
         return Err("malformed status line");
     };
-    let version = if version == 0 {
-        Version::Http10
-    } else {
-        Version::Http11
-    };
+    let version = if version == 0 { Version::Http10 } else { Version::Http11 };
     let content_length = fields::content_length(headers)?;
     let coding = fields::transfer_coding(headers);
     let bodiless = head_request || (100..200).contains(&status) || status == 204 || status == 304;
@@ -164,38 +155,23 @@ mod tests {
             framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true),
             Ok((Framing::None, true))
         );
-        assert_eq!(
-            framing("HTTP/1.1 204 No\r\n\r\n", false),
-            Ok((Framing::None, true))
-        );
+        assert_eq!(framing("HTTP/1.1 204 No\r\n\r\n", false), Ok((Framing::None, true)));
         assert_eq!(
             framing("HTTP/1.1 304 NM\r\nContent-Length: 9\r\n\r\n", false),
             Ok((Framing::None, true))
         );
+        assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n", false), Ok((Framing::None, true)));
         assert_eq!(
-            framing("HTTP/1.1 100 Continue\r\n\r\n", false),
-            Ok((Framing::None, true))
-        );
-        assert_eq!(
-            framing(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-                false
-            ),
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
             Ok((Framing::Chunked, true))
         );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\n\r\n", false),
-            Ok((Framing::UntilClose, false))
-        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n", false), Ok((Framing::UntilClose, false)));
         assert_eq!(
             framing("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false),
             Ok((Framing::Length(1), false))
         );
         assert_eq!(
-            framing(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
-                false
-            ),
+            framing("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false),
             Ok((Framing::Length(1), false))
         );
         assert!(framing(

@@ -87,10 +87,7 @@ impl HeadScanner {
                             return Err(HeadError::FieldsTooLarge);
                         }
                         self.pos = end;
-                        return Ok(Some(HeadEnd {
-                            skip: self.skip,
-                            end,
-                        }));
+                        return Ok(Some(HeadEnd { skip: self.skip, end }));
                     }
                     self.past_first_line = true;
                     i += 2;
@@ -123,25 +120,13 @@ mod tests {
     #[test]
     fn complete_head_ends_after_blank_line() {
         let b = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest";
-        assert_eq!(
-            scan(b),
-            Ok(Some(HeadEnd {
-                skip: 0,
-                end: b.len() - 4
-            }))
-        );
+        assert_eq!(scan(b), Ok(Some(HeadEnd { skip: 0, end: b.len() - 4 })));
     }
 
     #[test]
     fn leading_empty_lines_are_skipped() {
         let b = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
-        assert_eq!(
-            scan(b),
-            Ok(Some(HeadEnd {
-                skip: 4,
-                end: b.len()
-            }))
-        );
+        assert_eq!(scan(b), Ok(Some(HeadEnd { skip: 4, end: b.len() })));
     }
 
     #[test]

@@ -166,10 +166,8 @@ async fn read_request_head<R: Runtime>(
             None => listener.keepalive_timeout,
         };
         let started = !rbuf.is_empty();
-        let read = R::timeout(
-            wait.max(Duration::from_millis(1)),
-            read_some(client, rbuf, MIN_READ),
-        );
+        let read =
+            R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, MIN_READ));
         let result = if started {
             read.await
         } else {
@@ -299,19 +297,13 @@ pub async fn serve_downstream<R: Runtime>(
             Plan::Respond(route) => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
                 let keep = whole && info.keep_alive && !worker.is_draining();
-                let direct = view.snap.direct[route]
-                    .as_ref()
-                    .expect("respond route is encoded");
+                let direct = view.snap.direct[route].as_ref().expect("respond route is encoded");
                 let bytes = match (keep, info.needs_keep_alive_header()) {
                     (false, _) => &direct.close,
                     (true, false) => &direct.keep_alive,
                     (true, true) => &direct.keep_alive_10,
                 };
-                let len = if info.is_head {
-                    bytes.len() - direct.body_len
-                } else {
-                    bytes.len()
-                };
+                let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
                 bufs.out.extend_from_slice(&bytes[..len]);
                 flush(&mut client, &mut bufs.out).await && keep
             }
@@ -325,12 +317,7 @@ pub async fn serve_downstream<R: Runtime>(
         if !keep_open {
             return;
         }
-        for b in [
-            &mut bufs.rbuf,
-            &mut bufs.out,
-            &mut bufs.ubuf,
-            &mut bufs.uhead,
-        ] {
+        for b in [&mut bufs.rbuf, &mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
             if b.capacity() > SHRINK_ABOVE && b.len() < BODY_READ {
                 b.shrink_to(BODY_READ);
             }

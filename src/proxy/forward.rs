@@ -61,13 +61,7 @@ fn prepare_response(
         f => f,
     };
     let close_client = !info.keep_alive || down_framing == Framing::UntilClose || draining;
-    encode_downstream_head(
-        out,
-        &resp,
-        down_framing,
-        close_client,
-        info.needs_keep_alive_header(),
-    );
+    encode_downstream_head(out, &resp, down_framing, close_client, info.needs_keep_alive_header());
     Ok(HeadParse::Final(ResponsePlan {
         head_len: resp.len,
         framing: resp.framing,
@@ -116,9 +110,7 @@ async fn stream_request_body<R: Runtime>(
             Some(Ok(0)) | Some(Err(_)) => return Err(BodyStop::ClientGone),
             Some(Ok(_)) => {}
         }
-        let taken = body
-            .relay(&bufs.rbuf, &mut bufs.out)
-            .map_err(|e| BodyStop::Bad(e.reason()))?;
+        let taken = body.relay(&bufs.rbuf, &mut bufs.out).map_err(|e| BodyStop::Bad(e.reason()))?;
         if max_body.is_some_and(|max| body.body_bytes() > max) {
             return Err(BodyStop::TooLarge);
         }
@@ -187,21 +179,15 @@ pub async fn forward_request<R: Runtime>(
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
-    if listener
-        .max_request_body
-        .is_some_and(|max| body.body_bytes() > max)
-    {
+    if listener.max_request_body.is_some_and(|max| body.body_bytes() > max) {
         return send_error::<R>(client, &mut bufs.out, 413, false, false).await;
     }
     let replayable = info.idempotent && body.is_done();
 
     let mut retried = false;
     let outcome = loop {
-        let pooled = if retried {
-            None
-        } else {
-            worker.pool.checkout(addr, cluster.pool_idle_timeout)
-        };
+        let pooled =
+            if retried { None } else { worker.pool.checkout(addr, cluster.pool_idle_timeout) };
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(s) => s,
@@ -321,11 +307,7 @@ async fn relay_response<R: Runtime>(
         if body.is_done() {
             break;
         }
-        match R::timeout(
-            cluster.read_timeout,
-            read_some(&mut up, &mut bufs.ubuf, BODY_READ),
-        )
-        .await
+        match R::timeout(cluster.read_timeout, read_some(&mut up, &mut bufs.ubuf, BODY_READ)).await
         {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) | Some(Err(_)) => {

@@ -37,6 +37,22 @@ pub trait Runtime: 'static {
 
     /// `None` when `dur` passed before `fut` finished (and `fut` was dropped).
     async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output>;
+
+    async fn sleep(dur: Duration);
+
+    /// Runs `fut` as a task on the current worker.
+    fn spawn(fut: impl Future<Output = ()> + 'static);
+
+    /// A listening socket on this runtime.
+    type Listener: 'static;
+    fn listener_from_std(l: std::net::TcpListener) -> io::Result<Self::Listener>;
+    async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)>;
+
+    /// The worker's end of its control socket.
+    type Control: 'static;
+    fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<Self::Control>;
+    /// Waits for a wake-up byte; `false` once the other end is closed.
+    async fn control_wait(c: &mut Self::Control) -> bool;
 }
 
 /// A non-blocking check on a raw socket: `MSG_PEEK` sees either EOF, unexpected bytes, or
@@ -46,19 +62,11 @@ pub fn socket_is_stale(fd: std::os::fd::RawFd) -> bool {
     // SAFETY: `fd` is an open socket owned by the caller for the duration of this call, and the
     // buffer is one valid, writable byte.
     let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+        libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
     };
     if n < 0 {
         let err = io::Error::last_os_error();
-        return !matches!(
-            err.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        );
+        return !matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted);
     }
     true // 0: closed by the peer; >0: bytes that answer no request
 }

@@ -17,10 +17,7 @@ pub struct Isolated<F, P> {
 }
 
 pub fn isolate<F: Future<Output = ()>, P: FnOnce(String)>(inner: F, on_panic: P) -> Isolated<F, P> {
-    Isolated {
-        inner: Box::pin(inner),
-        on_panic: Some(on_panic),
-    }
+    Isolated { inner: Box::pin(inner), on_panic: Some(on_panic) }
 }
 
 impl<F: Future<Output = ()>, P: FnOnce(String) + Unpin> Future for Isolated<F, P> {
@@ -55,9 +52,7 @@ mod tests {
     #[test]
     fn a_panicking_task_completes_and_reports() {
         let reported = std::cell::RefCell::new(None);
-        let fut = isolate(async { panic!("boom") }, |m| {
-            *reported.borrow_mut() = Some(m)
-        });
+        let fut = isolate(async { panic!("boom") }, |m| *reported.borrow_mut() = Some(m));
         let mut fut = std::pin::pin!(fut);
         let mut cx = Context::from_waker(Waker::noop());
         let prev = std::panic::take_hook();

@@ -10,6 +10,7 @@ pub mod io;
 pub mod isolate;
 pub mod pool;
 pub mod wait;
+pub mod worker_tasks;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -29,6 +30,14 @@ pub struct WorkerView {
     pub snap: Arc<Snapshot>,
     /// One per cluster of `snap`.
     pub balancers: Vec<RoundRobin>,
+    /// The snapshot's listener settings, shared by the connections accepted under it.
+    pub listeners: Vec<Rc<crate::config::Listener>>,
+}
+
+impl WorkerView {
+    pub fn listener(&self, name: &str) -> Option<Rc<crate::config::Listener>> {
+        self.listeners.iter().find(|l| l.name == name).cloned()
+    }
 }
 
 /// One worker thread's state.
@@ -81,9 +90,7 @@ impl<R: Runtime> Worker<R> {
     /// Registers a newly accepted client connection.
     pub fn connection_opened(self: &Rc<Self>) -> ConnGuard<R> {
         self.open.set(self.open.get() + 1);
-        ConnGuard {
-            worker: Rc::clone(self),
-        }
+        ConnGuard { worker: Rc::clone(self) }
     }
 
     /// Open client connections on this worker.
@@ -104,13 +111,9 @@ impl<R: Runtime> Worker<R> {
     }
 
     fn make_view(id: usize, snap: Arc<Snapshot>) -> WorkerView {
-        let balancers = snap
-            .config
-            .clusters
-            .iter()
-            .map(|_| RoundRobin::new(id))
-            .collect();
-        WorkerView { snap, balancers }
+        let balancers = snap.config.clusters.iter().map(|_| RoundRobin::new(id)).collect();
+        let listeners = snap.config.listeners.iter().cloned().map(Rc::new).collect();
+        WorkerView { snap, balancers, listeners }
     }
 
     /// The view to serve the next request from; a request keeps its view until it ends, so a

@@ -21,9 +21,7 @@ pub struct Pool<S> {
 
 impl<S: Stream> Default for Pool<S> {
     fn default() -> Self {
-        Pool {
-            idle: RefCell::new(HashMap::new()),
-        }
+        Pool { idle: RefCell::new(HashMap::new()) }
     }
 }
 
@@ -58,10 +56,7 @@ impl<S: Stream> Pool<S> {
         if stack.len() >= max_idle {
             stack.remove(0);
         }
-        stack.push(Idle {
-            stream,
-            since: Instant::now(),
-        });
+        stack.push(Idle { stream, since: Instant::now() });
     }
 
     /// Idle connections held, over all endpoints.

@@ -23,20 +23,13 @@ impl Event {
     /// Fires the event and wakes every waiter; later waits complete at once.
     pub fn fire(&self) {
         self.fired.set(true);
-        let wakers: Vec<Waker> = self
-            .slots
-            .borrow_mut()
-            .iter_mut()
-            .filter_map(Option::take)
-            .collect();
+        let wakers: Vec<Waker> =
+            self.slots.borrow_mut().iter_mut().filter_map(Option::take).collect();
         wakers.into_iter().for_each(Waker::wake);
     }
 
     pub fn wait(&self) -> EventWait<'_> {
-        EventWait {
-            event: self,
-            slot: None,
-        }
+        EventWait { event: self, slot: None }
     }
 }
 
@@ -160,11 +153,7 @@ mod tests {
         assert_eq!(ev.slots.borrow().len(), 1);
         let mut w2 = pin!(ev.wait());
         assert!(w2.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(
-            ev.slots.borrow().len(),
-            1,
-            "the dropped waiter's slot was reused"
-        );
+        assert_eq!(ev.slots.borrow().len(), 1, "the dropped waiter's slot was reused");
         ev.fire();
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(w2.as_mut().poll(&mut cx).is_ready());

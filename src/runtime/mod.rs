@@ -7,31 +7,22 @@ use std::io;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::rc::Rc;
 use std::sync::mpsc::{self, Sender};
-use std::time::Duration;
 
 use ::monoio::time::TimeDriver;
 use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
-use std::time::Instant;
 
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use self::monoio::{Monoio, MonoioStream};
+use self::monoio::Monoio;
 use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{bind_reuseport, BindError};
-use crate::proxy::downstream::serve_downstream;
-use crate::proxy::isolate::isolate;
-use crate::proxy::wait::{race, Either};
-use crate::proxy::Worker;
+use crate::proxy::worker_tasks::{self, Control};
 use crate::snapshot::{publish_first, SharedSnapshot};
 
 /// io_uring submission queue size per worker.
 const RING_ENTRIES: u32 = 1024;
-/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS): long enough not to spin, short
-/// enough to serve again soon after descriptors free up.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub enum StartError {
@@ -59,16 +50,30 @@ pub struct Server {
     pub listeners: Vec<(String, SocketAddr)>,
     pub shared: SharedSnapshot,
     pub workers: usize,
-    /// One control socket per worker; a byte on it starts that worker's drain.
-    controls: Vec<StdUnixStream>,
+    controls: Vec<WorkerControl>,
+}
+
+/// The control plane's line to one worker: orders go on the channel, a byte on the socket wakes
+/// the worker's runtime to read them.
+struct WorkerControl {
+    wake: StdUnixStream,
+    orders: Sender<Control>,
 }
 
 impl Server {
+    /// Sends an order to one worker.
+    pub fn order(&self, worker: usize, order: Control) {
+        let c = &self.controls[worker];
+        if c.orders.send(order).is_ok() {
+            let _ = (&c.wake).write_all(b"o");
+        }
+    }
+
     /// Tells every worker to drain: stop accepting, finish in-flight requests, close idle
     /// connections, then exit (each reports `Lifecycle::WorkerExited`).
     pub fn drain(&self) {
-        for c in &self.controls {
-            let _ = (&*c).write_all(b"d");
+        for w in 0..self.workers {
+            self.order(w, Control::Drain);
         }
     }
 }
@@ -176,20 +181,10 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         let ready = ready_tx.clone();
         let (ours, theirs) = StdUnixStream::pair().map_err(StartError::Spawn)?;
         theirs.set_nonblocking(true).map_err(StartError::Spawn)?;
-        controls.push(ours);
-        let exit = ExitReport {
-            id,
-            events: events.clone(),
-        };
-        let w = WorkerStart {
-            id,
-            core,
-            kind,
-            socks,
-            shared,
-            control: theirs,
-            ready,
-        };
+        let (orders_tx, orders) = mpsc::channel();
+        controls.push(WorkerControl { wake: ours, orders: orders_tx });
+        let exit = ExitReport { id, events: events.clone() };
+        let w = WorkerStart { id, core, kind, socks, shared, control: theirs, orders, ready };
         std::thread::Builder::new()
             .name(format!("apex-worker-{id}"))
             .spawn(move || {
@@ -216,12 +211,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         config = source.as_deref().unwrap_or("(command line)"),
         "apex started"
     );
-    Ok(Server {
-        listeners,
-        shared,
-        workers: count,
-        controls,
-    })
+    Ok(Server { listeners, shared, workers: count, controls })
 }
 
 /// What a worker thread starts with.
@@ -232,19 +222,12 @@ struct WorkerStart {
     socks: Vec<(Listener, TcpListener)>,
     shared: SharedSnapshot,
     control: StdUnixStream,
+    orders: mpsc::Receiver<Control>,
     ready: mpsc::Sender<Result<(), String>>,
 }
 
 fn run_worker(w: WorkerStart) {
-    let WorkerStart {
-        id,
-        core,
-        kind,
-        socks,
-        shared,
-        control,
-        ready,
-    } = w;
+    let WorkerStart { id, core, kind, socks, shared, control, orders, ready } = w;
     let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
     let pin = match pinned {
         Some((cpu, true)) => format!("cpu {cpu}"),
@@ -257,33 +240,22 @@ fn run_worker(w: WorkerStart) {
     };
     let (driver, result) = match uring {
         Some(Ok((rt, flags))) => {
-            let driver = Driver {
-                name: "io_uring",
-                detail: format!("ring setup {flags}"),
-            };
+            let driver = Driver { name: "io_uring", detail: format!("ring setup {flags}") };
             (driver, Ok(rt))
         }
         Some(Err(e)) => {
-            let driver = Driver {
-                name: "epoll",
-                detail: format!("io_uring unavailable ({e}); fell back"),
-            };
+            let driver =
+                Driver { name: "epoll", detail: format!("io_uring unavailable ({e}); fell back") };
             (driver, Err(Some(e)))
         }
-        None => (
-            Driver {
-                name: "epoll",
-                detail: "chosen by config".into(),
-            },
-            Err(None),
-        ),
+        None => (Driver { name: "epoll", detail: "chosen by config".into() }, Err(None)),
     };
     if driver.name == "epoll" && kind == RuntimeKind::IoUring {
         warn!(worker = id, driver = driver.name, reason = %driver.detail, pin = %pin, "worker starting");
     } else {
         info!(worker = id, driver = driver.name, detail = %driver.detail, pin = %pin, "worker starting");
     }
-    let main = worker_main(id, socks, shared, control, ready.clone());
+    let main = worker_tasks::run::<Monoio>(id, shared, socks, control, orders, ready.clone());
     match result {
         Ok(mut rt) => rt.block_on(main),
         Err(_) => match build_epoll() {
@@ -292,99 +264,5 @@ fn run_worker(w: WorkerStart) {
                 let _ = ready.send(Err(format!("cannot build an epoll runtime: {e}")));
             }
         },
-    }
-}
-
-async fn worker_main(
-    id: usize,
-    socks: Vec<(Listener, TcpListener)>,
-    shared: SharedSnapshot,
-    control: StdUnixStream,
-    ready: mpsc::Sender<Result<(), String>>,
-) {
-    let worker = Rc::new(Worker::<Monoio>::new(id, shared));
-    let control = match ::monoio::net::UnixStream::from_std(control) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(format!("control socket: {e}")));
-            return;
-        }
-    };
-    let mut accepting = Vec::new();
-    for (cfg, sock) in socks {
-        let l = match ::monoio::net::TcpListener::from_std(sock) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready.send(Err(format!("listener {}: {e}", cfg.name)));
-                return;
-            }
-        };
-        accepting.push(::monoio::spawn(accept_loop(
-            Rc::clone(&worker),
-            l,
-            Rc::new(cfg),
-        )));
-    }
-    ::monoio::spawn(await_drain_order(Rc::clone(&worker), control));
-    let _ = ready.send(Ok(()));
-    // Accept loops end when the drain starts, closing this worker's listening sockets.
-    for task in accepting {
-        task.await;
-    }
-    let open = worker.open_connections();
-    debug!(worker = id, open, "draining: stopped accepting");
-    worker.closed.until(|| worker.open_connections() == 0).await;
-    info!(worker = id, "drained");
-}
-
-/// Starts the drain when the main thread writes to (or closes) the control socket.
-async fn await_drain_order(worker: Rc<Worker<Monoio>>, mut control: ::monoio::net::UnixStream) {
-    use ::monoio::io::AsyncReadRent;
-    let buf = Vec::with_capacity(8);
-    let _ = control.read(buf).await;
-    worker.start_drain();
-}
-
-async fn accept_loop(worker: Rc<Worker<Monoio>>, l: ::monoio::net::TcpListener, cfg: Rc<Listener>) {
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        let cap = worker.view().snap.config.worker_connections;
-        if worker.open_connections() >= cap {
-            // At the cap: accept nothing until a connection closes (the kernel queues the rest).
-            worker
-                .closed
-                .until(|| worker.open_connections() < cap || worker.is_draining())
-                .await;
-        }
-        if worker.is_draining() {
-            return;
-        }
-        match race(l.accept(), worker.drain.wait()).await {
-            Either::Right(()) => return,
-            Either::Left(Ok((stream, peer))) => {
-                let _ = stream.set_nodelay(true);
-                let guard = worker.connection_opened();
-                let conn = serve_downstream::<Monoio>(
-                    Rc::clone(&worker),
-                    MonoioStream(stream),
-                    peer,
-                    Rc::clone(&cfg),
-                    guard,
-                );
-                let id = worker.id;
-                ::monoio::spawn(isolate(conn, move |msg| {
-                    error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
-                }));
-            }
-            Either::Left(Err(e)) => {
-                // EMFILE/ENFILE and the like: back off instead of spinning, and say so at most
-                // once a second.
-                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    warn!(worker = worker.id, listener = %cfg.name, error = %e, "accept failed; backing off");
-                    last_warning = Some(Instant::now());
-                }
-                ::monoio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
     }
 }

@@ -53,4 +53,36 @@ impl Runtime for Monoio {
     async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output> {
         monoio::time::timeout(dur, fut).await.ok()
     }
+
+    async fn sleep(dur: Duration) {
+        monoio::time::sleep(dur).await
+    }
+
+    fn spawn(fut: impl Future<Output = ()> + 'static) {
+        monoio::spawn(fut);
+    }
+
+    type Listener = monoio::net::TcpListener;
+
+    fn listener_from_std(l: std::net::TcpListener) -> io::Result<Self::Listener> {
+        monoio::net::TcpListener::from_std(l)
+    }
+
+    async fn accept(l: &Self::Listener) -> io::Result<(MonoioStream, SocketAddr)> {
+        let (s, peer) = l.accept().await?;
+        // Heads and small bodies go out in one write each; Nagle would only delay them.
+        let _ = s.set_nodelay(true);
+        Ok((MonoioStream(s), peer))
+    }
+
+    type Control = monoio::net::UnixStream;
+
+    fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<Self::Control> {
+        monoio::net::UnixStream::from_std(c)
+    }
+
+    async fn control_wait(c: &mut Self::Control) -> bool {
+        let (res, _) = c.read(Vec::with_capacity(64)).await;
+        matches!(res, Ok(n) if n > 0)
+    }
 }

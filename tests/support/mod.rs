@@ -153,14 +153,7 @@ impl Apex {
                 }
             }
         }
-        Ok(Apex {
-            child,
-            addr: addrs[0],
-            addrs,
-            logs: rx,
-            seen,
-            _dir: None,
-        })
+        Ok(Apex { child, addr: addrs[0], addrs, logs: rx, seen, _dir: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -174,9 +167,8 @@ impl Apex {
             return Some(l.clone());
         }
         let deadline = Instant::now() + PATIENCE;
-        while let Ok(line) = self
-            .logs
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        while let Ok(line) =
+            self.logs.recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             self.seen.push(line.clone());
             if hit(&line) {
@@ -206,10 +198,7 @@ impl Apex {
     pub fn wait_exit(&mut self) -> Option<i32> {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            match self
-                .logs
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) => self.seen.push(line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => return None,
@@ -255,10 +244,7 @@ pub fn proxy_config(endpoints: &[SocketAddr], cluster_extra: &str) -> String {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     config(
         "  - match: { path_prefix: \"/\" }\n    cluster: backend",
-        &format!(
-            "  - name: backend\n    endpoints: [{}]\n{cluster_extra}",
-            eps.join(", ")
-        ),
+        &format!("  - name: backend\n    endpoints: [{}]\n{cluster_extra}", eps.join(", ")),
     )
 }
 
@@ -274,10 +260,7 @@ impl Wire {
     pub fn new(stream: TcpStream) -> Wire {
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Wire {
-            stream,
-            buf: Vec::new(),
-        }
+        Wire { stream, buf: Vec::new() }
     }
 
     pub fn connect(addr: SocketAddr) -> Wire {
@@ -306,10 +289,7 @@ impl Wire {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "eof inside head",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof inside head"));
             }
         }
     }
@@ -317,10 +297,7 @@ impl Wire {
     pub fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
         while self.buf.len() < n {
             if self.fill()? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "eof inside body",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof inside body"));
             }
         }
         Ok(self.buf.drain(..n).collect())
@@ -333,10 +310,7 @@ impl Wire {
                 return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
             }
             if self.fill()? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "eof inside line",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "eof inside line"));
             }
         }
     }
@@ -374,10 +348,7 @@ impl Wire {
     /// Reads a whole response. `head_request`: the request was HEAD (no body follows).
     pub fn read_response(&mut self, head_request: bool) -> io::Result<Response> {
         let head = self.read_head()?.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before a response",
-            )
+            io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response")
         })?;
         let mut r = Response::parse(&head);
         let no_body = head_request || r.status < 200 || r.status == 204 || r.status == 304;
@@ -404,8 +375,7 @@ impl Wire {
     /// Sends a request and reads its response.
     pub fn request(&mut self, raw: &str) -> Response {
         self.send(raw.as_bytes());
-        self.read_response(raw.starts_with("HEAD "))
-            .expect("response")
+        self.read_response(raw.starts_with("HEAD ")).expect("response")
     }
 }
 
@@ -433,19 +403,11 @@ impl Response {
                 (k.trim().to_ascii_lowercase(), v.trim().to_string())
             })
             .collect();
-        Response {
-            status,
-            head: head.to_string(),
-            headers,
-            body: Vec::new(),
-        }
+        Response { status, head: head.to_string(), headers, body: Vec::new() }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -465,12 +427,9 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<String> {
-        Response::parse(&format!(
-            "X 0 x\r\n{}",
-            self.head.split_once("\r\n").unwrap().1
-        ))
-        .header(&name.to_ascii_lowercase())
-        .map(str::to_string)
+        Response::parse(&format!("X 0 x\r\n{}", self.head.split_once("\r\n").unwrap().1))
+            .header(&name.to_ascii_lowercase())
+            .map(str::to_string)
     }
     pub fn request_line(&self) -> &str {
         self.head.split("\r\n").next().unwrap()
@@ -514,22 +473,15 @@ impl Upstream {
                 std::thread::spawn(move || serve_fake(Wire::new(stream), conn, &*handler, tx));
             }
         });
-        Upstream {
-            addr,
-            accepts,
-            received: rx,
-        }
+        Upstream { addr, accepts, received: rx }
     }
 
     /// Answers every request `200` with `body`, keeping connections open.
     pub fn ok(body: &'static str) -> Upstream {
         Upstream::start(move |_, w| {
             w.send(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                    .as_bytes(),
             );
             After::KeepOpen
         })
@@ -554,9 +506,7 @@ impl Upstream {
 
     /// The next request received, waiting for it.
     pub fn next(&self) -> Received {
-        self.received
-            .recv_timeout(PATIENCE)
-            .expect("the upstream received no request")
+        self.received.recv_timeout(PATIENCE).expect("the upstream received no request")
     }
 
     /// Requests received so far, without waiting.
@@ -584,12 +534,7 @@ fn serve_fake(mut w: Wire, conn: usize, handler: &Handler, tx: mpsc::Sender<Rece
         } else {
             Vec::new()
         };
-        let received = Received {
-            head,
-            body,
-            conn,
-            index,
-        };
+        let received = Received { head, body, conn, index };
         let after = handler(&received, &mut w);
         // Close before reporting, so a test that saw the request also knows the close was sent.
         let close = matches!(after, After::Close);

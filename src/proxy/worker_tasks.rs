@@ -1,0 +1,193 @@
+//! A worker's own tasks besides connections: its accept loops, its control task, and the end
+//! of its drain. Written once against the `io::Runtime` seam.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use super::downstream::serve_downstream;
+use super::io::Runtime;
+use super::isolate::isolate;
+use super::wait::{race, Either, Event};
+use super::Worker;
+use crate::config::Listener;
+use crate::snapshot::SharedSnapshot;
+
+/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS): long enough not to spin, short
+/// enough to serve again soon after descriptors free up.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the control plane asks of a worker. Sent over a channel, then announced with a byte on
+/// the worker's control socket, which is what wakes the worker's runtime.
+pub enum Control {
+    /// Stop accepting, close idle connections, finish in-flight requests, then exit.
+    Drain,
+    /// Start accepting on a new listener (bound by the control plane, one socket per worker).
+    AddListener(Listener, TcpListener),
+    /// Stop accepting on a listener; its open connections carry on.
+    RemoveListener(String),
+}
+
+/// The worker's accept loops by listener name, each with the event that stops it.
+#[derive(Default)]
+struct Acceptors {
+    stops: RefCell<HashMap<String, Rc<Event>>>,
+    running: Cell<usize>,
+}
+
+/// Runs a worker until it has drained: accept loops for `socks`, the control task, and the
+/// wait for the last connection. `ready` hears once the worker serves (or why it cannot).
+pub async fn worker_main<R: Runtime>(
+    worker: Rc<Worker<R>>,
+    socks: Vec<(Listener, TcpListener)>,
+    control: UnixStream,
+    orders: Receiver<Control>,
+    ready: Sender<Result<(), String>>,
+) {
+    let id = worker.id;
+    let control = match R::control_from_std(control) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(format!("control socket: {e}")));
+            return;
+        }
+    };
+    let acceptors = Rc::new(Acceptors::default());
+    for (cfg, sock) in socks {
+        if let Err(e) = start_acceptor(&worker, &acceptors, cfg, sock) {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    R::spawn(control_task(Rc::clone(&worker), Rc::clone(&acceptors), control, orders));
+    let _ = ready.send(Ok(()));
+    // Accept loops end when the drain starts, closing this worker's listening sockets.
+    worker.drain.wait().await;
+    worker.closed.until(|| acceptors.running.get() == 0).await;
+    debug!(worker = id, open = worker.open_connections(), "draining: stopped accepting");
+    worker.closed.until(|| worker.open_connections() == 0).await;
+    info!(worker = id, "drained");
+}
+
+fn start_acceptor<R: Runtime>(
+    worker: &Rc<Worker<R>>,
+    acceptors: &Rc<Acceptors>,
+    cfg: Listener,
+    sock: TcpListener,
+) -> Result<(), String> {
+    let l = R::listener_from_std(sock).map_err(|e| format!("listener {}: {e}", cfg.name))?;
+    let stop = Rc::new(Event::default());
+    if let Some(old) = acceptors.stops.borrow_mut().insert(cfg.name.clone(), Rc::clone(&stop)) {
+        old.fire();
+    }
+    acceptors.running.set(acceptors.running.get() + 1);
+    let (worker, acceptors) = (Rc::clone(worker), Rc::clone(acceptors));
+    R::spawn(async move {
+        accept_loop(&worker, &l, Rc::new(cfg), &stop).await;
+        drop(l);
+        acceptors.running.set(acceptors.running.get() - 1);
+        worker.closed.wake_all();
+    });
+    Ok(())
+}
+
+/// Carries out the control plane's orders; the socket closing counts as an order to drain.
+async fn control_task<R: Runtime>(
+    worker: Rc<Worker<R>>,
+    acceptors: Rc<Acceptors>,
+    mut control: R::Control,
+    orders: Receiver<Control>,
+) {
+    loop {
+        let open = R::control_wait(&mut control).await;
+        while let Ok(order) = orders.try_recv() {
+            match order {
+                Control::Drain => worker.start_drain(),
+                Control::AddListener(cfg, sock) => {
+                    let name = cfg.name.clone();
+                    match start_acceptor(&worker, &acceptors, cfg, sock) {
+                        Ok(()) => debug!(worker = worker.id, listener = %name, "listener added"),
+                        Err(e) => error!(worker = worker.id, error = %e, "cannot add listener"),
+                    }
+                }
+                Control::RemoveListener(name) => {
+                    if let Some(stop) = acceptors.stops.borrow_mut().remove(&name) {
+                        stop.fire();
+                        debug!(worker = worker.id, listener = %name, "listener removed");
+                    }
+                }
+            }
+        }
+        if !open {
+            worker.start_drain();
+            return;
+        }
+        if worker.is_draining() {
+            return;
+        }
+    }
+}
+
+/// Accepts client connections until the worker drains or `stop` fires.
+async fn accept_loop<R: Runtime>(
+    worker: &Rc<Worker<R>>,
+    l: &R::Listener,
+    cfg: Rc<Listener>,
+    stop: &Event,
+) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let view = worker.view();
+        let cap = view.snap.config.worker_connections;
+        // A reload may have changed this listener's timeouts and limits.
+        let settings = view.listener(&cfg.name).unwrap_or_else(|| Rc::clone(&cfg));
+        drop(view);
+        if worker.open_connections() >= cap {
+            // At the cap: accept nothing until a connection closes (the kernel queues the rest).
+            worker.closed.until(|| worker.open_connections() < cap || worker.is_draining()).await;
+        }
+        if worker.is_draining() || stop.is_fired() {
+            return;
+        }
+        let stopping = race(worker.drain.wait(), stop.wait());
+        match race(R::accept(l), stopping).await {
+            Either::Right(_) => return,
+            Either::Left(Ok((stream, peer))) => {
+                let guard = worker.connection_opened();
+                let conn = serve_downstream::<R>(Rc::clone(worker), stream, peer, settings, guard);
+                let id = worker.id;
+                R::spawn(isolate(conn, move |msg| {
+                    error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
+                }));
+            }
+            Either::Left(Err(e)) => {
+                // EMFILE/ENFILE and the like: back off instead of spinning, and say so at most
+                // once a second.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(worker = worker.id, listener = %cfg.name, error = %e, "accept failed; backing off");
+                    last_warning = Some(Instant::now());
+                }
+                R::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Builds a worker for `shared` and runs it to the end of its drain.
+pub async fn run<R: Runtime>(
+    id: usize,
+    shared: SharedSnapshot,
+    socks: Vec<(Listener, TcpListener)>,
+    control: UnixStream,
+    orders: Receiver<Control>,
+    ready: Sender<Result<(), String>>,
+) {
+    let worker = Rc::new(Worker::<R>::new(id, shared));
+    worker_main(worker, socks, control, orders, ready).await
+}
