@@ -10,6 +10,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod listener;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod runtime;
 pub mod snapshot;

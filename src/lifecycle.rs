@@ -7,16 +7,18 @@ use std::io;
 use std::sync::mpsc::Sender;
 
 /// What the main thread reacts to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Lifecycle {
     /// SIGTERM or SIGINT: drain; a second one: exit at once.
     Stop(i32),
     /// A worker thread ended (drained, or died).
     WorkerExited(usize),
+    /// SIGHUP, or `POST /reload` (which waits for the outcome on the sender).
+    Reload(Option<Sender<Result<String, String>>>),
 }
 
 /// The signals Apex handles itself.
-const HANDLED: [i32; 2] = [libc::SIGTERM, libc::SIGINT];
+const HANDLED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn handled_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set they are given, which lives on the stack.
@@ -52,7 +54,11 @@ pub fn forward_signals(events: Sender<Lifecycle>) -> io::Result<()> {
             if rc != 0 {
                 continue;
             }
-            if events.send(Lifecycle::Stop(sig)).is_err() {
+            let event = match sig {
+                libc::SIGHUP => Lifecycle::Reload(None),
+                _ => Lifecycle::Stop(sig),
+            };
+            if events.send(event).is_err() {
                 return;
             }
         }

@@ -14,6 +14,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
 use apex::lifecycle::{self, Lifecycle};
+use apex::reload::{Overrides, Reloader};
 use tracing::{error, info, warn};
 
 const DEFAULT_CONFIG: &str = "configs/apex.yaml";
@@ -126,11 +127,12 @@ fn quick_proxy_config(
 
 /// Runs until SIGTERM/SIGINT and a graceful drain (at most `drain_timeout`); a second signal
 /// exits at once.
-fn run(config: Config) -> anyhow::Result<()> {
-    let drain_timeout = config.drain_timeout;
+fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     lifecycle::block_signals().context("cannot block signals")?;
     let (events, lifecycle_events) = mpsc::channel();
-    let server = apex::runtime::start(config, events.clone()).context("apex could not start")?;
+    let mut reloader = Reloader::new(config.clone(), overrides);
+    let mut server =
+        apex::runtime::start(config, events.clone()).context("apex could not start")?;
     lifecycle::forward_signals(events).context("cannot start the signal thread")?;
     let mut alive = server.workers;
     let mut deadline: Option<Instant> = None;
@@ -143,15 +145,31 @@ fn run(config: Config) -> anyhow::Result<()> {
             Ok(Lifecycle::Stop(sig)) if deadline.is_none() => {
                 info!(
                     signal = lifecycle::signal_name(sig),
-                    timeout = ?drain_timeout,
+                    timeout = ?reloader.config.drain_timeout,
                     "draining: no new connections, finishing requests in flight"
                 );
                 server.drain();
-                deadline = Some(Instant::now() + drain_timeout);
+                deadline = Some(Instant::now() + reloader.config.drain_timeout);
             }
             Ok(Lifecycle::Stop(sig)) => {
                 warn!(signal = lifecycle::signal_name(sig), "second signal: exiting now");
                 std::process::exit(1);
+            }
+            Ok(Lifecycle::Reload(reply)) => {
+                let outcome = if deadline.is_some() {
+                    Err("draining: reload refused".to_string())
+                } else {
+                    reloader.reload(&mut server).map_err(|e| e.to_string())
+                };
+                match &outcome {
+                    Ok(summary) => {
+                        info!(config = %reloader.active.hash, "config reloaded: {summary}")
+                    }
+                    Err(e) => error!("reload refused, the running config keeps serving:\n{e}"),
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
             }
             Ok(Lifecycle::WorkerExited(id)) => {
                 alive -= 1;
@@ -197,17 +215,16 @@ fn main() -> ExitCode {
         },
         Some(Command::Proxy { listen, to, workers, upstream_timeout, runtime }) => {
             quick_proxy_config(listen, &to, workers, &upstream_timeout, runtime.as_deref())
-                .and_then(run)
+                .and_then(|c| run(c, Overrides::default()))
         }
         None => (|| {
+            let overrides = Overrides {
+                runtime: cli.runtime.as_deref().map(parse_runtime).transpose()?,
+                workers: cli.workers.map(workers_from).transpose()?,
+            };
             let mut config = Config::load(&cli.config).map_err(|e| anyhow!("{e}"))?;
-            if let Some(r) = &cli.runtime {
-                config.runtime = parse_runtime(r)?;
-            }
-            if let Some(n) = cli.workers {
-                config.workers = workers_from(n)?;
-            }
-            run(config)
+            overrides.apply(&mut config);
+            run(config, overrides)
         })(),
     };
     match result {

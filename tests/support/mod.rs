@@ -84,6 +84,8 @@ pub struct Apex {
     pub addrs: Vec<SocketAddr>,
     logs: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// The config file `Apex::start` wrote (reload tests rewrite it).
+    pub config_path: Option<PathBuf>,
     _dir: Option<TempDir>,
 }
 
@@ -95,6 +97,7 @@ impl Apex {
         let path = dir.write("apex.yaml", yaml);
         let mut a = Apex::spawn(&["--config", path.to_str().unwrap(), "--runtime", runtime])
             .unwrap_or_else(|logs| panic!("apex did not start:\n{logs}"));
+        a.config_path = Some(path);
         a._dir = Some(dir);
         a
     }
@@ -153,7 +156,7 @@ impl Apex {
                 }
             }
         }
-        Ok(Apex { child, addr: addrs[0], addrs, logs: rx, seen, _dir: None })
+        Ok(Apex { child, addr: addrs[0], addrs, logs: rx, seen, config_path: None, _dir: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -176,6 +179,28 @@ impl Apex {
             }
         }
         None
+    }
+
+    /// Rewrites the config file and sends SIGHUP; returns the log line that reports the outcome.
+    pub fn reload_with(&mut self, yaml: &str) -> String {
+        std::fs::write(self.config_path.as_ref().expect("started from a config file"), yaml)
+            .unwrap();
+        // Skip outcomes of earlier reloads: only lines after this point count.
+        let seen = self.seen.len();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(l) = self.seen[seen..]
+                .iter()
+                .find(|l| l.contains("config reloaded") || l.contains("reload refused"))
+            {
+                return l.clone();
+            }
+            match self.logs.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no reload outcome logged:\n{}", self.seen.join("\n")),
+            }
+        }
     }
 
     /// Every log line so far.

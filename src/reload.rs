@@ -1,0 +1,173 @@
+//! Reloading the config while serving: read, validate, open new listeners, publish the new
+//! snapshot, close removed listeners. Any failure leaves the running config untouched.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tracing::info;
+
+use crate::config::{Config, ConfigErrors};
+use crate::listener::{bind_reuseport, BindError};
+use crate::proxy::worker_tasks::Control;
+use crate::runtime::Server;
+use crate::snapshot::Snapshot;
+
+/// The active config, as `/config` reports it.
+#[derive(Debug, Clone)]
+pub struct Active {
+    /// The file's text.
+    pub text: String,
+    /// 64-bit hash of `text`, hex.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+}
+
+impl Active {
+    pub fn new(text: String) -> Active {
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        Active { hash: format!("{:016x}", h.finish()), text, loaded_at: SystemTime::now() }
+    }
+}
+
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new file is not a valid config; every problem is listed.
+    Invalid(ConfigErrors),
+    /// The change cannot be applied to running workers.
+    NeedsRestart(&'static str),
+    /// A new listener could not be opened.
+    Bind(BindError),
+    /// Apex runs without a config file (`apex proxy`).
+    NoFile,
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReloadError::Invalid(e) => write!(f, "{e}"),
+            ReloadError::NeedsRestart(key) => {
+                write!(f, "changing `{key}` needs a restart; the running config is unchanged")
+            }
+            ReloadError::Bind(e) => write!(f, "{e}; the running config is unchanged"),
+            ReloadError::NoFile => write!(f, "apex was started without a config file"),
+        }
+    }
+}
+
+/// Command-line settings that override the file, on every load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    pub runtime: Option<crate::config::RuntimeKind>,
+    pub workers: Option<crate::config::Workers>,
+}
+
+impl Overrides {
+    pub fn apply(&self, c: &mut Config) {
+        if let Some(r) = self.runtime {
+            c.runtime = r;
+        }
+        if let Some(w) = self.workers {
+            c.workers = w;
+        }
+    }
+}
+
+/// Owns the config file's path and what is live; used only by the main thread.
+pub struct Reloader {
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    pub config: Config,
+    pub active: Active,
+}
+
+impl Reloader {
+    pub fn new(config: Config, overrides: Overrides) -> Reloader {
+        let text = config
+            .source
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        Reloader { path: config.source.clone(), overrides, config, active: Active::new(text) }
+    }
+
+    /// Reads the file again and applies it; returns a one-line summary.
+    pub fn reload(&mut self, server: &mut Server) -> Result<String, ReloadError> {
+        let path = self.path.clone().ok_or(ReloadError::NoFile)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ReloadError::Invalid(ConfigErrors(vec![crate::config::ConfigError {
+                file: path.display().to_string(),
+                line: None,
+                key: String::new(),
+                problem: crate::config::Problem::Unreadable(e.to_string()),
+            }]))
+        })?;
+        let mut next =
+            Config::from_yaml(&text, &path.display().to_string()).map_err(ReloadError::Invalid)?;
+        next.source = Some(path);
+        self.overrides.apply(&mut next);
+        if next.workers != self.config.workers {
+            return Err(ReloadError::NeedsRestart("workers"));
+        }
+        if next.runtime != self.config.runtime {
+            return Err(ReloadError::NeedsRestart("runtime"));
+        }
+
+        // Listeners, by name: bind every new one before changing anything.
+        let old = &self.config.listeners;
+        let bound = &server.listeners;
+        // Moved: a listener of that name exists, on neither the configured nor the bound
+        // address (a port-0 listener rewritten with the port it got is not a move).
+        let moved = |n: &crate::config::Listener| {
+            let was = old.iter().find(|o| o.name == n.name);
+            let at = bound.iter().find(|(b, _)| *b == n.name).map(|(_, a)| *a);
+            was.is_some_and(|o| o.address != n.address && at != Some(n.address))
+        };
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|o| next.listeners.iter().all(|n| n.name != o.name) || moved(o))
+            .map(|o| o.name.clone())
+            .collect();
+        let mut added = Vec::new();
+        for l in next.listeners.iter().filter(|n| old.iter().all(|o| o.name != n.name) || moved(n))
+        {
+            let socks = bind_reuseport(l.address, server.workers).map_err(ReloadError::Bind)?;
+            added.push((l.clone(), socks));
+        }
+
+        let summary = format!(
+            "{} routes, {} clusters, {} listeners ({} added, {} removed)",
+            next.routes.len(),
+            next.clusters.len(),
+            next.listeners.len(),
+            added.len(),
+            removed.len()
+        );
+        server.shared.store(Arc::new(Snapshot::new(next.clone())));
+        for name in &removed {
+            for w in 0..server.workers {
+                server.order(w, Control::RemoveListener(name.clone()));
+            }
+            server.listeners.retain(|(n, _)| n != name);
+        }
+        for (l, socks) in added {
+            let bound = socks[0]
+                .local_addr()
+                .map_err(|e| ReloadError::Bind(BindError::Other(l.address, e)))?;
+            let mut resolved = l.clone();
+            resolved.address = bound;
+            info!(listener = %l.name, address = %bound, "listening");
+            for (w, s) in socks.into_iter().enumerate() {
+                server.order(w, Control::AddListener(resolved.clone(), s));
+            }
+            server.listeners.push((l.name.clone(), bound));
+        }
+        self.config = next;
+        self.active = Active::new(text);
+        Ok(summary)
+    }
+}
