@@ -64,7 +64,7 @@ fn reload_opens_and_closes_listeners(rt: &str) {
         "workers: 1\nlisteners:\n  - name: second\n    address: {second}\nroutes:\n  - {{ match: {{ path: \"/\" }}, respond: {{ status: 200, body: \"second\" }} }}\nclusters: []\n"
     );
     assert!(apex.reload_with(&only_second).contains("config reloaded"));
-    apex.wait_for_log(&["listener removed", "test"]).unwrap();
+    apex.wait_for_log(&["listener closed", "listener=test"]).unwrap();
     assert!(std::net::TcpStream::connect(first).is_err(), "the removed listener is closed");
     assert_eq!(Wire::connect(second).request(GET).text(), "second");
 }

@@ -47,12 +47,24 @@ pub trait Runtime: 'static {
     type Listener: 'static;
     fn listener_from_std(l: std::net::TcpListener) -> io::Result<Self::Listener>;
     async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)>;
+    /// Stops listening now, not whenever the runtime gets to closing the descriptor: once this
+    /// returns, new connections to this socket are refused.
+    fn close_listener(l: Self::Listener);
 
     /// The worker's end of its control socket.
     type Control: 'static;
     fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<Self::Control>;
     /// Waits for a wake-up byte; `false` once the other end is closed.
     async fn control_wait(c: &mut Self::Control) -> bool;
+}
+
+/// Stops a listening socket synchronously: `shutdown(SHUT_RDWR)` on a listener makes the
+/// kernel leave the LISTEN state at once, even if closing the descriptor is deferred.
+pub fn stop_listening(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` is a listening socket owned by the caller; shutdown does not invalidate it.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
 }
 
 /// A non-blocking check on a raw socket: `MSG_PEEK` sees either EOF, unexpected bytes, or

@@ -89,8 +89,10 @@ fn start_acceptor<R: Runtime>(
     acceptors.running.set(acceptors.running.get() + 1);
     let (worker, acceptors) = (Rc::clone(worker), Rc::clone(acceptors));
     R::spawn(async move {
+        let name = cfg.name.clone();
         accept_loop(&worker, &l, Rc::new(cfg), &stop).await;
-        drop(l);
+        R::close_listener(l);
+        debug!(worker = worker.id, listener = %name, "listener closed");
         acceptors.running.set(acceptors.running.get() - 1);
         worker.closed.wake_all();
     });
@@ -119,7 +121,6 @@ async fn control_task<R: Runtime>(
                 Control::RemoveListener(name) => {
                     if let Some(stop) = acceptors.stops.borrow_mut().remove(&name) {
                         stop.fire();
-                        debug!(worker = worker.id, listener = %name, "listener removed");
                     }
                 }
             }

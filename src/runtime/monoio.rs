@@ -10,7 +10,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use crate::proxy::io::{socket_is_stale, Runtime, Stream};
+use crate::proxy::io::{socket_is_stale, stop_listening, Runtime, Stream};
 
 /// Marker type for the monoio runtime (either driver: the driver is chosen when the worker's
 /// runtime is built, and the same futures run on both).
@@ -73,6 +73,10 @@ impl Runtime for Monoio {
         // Heads and small bodies go out in one write each; Nagle would only delay them.
         let _ = s.set_nodelay(true);
         Ok((MonoioStream(s), peer))
+    }
+
+    fn close_listener(l: Self::Listener) {
+        stop_listening(l.as_raw_fd());
     }
 
     type Control = monoio::net::UnixStream;
