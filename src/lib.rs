@@ -4,6 +4,7 @@
 //! `proxy` is the request's journey written against the `proxy::io` seam; `runtime` holds the
 //! worker threads and the monoio adapter.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod http;
@@ -14,3 +15,5 @@ pub mod reload;
 pub mod routing;
 pub mod runtime;
 pub mod snapshot;
+pub mod stats;
+pub mod timefmt;

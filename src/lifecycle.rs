@@ -15,6 +15,10 @@ pub enum Lifecycle {
     WorkerExited(usize),
     /// SIGHUP, or `POST /reload` (which waits for the outcome on the sender).
     Reload(Option<Sender<Result<String, String>>>),
+    /// `GET /metrics`: the summed counters of every worker, as Prometheus text.
+    Scrape(Sender<String>),
+    /// `GET /config`: the active config's text, hash and load time.
+    ShowConfig(Sender<String>),
 }
 
 /// The signals Apex handles itself.

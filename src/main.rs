@@ -14,6 +14,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
 use apex::lifecycle::{self, Lifecycle};
+use apex::proxy::worker_tasks::Control;
 use apex::reload::{Overrides, Reloader};
 use tracing::{error, info, warn};
 
@@ -114,8 +115,10 @@ fn quick_proxy_config(
         runtime: runtime.map(parse_runtime).transpose()?.unwrap_or(RuntimeKind::IoUring),
         worker_connections: config::defaults::WORKER_CONNECTIONS,
         drain_timeout: config::defaults::DRAIN_TIMEOUT,
+        admin: None,
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
+            name: "proxy".into(),
             host: config::HostMatch::Any,
             path: PathMatch::Prefix("/".into()),
             method: None,
@@ -133,6 +136,10 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     let mut reloader = Reloader::new(config.clone(), overrides);
     let mut server =
         apex::runtime::start(config, events.clone()).context("apex could not start")?;
+    if let Some(admin) = reloader.config.admin {
+        apex::admin::start(admin, events.clone())
+            .with_context(|| format!("cannot start the admin API on {admin}"))?;
+    }
     lifecycle::forward_signals(events).context("cannot start the signal thread")?;
     let mut alive = server.workers;
     let mut deadline: Option<Instant> = None;
@@ -171,6 +178,19 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
                     let _ = reply.send(outcome);
                 }
             }
+            Ok(Lifecycle::Scrape(reply)) => {
+                let _ = reply.send(scrape(&server));
+            }
+            Ok(Lifecycle::ShowConfig(reply)) => {
+                let a = &reloader.active;
+                let text = format!(
+                    "# hash: {}\n# loaded_at: {}\n{}",
+                    a.hash,
+                    apex::timefmt::rfc3339(a.loaded_at),
+                    a.text
+                );
+                let _ = reply.send(text);
+            }
             Ok(Lifecycle::WorkerExited(id)) => {
                 alive -= 1;
                 if deadline.is_none() {
@@ -191,6 +211,22 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
+}
+
+/// Asks every worker for its counters and renders the sum.
+fn scrape(server: &apex::runtime::Server) -> String {
+    let (tx, rx) = mpsc::channel();
+    for w in 0..server.workers {
+        server.order(w, Control::Scrape(tx.clone()));
+    }
+    let mut total = apex::stats::StatsReport::default();
+    for _ in 0..server.workers {
+        match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+            Ok(r) => total.merge(&r),
+            Err(_) => break,
+        }
+    }
+    total.to_prometheus()
 }
 
 fn main() -> ExitCode {

@@ -116,6 +116,9 @@ impl Reloader {
         if next.runtime != self.config.runtime {
             return Err(ReloadError::NeedsRestart("runtime"));
         }
+        if next.admin != self.config.admin {
+            return Err(ReloadError::NeedsRestart("admin"));
+        }
 
         // Listeners, by name: bind every new one before changing anything.
         let old = &self.config.listeners;

@@ -26,6 +26,7 @@ pub struct DirectBytes {
     pub close: Vec<u8>,
     /// Length of the body at the end of each form; a HEAD request gets the rest.
     pub body_len: usize,
+    pub status: u16,
 }
 
 impl Snapshot {
@@ -46,6 +47,7 @@ impl Snapshot {
                         keep_alive_10: enc(false, true),
                         close: enc(true, false),
                         body_len: d.body.len(),
+                        status: d.status,
                     })
                 }
                 Action::Forward(_) => None,

@@ -83,6 +83,8 @@ pub struct Config {
     pub runtime: RuntimeKind,
     pub worker_connections: usize,
     pub drain_timeout: Duration,
+    /// Where the admin API listens; `None`: no admin API.
+    pub admin: Option<SocketAddr>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub clusters: Vec<Cluster>,
@@ -103,6 +105,8 @@ pub struct Listener {
 
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The `name` key, or `routes[i]`: the label in metrics and access logs.
+    pub name: String,
     pub host: HostMatch,
     pub path: PathMatch,
     /// Upper-case method token; `None` matches every method.
@@ -209,6 +213,7 @@ pub enum Problem {
     BadSize(String),
     BadFieldCount,
     BadConnections,
+    AdminNotLoopback(SocketAddr),
     UnknownCluster(String),
     NoAction,
     TwoActions,
@@ -245,6 +250,10 @@ impl fmt::Display for Problem {
             ),
             Problem::BadFieldCount => write!(f, "must be a number from 1 to {MAX_FIELDS_CAP}"),
             Problem::BadConnections => write!(f, "must be a number from 1 to 1000000"),
+            Problem::AdminNotLoopback(a) => write!(
+                f,
+                "{a} is not a loopback address; set `admin_allow_remote: true` to expose the admin API"
+            ),
             Problem::UnknownCluster(c) => write!(f, "no cluster is named `{c}`"),
             Problem::NoAction => write!(f, "a route needs `cluster` or `respond`"),
             Problem::TwoActions => write!(f, "a route takes `cluster` or `respond`, not both"),
@@ -443,6 +452,20 @@ impl Validator<'_> {
         };
         let drain_timeout =
             self.duration("drain_timeout".into(), &raw.drain_timeout, defaults::DRAIN_TIMEOUT);
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => match a.parse::<SocketAddr>() {
+                Ok(addr) if !addr.ip().is_loopback() && !raw.admin_allow_remote => {
+                    self.err("admin".into(), Problem::AdminNotLoopback(addr));
+                    None
+                }
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.err("admin".into(), Problem::BadAddress(a.clone()));
+                    None
+                }
+            },
+        };
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
@@ -478,6 +501,7 @@ impl Validator<'_> {
             runtime,
             worker_connections,
             drain_timeout,
+            admin,
             listeners,
             routes,
             clusters,
@@ -647,7 +671,8 @@ impl Validator<'_> {
         if !ok {
             return None;
         }
-        Some(Route { host, path, method, action: action? })
+        let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
+        Some(Route { name, host, path, method, action: action? })
     }
 
     fn check_path(&mut self, key: String, path: &str) -> bool {

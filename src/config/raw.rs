@@ -19,6 +19,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub drain_timeout: Option<String>,
     #[serde(default)]
+    pub admin: Option<String>,
+    #[serde(default)]
+    pub admin_allow_remote: bool,
+    #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -66,6 +70,8 @@ pub enum RawSize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     #[serde(default)]

@@ -58,7 +58,7 @@ impl RequestInfo {
 }
 
 enum Plan {
-    Forward(usize),
+    Forward { route: usize, cluster: usize },
     Respond(usize),
     NotFound,
 }
@@ -216,7 +216,7 @@ fn prepare_request(
                 uhead.clear();
                 let default_host = snap.config.clusters[*c].endpoints[0].to_string();
                 encode_upstream_head(uhead, &head, peer.ip(), &default_host);
-                Plan::Forward(*c)
+                Plan::Forward { route: i, cluster: *c }
             }
         },
     };
@@ -254,11 +254,13 @@ pub async fn serve_downstream<R: Runtime>(
             HeadRead::Ready => {}
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
+                worker.view().unrouted.record(408);
                 send_error::<R>(&mut client, &mut bufs.out, 408, false, false).await;
                 return;
             }
             HeadRead::Invalid(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
+                worker.view().unrouted.record(e.status());
                 send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
                 return;
             }
@@ -270,6 +272,7 @@ pub async fn serve_downstream<R: Runtime>(
             Ok(p) => p,
             Err(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
+                view.unrouted.record(e.status());
                 send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
                 return;
             }
@@ -277,12 +280,13 @@ pub async fn serve_downstream<R: Runtime>(
         if let (Some(max), Framing::Length(n)) = (listener.max_request_body, info.framing) {
             if n > max {
                 // Refused before reading any of it; the lingering close bounds what we read.
+                view.unrouted.record(413);
                 send_error::<R>(&mut client, &mut bufs.out, 413, false, false).await;
                 return;
             }
         }
         let keep_open = match plan {
-            Plan::Forward(cluster) => {
+            Plan::Forward { route, cluster } => {
                 let request = forward_request::<R>(
                     &worker,
                     &view,
@@ -292,7 +296,9 @@ pub async fn serve_downstream<R: Runtime>(
                     &info,
                     &listener,
                 );
-                request.await
+                let served = request.await;
+                view.route_stats[route].record(served.status);
+                served.keep_open
             }
             Plan::Respond(route) => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
@@ -305,12 +311,14 @@ pub async fn serve_downstream<R: Runtime>(
                 };
                 let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
                 bufs.out.extend_from_slice(&bytes[..len]);
+                view.route_stats[route].record(direct.status);
                 flush(&mut client, &mut bufs.out).await && keep
             }
             Plan::NotFound => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
                 let keep = whole && info.keep_alive && !worker.is_draining();
                 let ka = info.needs_keep_alive_header();
+                view.unrouted.record(404);
                 send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka).await
             }
         };

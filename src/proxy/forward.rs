@@ -154,6 +154,12 @@ async fn read_response_head<R: Runtime>(
     }
 }
 
+/// How a forwarded request ended.
+pub struct Served {
+    pub keep_open: bool,
+    pub status: u16,
+}
+
 /// Forwards the request whose head is at the start of `bufs.rbuf` (already encoded into
 /// `bufs.uhead`) and relays the response. Returns whether the client connection stays open.
 pub async fn forward_request<R: Runtime>(
@@ -164,8 +170,27 @@ pub async fn forward_request<R: Runtime>(
     bufs: &mut Buffers,
     info: &RequestInfo,
     listener: &Listener,
-) -> bool {
+) -> Served {
+    let started = Instant::now();
+    let (keep_open, status) =
+        forward(worker, view, cluster_index, client, bufs, info, listener).await;
+    view.cluster_stats[cluster_index].record(status, started.elapsed());
+    Served { keep_open, status }
+}
+
+/// [`forward_request`] without the bookkeeping: returns whether the client connection stays
+/// open and the status the client got (499 when the client went away first).
+async fn forward<R: Runtime>(
+    worker: &Worker<R>,
+    view: &WorkerView,
+    cluster_index: usize,
+    client: &mut R::Stream,
+    bufs: &mut Buffers,
+    info: &RequestInfo,
+    listener: &Listener,
+) -> (bool, u16) {
     let cluster = &view.snap.config.clusters[cluster_index];
+    let stats = &view.cluster_stats[cluster_index];
     let addr = pick_upstream(view, cluster_index, cluster);
 
     // The part of the body that arrived with the head joins the head: one write, and a request
@@ -175,12 +200,12 @@ pub async fn forward_request<R: Runtime>(
         Ok(n) => n,
         Err(e) => {
             debug!(reason = e.reason(), "refused request body");
-            return send_error::<R>(client, &mut bufs.out, 400, false, false).await;
+            return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400);
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
     if listener.max_request_body.is_some_and(|max| body.body_bytes() > max) {
-        return send_error::<R>(client, &mut bufs.out, 413, false, false).await;
+        return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413);
     }
     let replayable = info.idempotent && body.is_done();
 
@@ -189,11 +214,20 @@ pub async fn forward_request<R: Runtime>(
         let pooled =
             if retried { None } else { worker.pool.checkout(addr, cluster.pool_idle_timeout) };
         let reused = pooled.is_some();
+        if !retried {
+            stats.pool(reused);
+        }
         let mut up = match pooled {
             Some(s) => s,
             None => match connect_upstream::<R>(addr, cluster.connect_timeout).await {
                 Ok(s) => s,
-                Err(e) => break Err(e),
+                Err(e) => {
+                    match e {
+                        ProxyError::ConnectTimeout => stats.timeout(),
+                        _ => stats.connect_error(),
+                    }
+                    break Err(e);
+                }
             },
         };
         let (res, b) = up.write_all(std::mem::take(&mut bufs.uhead)).await;
@@ -202,6 +236,7 @@ pub async fn forward_request<R: Runtime>(
             if reused && replayable && !retried {
                 debug!(upstream = %addr, "pooled connection failed on write; retrying on a fresh one");
                 retried = true;
+                stats.retry();
                 continue;
             }
             break Err(ProxyError::UpstreamWrite(e));
@@ -210,7 +245,7 @@ pub async fn forward_request<R: Runtime>(
             if info.expect_continue {
                 bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                 if !flush(client, &mut bufs.out).await {
-                    return false;
+                    return (false, 499);
                 }
             }
             let idle = listener.body_timeout;
@@ -218,15 +253,15 @@ pub async fn forward_request<R: Runtime>(
             match stream_request_body::<R>(client, &mut up, bufs, &mut body, idle, max).await {
                 Ok(()) => {}
                 Err(BodyStop::TooLarge) => {
-                    return send_error::<R>(client, &mut bufs.out, 413, false, false).await
+                    return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413);
                 }
-                Err(BodyStop::ClientGone) => return false,
+                Err(BodyStop::ClientGone) => return (false, 499),
                 Err(BodyStop::Timeout) => {
-                    return send_error::<R>(client, &mut bufs.out, 408, false, false).await
+                    return (send_error::<R>(client, &mut bufs.out, 408, false, false).await, 408);
                 }
                 Err(BodyStop::Bad(reason)) => {
                     debug!(reason, "refused request body");
-                    return send_error::<R>(client, &mut bufs.out, 400, false, false).await;
+                    return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400);
                 }
                 Err(BodyStop::Upstream(e)) => break Err(ProxyError::UpstreamWrite(e)),
             }
@@ -245,8 +280,14 @@ pub async fn forward_request<R: Runtime>(
             Err(ProxyError::UpstreamClosed) if reused && replayable && !retried => {
                 debug!(upstream = %addr, "pooled connection closed before responding; retrying");
                 retried = true;
+                stats.retry();
             }
-            Err(e) => break Err(e),
+            Err(e) => {
+                if matches!(e, ProxyError::ResponseTimeout) {
+                    stats.timeout();
+                }
+                break Err(e);
+            }
         }
     };
 
@@ -257,17 +298,15 @@ pub async fn forward_request<R: Runtime>(
             bufs.out.clear();
             // A body still on the wire cannot be skipped safely: close after answering.
             let keep = body.is_done() && info.keep_alive && !worker.is_draining();
-            return send_error::<R>(
-                client,
-                &mut bufs.out,
+            let ka = info.needs_keep_alive_header();
+            return (
+                send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await,
                 e.status(),
-                keep,
-                info.needs_keep_alive_header(),
-            )
-            .await;
+            );
         }
     };
-    relay_response::<R>(worker, client, up, addr, cluster, bufs, plan).await
+    let status = plan.status;
+    (relay_response::<R>(worker, client, up, addr, cluster, bufs, plan).await, status)
 }
 
 /// Round robin over the cluster's endpoints, on this worker's own counter.

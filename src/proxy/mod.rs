@@ -19,8 +19,10 @@ use std::sync::Arc;
 use arc_swap::cache::Cache;
 
 use crate::balance::RoundRobin;
+use crate::config::Action;
 use crate::http::HeadLimits;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::stats::{ClusterStats, RouteStats, WorkerStats};
 use io::Runtime;
 use pool::Pool;
 use wait::{Event, WakeList};
@@ -32,6 +34,10 @@ pub struct WorkerView {
     pub balancers: Vec<RoundRobin>,
     /// The snapshot's listener settings, shared by the connections accepted under it.
     pub listeners: Vec<Rc<crate::config::Listener>>,
+    /// Counters per route of `snap` (by index), per cluster, and for requests no route took.
+    pub route_stats: Vec<Rc<RouteStats>>,
+    pub cluster_stats: Vec<Rc<ClusterStats>>,
+    pub unrouted: Rc<RouteStats>,
 }
 
 impl WorkerView {
@@ -55,6 +61,7 @@ pub struct Worker<R: Runtime> {
     pub drain: Event,
     /// Tasks waiting for a client connection to close.
     pub closed: WakeList,
+    pub stats: WorkerStats,
 }
 
 /// Counts one open client connection; dropping it (when the connection ends) wakes whoever
@@ -74,7 +81,8 @@ impl<R: Runtime> Worker<R> {
     pub fn new(id: usize, shared: SharedSnapshot) -> Self {
         let mut cache = Cache::new(shared);
         let snap = Arc::clone(cache.load());
-        let view = Rc::new(Self::make_view(id, snap));
+        let stats = WorkerStats::default();
+        let view = Rc::new(Self::make_view(id, snap, &stats));
         Worker {
             id,
             snapshots: RefCell::new(cache),
@@ -84,6 +92,7 @@ impl<R: Runtime> Worker<R> {
             open: Cell::new(0),
             drain: Event::default(),
             closed: WakeList::default(),
+            stats,
         }
     }
 
@@ -110,10 +119,24 @@ impl<R: Runtime> Worker<R> {
         self.closed.wake_all();
     }
 
-    fn make_view(id: usize, snap: Arc<Snapshot>) -> WorkerView {
-        let balancers = snap.config.clusters.iter().map(|_| RoundRobin::new(id)).collect();
-        let listeners = snap.config.listeners.iter().cloned().map(Rc::new).collect();
-        WorkerView { snap, balancers, listeners }
+    fn make_view(id: usize, snap: Arc<Snapshot>, stats: &WorkerStats) -> WorkerView {
+        let config = &snap.config;
+        let balancers = config.clusters.iter().map(|_| RoundRobin::new(id)).collect();
+        let listeners = config.listeners.iter().cloned().map(Rc::new).collect();
+        let route_stats = config
+            .routes
+            .iter()
+            .map(|r| {
+                let cluster = match r.action {
+                    Action::Forward(c) => config.clusters[c].name.as_str(),
+                    Action::Respond(_) => "",
+                };
+                stats.route(&r.name, cluster)
+            })
+            .collect();
+        let cluster_stats = config.clusters.iter().map(|c| stats.cluster(&c.name)).collect();
+        let unrouted = stats.route("", "");
+        WorkerView { snap, balancers, listeners, route_stats, cluster_stats, unrouted }
     }
 
     /// The view to serve the next request from; a request keeps its view until it ends, so a
@@ -123,7 +146,7 @@ impl<R: Runtime> Worker<R> {
         let latest = cache.load();
         let mut view = self.view.borrow_mut();
         if !Arc::ptr_eq(latest, &view.snap) {
-            *view = Rc::new(Self::make_view(self.id, Arc::clone(latest)));
+            *view = Rc::new(Self::make_view(self.id, Arc::clone(latest), &self.stats));
         }
         Rc::clone(&view)
     }

@@ -18,6 +18,7 @@ use super::wait::{race, Either, Event};
 use super::Worker;
 use crate::config::Listener;
 use crate::snapshot::SharedSnapshot;
+use crate::stats::StatsReport;
 
 /// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS): long enough not to spin, short
 /// enough to serve again soon after descriptors free up.
@@ -32,6 +33,8 @@ pub enum Control {
     AddListener(Listener, TcpListener),
     /// Stop accepting on a listener; its open connections carry on.
     RemoveListener(String),
+    /// Send a copy of this worker's counters.
+    Scrape(Sender<StatsReport>),
 }
 
 /// The worker's accept loops by listener name, each with the event that stops it.
@@ -117,6 +120,11 @@ async fn control_task<R: Runtime>(
                         Ok(()) => debug!(worker = worker.id, listener = %name, "listener added"),
                         Err(e) => error!(worker = worker.id, error = %e, "cannot add listener"),
                     }
+                }
+                Control::Scrape(reply) => {
+                    let report =
+                        worker.stats.report(worker.open_connections(), worker.pool.idle_count());
+                    let _ = reply.send(report);
                 }
                 Control::RemoveListener(name) => {
                     if let Some(stop) = acceptors.stops.borrow_mut().remove(&name) {

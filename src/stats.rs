@@ -1,0 +1,281 @@
+//! Per-worker counters and their Prometheus rendering.
+//!
+//! Each worker owns its counters (`Cell`s: no atomics, no sharing). A scrape asks every worker
+//! for a [`StatsReport`] over its control channel and the control plane sums them, so nothing
+//! is written by two threads and nothing on the hot path is shared.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Upper bounds of the latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 12] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// Status classes 1xx..5xx, indexed 0..5.
+fn class_index(status: u16) -> usize {
+    (usize::from(status / 100)).clamp(1, 5) - 1
+}
+
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub by_class: [Cell<u64>; 5],
+}
+
+impl RouteStats {
+    pub fn record(&self, status: u16) {
+        bump(&self.by_class[class_index(status)]);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub by_class: [Cell<u64>; 5],
+    pub connect_errors: Cell<u64>,
+    pub timeouts: Cell<u64>,
+    pub retries: Cell<u64>,
+    pub pool_hits: Cell<u64>,
+    pub pool_misses: Cell<u64>,
+    /// Cumulative counts per bucket of [`LATENCY_BUCKETS`], plus +Inf at the end.
+    pub latency: [Cell<u64>; 13],
+    pub latency_sum_us: Cell<u64>,
+}
+
+impl ClusterStats {
+    pub fn record(&self, status: u16, took: Duration) {
+        bump(&self.by_class[class_index(status)]);
+        let secs = took.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        bump(&self.latency[i]);
+        self.latency_sum_us.set(self.latency_sum_us.get() + took.as_micros() as u64);
+    }
+    pub fn connect_error(&self) {
+        bump(&self.connect_errors);
+    }
+    pub fn timeout(&self) {
+        bump(&self.timeouts);
+    }
+    pub fn retry(&self) {
+        bump(&self.retries);
+    }
+    pub fn pool(&self, hit: bool) {
+        bump(if hit { &self.pool_hits } else { &self.pool_misses });
+    }
+}
+
+/// One worker's counters, by name so they outlive reloads that keep the route or cluster.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// `(route, cluster)` → counters; cluster is empty for direct responses and no-route.
+    routes: RefCell<HashMap<(String, String), Rc<RouteStats>>>,
+    clusters: RefCell<HashMap<String, Rc<ClusterStats>>>,
+}
+
+impl WorkerStats {
+    pub fn route(&self, route: &str, cluster: &str) -> Rc<RouteStats> {
+        let key = (route.to_string(), cluster.to_string());
+        Rc::clone(self.routes.borrow_mut().entry(key).or_default())
+    }
+
+    pub fn cluster(&self, name: &str) -> Rc<ClusterStats> {
+        Rc::clone(self.clusters.borrow_mut().entry(name.to_string()).or_default())
+    }
+
+    /// Copies the counters out, for the control plane to sum.
+    pub fn report(&self, open_connections: usize, idle_pooled: usize) -> StatsReport {
+        let mut r = StatsReport { open_connections, idle_pooled, ..StatsReport::default() };
+        for ((route, cluster), s) in self.routes.borrow().iter() {
+            let e = r.requests.entry((route.clone(), cluster.clone())).or_default();
+            for (i, c) in s.by_class.iter().enumerate() {
+                e[i] += c.get();
+            }
+        }
+        for (name, s) in self.clusters.borrow().iter() {
+            let e = r.clusters.entry(name.clone()).or_default();
+            e.add(s);
+        }
+        r
+    }
+}
+
+/// Plain counter values, sent between threads and summed over workers.
+#[derive(Debug, Default, Clone)]
+pub struct StatsReport {
+    pub requests: BTreeMap<(String, String), [u64; 5]>,
+    pub clusters: BTreeMap<String, ClusterTotals>,
+    pub open_connections: usize,
+    pub idle_pooled: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ClusterTotals {
+    pub by_class: [u64; 5],
+    pub connect_errors: u64,
+    pub timeouts: u64,
+    pub retries: u64,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub latency: [u64; 13],
+    pub latency_sum_us: u64,
+}
+
+impl ClusterTotals {
+    fn add(&mut self, s: &ClusterStats) {
+        for i in 0..5 {
+            self.by_class[i] += s.by_class[i].get();
+        }
+        for i in 0..13 {
+            self.latency[i] += s.latency[i].get();
+        }
+        self.connect_errors += s.connect_errors.get();
+        self.timeouts += s.timeouts.get();
+        self.retries += s.retries.get();
+        self.pool_hits += s.pool_hits.get();
+        self.pool_misses += s.pool_misses.get();
+        self.latency_sum_us += s.latency_sum_us.get();
+    }
+
+    fn merge(&mut self, o: &ClusterTotals) {
+        for i in 0..5 {
+            self.by_class[i] += o.by_class[i];
+        }
+        for i in 0..13 {
+            self.latency[i] += o.latency[i];
+        }
+        self.connect_errors += o.connect_errors;
+        self.timeouts += o.timeouts;
+        self.retries += o.retries;
+        self.pool_hits += o.pool_hits;
+        self.pool_misses += o.pool_misses;
+        self.latency_sum_us += o.latency_sum_us;
+    }
+}
+
+impl StatsReport {
+    pub fn merge(&mut self, o: &StatsReport) {
+        for (k, v) in &o.requests {
+            let e = self.requests.entry(k.clone()).or_default();
+            for i in 0..5 {
+                e[i] += v[i];
+            }
+        }
+        for (k, v) in &o.clusters {
+            self.clusters.entry(k.clone()).or_default().merge(v);
+        }
+        self.open_connections += o.open_connections;
+        self.idle_pooled += o.idle_pooled;
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn to_prometheus(&self) -> String {
+        let mut o = String::new();
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        o.push_str("# HELP apex_requests_total Requests answered, by route, cluster and status class.\n# TYPE apex_requests_total counter\n");
+        for ((route, cluster), v) in &self.requests {
+            for (i, n) in v.iter().enumerate() {
+                if *n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "apex_requests_total{{route=\"{}\",cluster=\"{}\",class=\"{}\"}} {n}",
+                        esc(route),
+                        esc(cluster),
+                        CLASSES[i]
+                    );
+                }
+            }
+        }
+        let counters: [(&str, &str, fn(&ClusterTotals) -> u64); 5] = [
+            ("apex_upstream_connect_errors_total", "Failed upstream connects.", |c| {
+                c.connect_errors
+            }),
+            ("apex_upstream_timeouts_total", "Upstream connect and response timeouts.", |c| {
+                c.timeouts
+            }),
+            ("apex_upstream_retries_total", "Requests sent again on a fresh connection.", |c| {
+                c.retries
+            }),
+            ("apex_pool_hits_total", "Requests that reused a pooled upstream connection.", |c| {
+                c.pool_hits
+            }),
+            ("apex_pool_misses_total", "Requests that opened a new upstream connection.", |c| {
+                c.pool_misses
+            }),
+        ];
+        for (name, help, get) in counters {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (cluster, c) in &self.clusters {
+                let _ = writeln!(o, "{name}{{cluster=\"{}\"}} {}", esc(cluster), get(c));
+            }
+        }
+        o.push_str("# HELP apex_upstream_latency_seconds From request start to the response's last byte, per cluster.\n# TYPE apex_upstream_latency_seconds histogram\n");
+        for (cluster, c) in &self.clusters {
+            let mut cumulative = 0;
+            for (i, n) in c.latency.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS.get(i).map(|b| b.to_string()).unwrap_or("+Inf".into());
+                let _ = writeln!(
+                    o,
+                    "apex_upstream_latency_seconds_bucket{{cluster=\"{}\",le=\"{le}\"}} {cumulative}",
+                    esc(cluster)
+                );
+            }
+            let _ = writeln!(
+                o,
+                "apex_upstream_latency_seconds_sum{{cluster=\"{}\"}} {}\napex_upstream_latency_seconds_count{{cluster=\"{}\"}} {cumulative}",
+                esc(cluster),
+                c.latency_sum_us as f64 / 1e6,
+                esc(cluster)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP apex_downstream_connections Open client connections.\n# TYPE apex_downstream_connections gauge\napex_downstream_connections {}",
+            self.open_connections
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_pool_idle_connections Idle pooled upstream connections.\n# TYPE apex_pool_idle_connections gauge\napex_pool_idle_connections {}",
+            self.idle_pooled
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_sum_over_workers_and_render() {
+        let a = WorkerStats::default();
+        let b = WorkerStats::default();
+        a.route("api", "backend").record(200);
+        b.route("api", "backend").record(204);
+        b.route("api", "backend").record(502);
+        a.cluster("backend").record(200, Duration::from_millis(3));
+        b.cluster("backend").pool(true);
+        let mut total = a.report(1, 2);
+        total.merge(&b.report(3, 4));
+        let text = total.to_prometheus();
+        assert!(
+            text.contains("apex_requests_total{route=\"api\",cluster=\"backend\",class=\"2xx\"} 2")
+        );
+        assert!(
+            text.contains("apex_requests_total{route=\"api\",cluster=\"backend\",class=\"5xx\"} 1")
+        );
+        assert!(text
+            .contains("apex_upstream_latency_seconds_bucket{cluster=\"backend\",le=\"0.005\"} 1"));
+        assert!(text.contains("apex_pool_hits_total{cluster=\"backend\"} 1"));
+        assert!(text.contains("apex_downstream_connections 4"));
+        assert!(text.contains("apex_pool_idle_connections 6"));
+    }
+}
