@@ -160,6 +160,9 @@ impl ClusterTotals {
     }
 }
 
+/// A per-cluster counter: its metric name, help text and how to read it.
+type CounterSeries = (&'static str, &'static str, fn(&ClusterTotals) -> u64);
+
 impl StatsReport {
     pub fn merge(&mut self, o: &StatsReport) {
         for (k, v) in &o.requests {
@@ -193,7 +196,7 @@ impl StatsReport {
                 }
             }
         }
-        let counters: [(&str, &str, fn(&ClusterTotals) -> u64); 5] = [
+        let counters: [CounterSeries; 5] = [
             ("apex_upstream_connect_errors_total", "Failed upstream connects.", |c| {
                 c.connect_errors
             }),
