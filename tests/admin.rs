@@ -29,9 +29,7 @@ fn metrics_match_the_requests_sent(rt: &str) {
     let up = Upstream::ok("up");
     let dead = closed_port();
     let yaml = with_admin(&config(
-        &format!(
-            "  - {{ name: api, match: {{ path_prefix: \"/api\" }}, cluster: backend }}\n  - {{ name: down, match: {{ path_prefix: \"/down\" }}, cluster: dead }}\n  - {{ name: home, match: {{ path: \"/\" }}, respond: {{ status: 200, body: \"home\" }} }}"
-        ),
+        "  - { name: api, match: { path_prefix: \"/api\" }, cluster: backend }\n  - { name: down, match: { path_prefix: \"/down\" }, cluster: dead }\n  - { name: home, match: { path: \"/\" }, respond: { status: 200, body: \"home\" } }",
         &format!("  - {{ name: backend, endpoints: [\"{}\"] }}\n  - {{ name: dead, endpoints: [\"{dead}\"] }}", up.addr),
     ));
     let mut apex = Apex::start(&yaml, rt);
