@@ -4,6 +4,7 @@
 //! `proxy` is the request's journey written against the `proxy::io` seam; `runtime` holds the
 //! worker threads and the monoio adapter.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;

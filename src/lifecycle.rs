@@ -19,10 +19,12 @@ pub enum Lifecycle {
     Scrape(Sender<String>),
     /// `GET /config`: the active config's text, hash and load time.
     ShowConfig(Sender<String>),
+    /// SIGUSR1: reopen the access log file (after logrotate moved it).
+    ReopenLogs,
 }
 
 /// The signals Apex handles itself.
-const HANDLED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const HANDLED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
 
 fn handled_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set they are given, which lives on the stack.
@@ -60,6 +62,7 @@ pub fn forward_signals(events: Sender<Lifecycle>) -> io::Result<()> {
             }
             let event = match sig {
                 libc::SIGHUP => Lifecycle::Reload(None),
+                libc::SIGUSR1 => Lifecycle::ReopenLogs,
                 _ => Lifecycle::Stop(sig),
             };
             if events.send(event).is_err() {

@@ -116,6 +116,7 @@ fn quick_proxy_config(
         worker_connections: config::defaults::WORKER_CONNECTIONS,
         drain_timeout: config::defaults::DRAIN_TIMEOUT,
         admin: None,
+        access_log: None,
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             name: "proxy".into(),
@@ -176,6 +177,12 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
                 }
                 if let Some(reply) = reply {
                     let _ = reply.send(outcome);
+                }
+            }
+            Ok(Lifecycle::ReopenLogs) => {
+                if let Some(log) = &server.access_log {
+                    let _ = log.send(apex::access_log::LogMessage::Reopen);
+                    info!("access log reopened");
                 }
             }
             Ok(Lifecycle::Scrape(reply)) => {

@@ -119,6 +119,9 @@ impl Reloader {
         if next.admin != self.config.admin {
             return Err(ReloadError::NeedsRestart("admin"));
         }
+        if next.access_log != self.config.access_log {
+            return Err(ReloadError::NeedsRestart("access_log"));
+        }
 
         // Listeners, by name: bind every new one before changing anything.
         let old = &self.config.listeners;

@@ -87,7 +87,7 @@ proptest! {
             panic!("valid")
         };
         let mut up = Vec::new();
-        encode_upstream_head(&mut up, &req, "192.0.2.1".parse().unwrap(), "backend:80");
+        encode_upstream_head(&mut up, &req, "192.0.2.1".parse().unwrap(), &"backend:80");
         let sent = parse(&up).expect("the upstream head is valid HTTP/1.1");
         prop_assert_eq!(&sent.method, req.method);
         prop_assert_eq!(&sent.target, req.target);

@@ -85,6 +85,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where the admin API listens; `None`: no admin API.
     pub admin: Option<SocketAddr>,
+    /// `None`: no access log.
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub clusters: Vec<Cluster>,
@@ -214,6 +216,7 @@ pub enum Problem {
     BadFieldCount,
     BadConnections,
     AdminNotLoopback(SocketAddr),
+    BadLogFormat(String),
     UnknownCluster(String),
     NoAction,
     TwoActions,
@@ -250,6 +253,7 @@ impl fmt::Display for Problem {
             ),
             Problem::BadFieldCount => write!(f, "must be a number from 1 to {MAX_FIELDS_CAP}"),
             Problem::BadConnections => write!(f, "must be a number from 1 to 1000000"),
+            Problem::BadLogFormat(x) => write!(f, "unknown format `{x}`: use combined or json"),
             Problem::AdminNotLoopback(a) => write!(
                 f,
                 "{a} is not a loopback address; set `admin_allow_remote: true` to expose the admin API"
@@ -466,6 +470,22 @@ impl Validator<'_> {
                 }
             },
         };
+        let access_log = raw.access_log.as_ref().and_then(|a| {
+            use crate::access_log::{AccessLogConfig, Format, Target};
+            let format = match a.format.as_deref() {
+                None | Some("combined") => Format::Combined,
+                Some("json") => Format::Json,
+                Some(other) => {
+                    self.err("access_log.format".into(), Problem::BadLogFormat(other.into()));
+                    return None;
+                }
+            };
+            let target = match a.path.as_str() {
+                "stdout" | "-" => Target::Stdout,
+                p => Target::File(p.into()),
+            };
+            Some(AccessLogConfig { target, format })
+        });
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
@@ -502,6 +522,7 @@ impl Validator<'_> {
             worker_connections,
             drain_timeout,
             admin,
+            access_log,
             listeners,
             routes,
             clusters,

@@ -23,11 +23,21 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin_allow_remote: bool,
     #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub clusters: Vec<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub path: String,
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// `workers: auto` or `workers: 4`.

@@ -238,7 +238,7 @@ pub fn encode_upstream_head(
     out: &mut Vec<u8>,
     req: &RequestHead<'_, '_>,
     client: IpAddr,
-    default_host: &str,
+    default_host: &dyn std::fmt::Display,
 ) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
@@ -262,9 +262,7 @@ pub fn encode_upstream_head(
         fields::encode_field(out, h);
     }
     if !has_host {
-        out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(default_host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        let _ = write!(out, "Host: {default_host}\r\n");
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
     if xff_seen {
@@ -368,7 +366,7 @@ X-Forwarded-Proto: https\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r
         };
         assert!(h.expect_continue);
         let mut out = Vec::new();
-        encode_upstream_head(&mut out, &h, "10.0.0.9".parse().unwrap(), "up");
+        encode_upstream_head(&mut out, &h, "10.0.0.9".parse().unwrap(), &"up");
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /p HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::debug;
 
@@ -11,6 +11,7 @@ use super::forward::forward_request;
 use super::io::{Runtime, Stream};
 use super::wait::{race, Either};
 use super::{ConnGuard, Worker, WorkerView};
+use crate::access_log::Entry;
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
 use crate::http::request::{encode_upstream_head, parse_request_head};
@@ -36,6 +37,43 @@ pub struct Buffers {
     /// The request as sent upstream: head, plus the body when it arrived with the head; kept
     /// until the response head arrives so that a stale pooled connection can be retried.
     pub uhead: Vec<u8>,
+    /// The request's fields the access log needs, copied out of the head (only when logging).
+    pub logged: Logged,
+}
+
+/// Request fields kept for the access log; the strings are reused from request to request.
+#[derive(Default)]
+pub struct Logged {
+    pub method: String,
+    pub target: String,
+    pub version: &'static str,
+    pub referer: String,
+    pub user_agent: String,
+}
+
+impl Logged {
+    fn capture(&mut self, head: &crate::http::request::RequestHead<'_, '_>) {
+        self.method.clear();
+        self.method.push_str(head.method);
+        self.target.clear();
+        self.target.push_str(head.target);
+        self.version = match head.version {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        };
+        self.referer.clear();
+        self.user_agent.clear();
+        for h in head.headers {
+            let dest = if h.name.eq_ignore_ascii_case("referer") {
+                &mut self.referer
+            } else if h.name.eq_ignore_ascii_case("user-agent") {
+                &mut self.user_agent
+            } else {
+                continue;
+            };
+            dest.push_str(&String::from_utf8_lossy(h.value));
+        }
+    }
 }
 
 /// What the proxy needs to know about a request once its head is out of the read buffer.
@@ -192,12 +230,16 @@ fn prepare_request(
     view: &WorkerView,
     peer: SocketAddr,
     uhead: &mut Vec<u8>,
+    logged: Option<&mut Logged>,
 ) -> Result<(RequestInfo, Plan), HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_FIELDS_CAP];
     let head = match parse_request_head(rbuf, &mut fields, limits)? {
         Status::Complete(h) => h,
         Status::Partial => return Err(HeadError::BadRequest("incomplete head")),
     };
+    if let Some(l) = logged {
+        l.capture(&head);
+    }
     let info = RequestInfo {
         head_len: head.len,
         framing: head.framing,
@@ -214,7 +256,7 @@ fn prepare_request(
             Action::Respond(_) => Plan::Respond(i),
             Action::Forward(c) => {
                 uhead.clear();
-                let default_host = snap.config.clusters[*c].endpoints[0].to_string();
+                let default_host = snap.config.clusters[*c].endpoints[0];
                 encode_upstream_head(uhead, &head, peer.ip(), &default_host);
                 Plan::Forward { route: i, cluster: *c }
             }
@@ -267,7 +309,9 @@ pub async fn serve_downstream<R: Runtime>(
         }
         first = false;
         let view = worker.view();
-        let prepared = prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead);
+        let started = Instant::now();
+        let logged = worker.access.is_some().then_some(&mut bufs.logged);
+        let prepared = prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead, logged);
         let (info, plan) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -285,7 +329,7 @@ pub async fn serve_downstream<R: Runtime>(
                 return;
             }
         }
-        let keep_open = match plan {
+        let (keep_open, status, bytes, upstream, route) = match plan {
             Plan::Forward { route, cluster } => {
                 let request = forward_request::<R>(
                     &worker,
@@ -298,7 +342,7 @@ pub async fn serve_downstream<R: Runtime>(
                 );
                 let served = request.await;
                 view.route_stats[route].record(served.status);
-                served.keep_open
+                (served.keep_open, served.status, served.body_bytes, served.upstream, Some(route))
             }
             Plan::Respond(route) => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
@@ -312,16 +356,37 @@ pub async fn serve_downstream<R: Runtime>(
                 let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
                 bufs.out.extend_from_slice(&bytes[..len]);
                 view.route_stats[route].record(direct.status);
-                flush(&mut client, &mut bufs.out).await && keep
+                let sent = flush(&mut client, &mut bufs.out).await && keep;
+                let body = if info.is_head { 0 } else { direct.body_len as u64 };
+                (sent, direct.status, body, None, Some(route))
             }
             Plan::NotFound => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
                 let keep = whole && info.keep_alive && !worker.is_draining();
                 let ka = info.needs_keep_alive_header();
                 view.unrouted.record(404);
-                send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka).await
+                let sent = send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka).await;
+                (sent, 404, 0, None, None)
             }
         };
+        if let Some(log) = &worker.access {
+            let route = route.map(|i| view.snap.config.routes[i].name.as_str()).unwrap_or("");
+            let l = &bufs.logged;
+            log.record(&Entry {
+                time: SystemTime::now(),
+                client: peer,
+                method: &l.method,
+                target: &l.target,
+                version: l.version,
+                status,
+                bytes,
+                duration: started.elapsed(),
+                upstream,
+                route,
+                referer: &l.referer,
+                user_agent: &l.user_agent,
+            });
+        }
         if !keep_open {
             return;
         }

@@ -158,6 +158,9 @@ async fn read_response_head<R: Runtime>(
 pub struct Served {
     pub keep_open: bool,
     pub status: u16,
+    /// Response body bytes relayed to the client.
+    pub body_bytes: u64,
+    pub upstream: Option<SocketAddr>,
 }
 
 /// Forwards the request whose head is at the start of `bufs.rbuf` (already encoded into
@@ -172,26 +175,30 @@ pub async fn forward_request<R: Runtime>(
     listener: &Listener,
 ) -> Served {
     let started = Instant::now();
-    let (keep_open, status) =
-        forward(worker, view, cluster_index, client, bufs, info, listener).await;
+    let cluster = &view.snap.config.clusters[cluster_index];
+    let addr = pick_upstream(view, cluster_index, cluster);
+    let (keep_open, status, body_bytes) =
+        forward(worker, view, cluster_index, addr, client, bufs, info, listener).await;
     view.cluster_stats[cluster_index].record(status, started.elapsed());
-    Served { keep_open, status }
+    Served { keep_open, status, body_bytes, upstream: Some(addr) }
 }
 
 /// [`forward_request`] without the bookkeeping: returns whether the client connection stays
-/// open and the status the client got (499 when the client went away first).
+/// open, the status the client got (499 when the client went away first) and the body bytes
+/// relayed.
+#[allow(clippy::too_many_arguments)] // the request's whole context; one call site
 async fn forward<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
     cluster_index: usize,
+    addr: SocketAddr,
     client: &mut R::Stream,
     bufs: &mut Buffers,
     info: &RequestInfo,
     listener: &Listener,
-) -> (bool, u16) {
+) -> (bool, u16, u64) {
     let cluster = &view.snap.config.clusters[cluster_index];
     let stats = &view.cluster_stats[cluster_index];
-    let addr = pick_upstream(view, cluster_index, cluster);
 
     // The part of the body that arrived with the head joins the head: one write, and a request
     // that is whole in `uhead` can be replayed.
@@ -200,12 +207,12 @@ async fn forward<R: Runtime>(
         Ok(n) => n,
         Err(e) => {
             debug!(reason = e.reason(), "refused request body");
-            return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400);
+            return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400, 0);
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
     if listener.max_request_body.is_some_and(|max| body.body_bytes() > max) {
-        return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413);
+        return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413, 0);
     }
     let replayable = info.idempotent && body.is_done();
 
@@ -245,7 +252,7 @@ async fn forward<R: Runtime>(
             if info.expect_continue {
                 bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                 if !flush(client, &mut bufs.out).await {
-                    return (false, 499);
+                    return (false, 499, 0);
                 }
             }
             let idle = listener.body_timeout;
@@ -253,15 +260,27 @@ async fn forward<R: Runtime>(
             match stream_request_body::<R>(client, &mut up, bufs, &mut body, idle, max).await {
                 Ok(()) => {}
                 Err(BodyStop::TooLarge) => {
-                    return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413);
+                    return (
+                        send_error::<R>(client, &mut bufs.out, 413, false, false).await,
+                        413,
+                        0,
+                    );
                 }
-                Err(BodyStop::ClientGone) => return (false, 499),
+                Err(BodyStop::ClientGone) => return (false, 499, 0),
                 Err(BodyStop::Timeout) => {
-                    return (send_error::<R>(client, &mut bufs.out, 408, false, false).await, 408);
+                    return (
+                        send_error::<R>(client, &mut bufs.out, 408, false, false).await,
+                        408,
+                        0,
+                    );
                 }
                 Err(BodyStop::Bad(reason)) => {
                     debug!(reason, "refused request body");
-                    return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400);
+                    return (
+                        send_error::<R>(client, &mut bufs.out, 400, false, false).await,
+                        400,
+                        0,
+                    );
                 }
                 Err(BodyStop::Upstream(e)) => break Err(ProxyError::UpstreamWrite(e)),
             }
@@ -299,14 +318,13 @@ async fn forward<R: Runtime>(
             // A body still on the wire cannot be skipped safely: close after answering.
             let keep = body.is_done() && info.keep_alive && !worker.is_draining();
             let ka = info.needs_keep_alive_header();
-            return (
-                send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await,
-                e.status(),
-            );
+            let sent = send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await;
+            return (sent, e.status(), 0);
         }
     };
     let status = plan.status;
-    (relay_response::<R>(worker, client, up, addr, cluster, bufs, plan).await, status)
+    let (keep, bytes) = relay_response::<R>(worker, client, up, addr, cluster, bufs, plan).await;
+    (keep, status, bytes)
 }
 
 /// Round robin over the cluster's endpoints, on this worker's own counter.
@@ -316,7 +334,7 @@ fn pick_upstream(view: &WorkerView, cluster_index: usize, cluster: &Cluster) -> 
 }
 
 /// Sends the response head (already in `bufs.out`) and streams the body, re-framed, one read
-/// at a time. Returns whether the client connection stays open.
+/// at a time. Returns whether the client connection stays open, and the body bytes relayed.
 async fn relay_response<R: Runtime>(
     worker: &Worker<R>,
     client: &mut R::Stream,
@@ -325,7 +343,7 @@ async fn relay_response<R: Runtime>(
     cluster: &Cluster,
     bufs: &mut Buffers,
     plan: ResponsePlan,
-) -> bool {
+) -> (bool, u64) {
     let mut body = BodyRelay::new(plan.framing, plan.down_framing);
     let mut leftover = false;
     let mut offset = plan.head_len;
@@ -334,14 +352,14 @@ async fn relay_response<R: Runtime>(
             Ok(n) => leftover |= body.is_done() && offset + n < bufs.ubuf.len(),
             Err(e) => {
                 warn!(upstream = %addr, reason = e.reason(), status = plan.status, "bad response body");
-                return false;
+                return (false, body.body_bytes());
             }
         }
         bufs.ubuf.clear();
         offset = 0;
         // Each read is passed on at once: a slow stream reaches the client as it is produced.
         if !flush(client, &mut bufs.out).await {
-            return false;
+            return (false, body.body_bytes());
         }
         if body.is_done() {
             break;
@@ -351,20 +369,23 @@ async fn relay_response<R: Runtime>(
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) | Some(Err(_)) => {
                 if body.end_of_input(&mut bufs.out) {
-                    return flush(client, &mut bufs.out).await && !plan.close_client;
+                    return (
+                        flush(client, &mut bufs.out).await && !plan.close_client,
+                        body.body_bytes(),
+                    );
                 }
                 // Cut mid-body: the client must not mistake a short body for a whole one.
                 warn!(upstream = %addr, status = plan.status, "upstream closed mid-body");
-                return false;
+                return (false, body.body_bytes());
             }
             None => {
                 warn!(upstream = %addr, status = plan.status, "upstream body read timed out");
-                return false;
+                return (false, body.body_bytes());
             }
         }
     }
     if plan.reusable && !leftover {
         worker.pool.checkin(addr, up, cluster.pool_max_idle);
     }
-    !plan.close_client
+    (!plan.close_client, body.body_bytes())
 }

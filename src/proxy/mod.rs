@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use arc_swap::cache::Cache;
 
+use crate::access_log::WorkerLog;
 use crate::balance::RoundRobin;
 use crate::config::Action;
 use crate::http::HeadLimits;
@@ -62,6 +63,8 @@ pub struct Worker<R: Runtime> {
     /// Tasks waiting for a client connection to close.
     pub closed: WakeList,
     pub stats: WorkerStats,
+    /// `None` when the access log is off.
+    pub access: Option<WorkerLog>,
 }
 
 /// Counts one open client connection; dropping it (when the connection ends) wakes whoever
@@ -78,7 +81,7 @@ impl<R: Runtime> Drop for ConnGuard<R> {
 }
 
 impl<R: Runtime> Worker<R> {
-    pub fn new(id: usize, shared: SharedSnapshot) -> Self {
+    pub fn new(id: usize, shared: SharedSnapshot, access: Option<WorkerLog>) -> Self {
         let mut cache = Cache::new(shared);
         let snap = Arc::clone(cache.load());
         let stats = WorkerStats::default();
@@ -93,6 +96,7 @@ impl<R: Runtime> Worker<R> {
             drain: Event::default(),
             closed: WakeList::default(),
             stats,
+            access,
         }
     }
 

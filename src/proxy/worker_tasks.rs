@@ -16,6 +16,7 @@ use super::io::Runtime;
 use super::isolate::isolate;
 use super::wait::{race, Either, Event};
 use super::Worker;
+use crate::access_log::{Format, LogMessage, WorkerLog, FLUSH_EVERY};
 use crate::config::Listener;
 use crate::snapshot::SharedSnapshot;
 use crate::stats::StatsReport;
@@ -189,6 +190,7 @@ async fn accept_loop<R: Runtime>(
 }
 
 /// Builds a worker for `shared` and runs it to the end of its drain.
+#[allow(clippy::too_many_arguments)] // one call site: the worker thread's entry
 pub async fn run<R: Runtime>(
     id: usize,
     shared: SharedSnapshot,
@@ -196,7 +198,27 @@ pub async fn run<R: Runtime>(
     control: UnixStream,
     orders: Receiver<Control>,
     ready: Sender<Result<(), String>>,
+    access: Option<(Format, Sender<LogMessage>)>,
 ) {
-    let worker = Rc::new(Worker::<R>::new(id, shared));
-    worker_main(worker, socks, control, orders, ready).await
+    let access = access.map(|(format, tx)| WorkerLog::new(format, tx));
+    let worker = Rc::new(Worker::<R>::new(id, shared, access));
+    if worker.access.is_some() {
+        R::spawn(flush_access_log(Rc::clone(&worker)));
+    }
+    worker_main(Rc::clone(&worker), socks, control, orders, ready).await;
+    if let Some(log) = &worker.access {
+        log.flush();
+    }
+}
+
+/// Hands the access-log buffer to the writer thread every `FLUSH_EVERY`, off the request path.
+async fn flush_access_log<R: Runtime>(worker: Rc<Worker<R>>) {
+    loop {
+        if let Either::Right(()) = race(R::sleep(FLUSH_EVERY), worker.drain.wait()).await {
+            return;
+        }
+        if let Some(log) = &worker.access {
+            log.flush();
+        }
+    }
 }

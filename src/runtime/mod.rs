@@ -15,6 +15,7 @@ use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use tracing::{error, info, warn};
 
 use self::monoio::Monoio;
+use crate::access_log::{start_writer, Format, LogMessage};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{bind_reuseport, BindError};
@@ -29,6 +30,7 @@ pub enum StartError {
     Bind(BindError),
     Worker(usize, String),
     Spawn(io::Error),
+    AccessLog(io::Error),
 }
 
 impl std::fmt::Display for StartError {
@@ -37,6 +39,7 @@ impl std::fmt::Display for StartError {
             StartError::Bind(e) => write!(f, "{e}"),
             StartError::Worker(id, e) => write!(f, "worker {id} failed to start: {e}"),
             StartError::Spawn(e) => write!(f, "cannot start a worker thread: {e}"),
+            StartError::AccessLog(e) => write!(f, "cannot open the access log: {e}"),
         }
     }
 }
@@ -51,6 +54,8 @@ pub struct Server {
     pub shared: SharedSnapshot,
     pub workers: usize,
     controls: Vec<WorkerControl>,
+    /// The access-log writer, for SIGUSR1's reopen.
+    pub access_log: Option<Sender<LogMessage>>,
 }
 
 /// The control plane's line to one worker: orders go on the channel, a byte on the socket wakes
@@ -170,6 +175,11 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         listeners.push((l.name.clone(), bound));
     }
     let kind = config.runtime;
+    let access_format = config.access_log.as_ref().map(|a| a.format);
+    let access_writer = match &config.access_log {
+        Some(a) => Some(start_writer(&a.target).map_err(StartError::AccessLog)?),
+        None => None,
+    };
     let source = config.source.as_ref().map(|p| p.display().to_string());
     let shared = publish_first(config);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -184,7 +194,9 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         let (orders_tx, orders) = mpsc::channel();
         controls.push(WorkerControl { wake: ours, orders: orders_tx });
         let exit = ExitReport { id, events: events.clone() };
-        let w = WorkerStart { id, core, kind, socks, shared, control: theirs, orders, ready };
+        let access = access_writer.as_ref().zip(access_format).map(|(tx, f)| (f, tx.clone()));
+        let w =
+            WorkerStart { id, core, kind, socks, shared, control: theirs, orders, ready, access };
         std::thread::Builder::new()
             .name(format!("apex-worker-{id}"))
             .spawn(move || {
@@ -211,7 +223,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         config = source.as_deref().unwrap_or("(command line)"),
         "apex started"
     );
-    Ok(Server { listeners, shared, workers: count, controls })
+    Ok(Server { listeners, shared, workers: count, controls, access_log: access_writer })
 }
 
 /// What a worker thread starts with.
@@ -224,10 +236,11 @@ struct WorkerStart {
     control: StdUnixStream,
     orders: mpsc::Receiver<Control>,
     ready: mpsc::Sender<Result<(), String>>,
+    access: Option<(Format, Sender<LogMessage>)>,
 }
 
 fn run_worker(w: WorkerStart) {
-    let WorkerStart { id, core, kind, socks, shared, control, orders, ready } = w;
+    let WorkerStart { id, core, kind, socks, shared, control, orders, ready, access } = w;
     let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
     let pin = match pinned {
         Some((cpu, true)) => format!("cpu {cpu}"),
@@ -255,7 +268,8 @@ fn run_worker(w: WorkerStart) {
     } else {
         info!(worker = id, driver = driver.name, detail = %driver.detail, pin = %pin, "worker starting");
     }
-    let main = worker_tasks::run::<Monoio>(id, shared, socks, control, orders, ready.clone());
+    let main =
+        worker_tasks::run::<Monoio>(id, shared, socks, control, orders, ready.clone(), access);
     match result {
         Ok(mut rt) => rt.block_on(main),
         Err(_) => match build_epoll() {
