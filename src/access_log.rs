@@ -183,14 +183,17 @@ fn open(path: &PathBuf) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// Starts the writer thread; returns the sender workers and the main thread use.
-pub fn start_writer(target: &Target) -> io::Result<Sender<LogMessage>> {
+/// Starts the writer thread; returns the sender workers and the main thread use, and the thread,
+/// which ends once every sender is gone and everything sent is written.
+pub fn start_writer(
+    target: &Target,
+) -> io::Result<(Sender<LogMessage>, std::thread::JoinHandle<()>)> {
     let mut sink = match target {
         Target::Stdout => Sink::Stdout(io::stdout()),
         Target::File(p) => Sink::File(open(p)?, p.clone()),
     };
     let (tx, rx): (Sender<LogMessage>, Receiver<LogMessage>) = mpsc::channel();
-    std::thread::Builder::new().name("apex-access-log".into()).spawn(move || {
+    let thread = std::thread::Builder::new().name("apex-access-log".into()).spawn(move || {
         for msg in rx {
             match (msg, &mut sink) {
                 (LogMessage::Lines(bytes), Sink::Stdout(out)) => {
@@ -208,7 +211,7 @@ pub fn start_writer(target: &Target) -> io::Result<Sender<LogMessage>> {
             }
         }
     })?;
-    Ok(tx)
+    Ok((tx, thread))
 }
 
 #[cfg(test)]

@@ -207,6 +207,7 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
                     return Err(anyhow!("every worker stopped"));
                 }
                 if alive == 0 {
+                    server.finish();
                     info!("all workers drained; exiting");
                     return Ok(());
                 }

@@ -119,7 +119,7 @@ fn admin_refuses_a_public_address_unless_allowed() {
     let (code, err, file) = apex_check(&format!("admin: 0.0.0.0:9901\n{base}"));
     assert_eq!(code, Some(1));
     assert!(
-        err.contains(&format!("{file}: admin: 0.0.0.0:9901 is not a loopback address")),
+        err.contains(&format!("{file}:1: admin: 0.0.0.0:9901 is not a loopback address")),
         "{err}"
     );
     let (code, err, _) =

@@ -114,11 +114,11 @@ fn check_reports_file_key_path_and_problem() {
     );
     assert_eq!(code, Some(1));
     for want in [
-        "routes[0].cluster: no cluster is named `nope`",
-        "clusters[0].endpoints: a cluster needs at least one endpoint",
-        "clusters[0].connect_timeout: must be greater than zero",
+        "4: routes[0].cluster: no cluster is named `nope`",
+        "6: clusters[0].endpoints: a cluster needs at least one endpoint",
+        "6: clusters[0].connect_timeout: must be greater than zero",
     ] {
-        assert!(err.contains(&format!("{file}: {want}")), "{err}");
+        assert!(err.contains(&format!("{file}:{want}")), "{err}");
     }
 }
 

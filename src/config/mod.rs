@@ -4,6 +4,7 @@
 //! key, collecting all problems at once so that `apex check` can list them together. Each
 //! [`ConfigError`] names the file, the key path (`clusters[1].endpoints[0]`) and what is wrong.
 
+pub mod lines;
 pub mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -385,7 +386,13 @@ impl Config {
                 problem: Problem::Syntax(msg),
             }])
         })?;
-        Validator { file, errors: Vec::new() }.config(raw)
+        Validator { file, errors: Vec::new() }.config(raw).map_err(|mut errors| {
+            let lines = lines::key_lines(text);
+            for e in &mut errors.0 {
+                e.line = e.line.or_else(|| lines::line_of(&lines, &e.key));
+            }
+            errors
+        })
     }
 }
 
@@ -825,7 +832,7 @@ routes:
         );
         assert_eq!(
             e,
-            vec!["bad.yaml: routes[1].match: matches exactly the same requests as routes[0]"]
+            vec!["bad.yaml:5: routes[1].match: matches exactly the same requests as routes[0]"]
         );
     }
 

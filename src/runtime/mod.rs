@@ -56,6 +56,7 @@ pub struct Server {
     controls: Vec<WorkerControl>,
     /// The access-log writer, for SIGUSR1's reopen.
     pub access_log: Option<Sender<LogMessage>>,
+    access_log_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The control plane's line to one worker: orders go on the channel, a byte on the socket wakes
@@ -71,6 +72,14 @@ impl Server {
         let c = &self.controls[worker];
         if c.orders.send(order).is_ok() {
             let _ = (&c.wake).write_all(b"o");
+        }
+    }
+
+    /// After every worker has exited: waits until the access log has written every line.
+    pub fn finish(mut self) {
+        self.access_log = None;
+        if let Some(t) = self.access_log_thread.take() {
+            let _ = t.join();
         }
     }
 
@@ -176,9 +185,12 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
     }
     let kind = config.runtime;
     let access_format = config.access_log.as_ref().map(|a| a.format);
-    let access_writer = match &config.access_log {
-        Some(a) => Some(start_writer(&a.target).map_err(StartError::AccessLog)?),
-        None => None,
+    let (access_writer, access_thread) = match &config.access_log {
+        Some(a) => {
+            let (tx, thread) = start_writer(&a.target).map_err(StartError::AccessLog)?;
+            (Some(tx), Some(thread))
+        }
+        None => (None, None),
     };
     let source = config.source.as_ref().map(|p| p.display().to_string());
     let shared = publish_first(config);
@@ -223,7 +235,14 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         config = source.as_deref().unwrap_or("(command line)"),
         "apex started"
     );
-    Ok(Server { listeners, shared, workers: count, controls, access_log: access_writer })
+    Ok(Server {
+        listeners,
+        shared,
+        workers: count,
+        controls,
+        access_log: access_writer,
+        access_log_thread: access_thread,
+    })
 }
 
 /// What a worker thread starts with.
