@@ -2,7 +2,7 @@
 # CPU per request of Apex against nginx and HAProxy as reverse proxies, same run, same machine.
 #
 #   scripts/bench.sh [ROUNDS] [SECONDS]        (defaults: 5 rounds of 5 s per mode and size)
-#   SIZES="64 4k 64k" MODES="direct apex-io_uring apex-epoll nginx haproxy" scripts/bench.sh
+#   SIZES="64 4k 64k" MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy" scripts/bench.sh
 #
 # Layout: an nginx backend (static bodies of 64 B, 4 KiB and 64 KiB) and wrk (1 thread, 64
 # keep-alive connections) share CPU 1; the proxy under test runs alone on CPU 0 with one worker.
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-5}
 SECS=${2:-5}
 SIZES=${SIZES:-"64 4k 64k"}
-MODES=${MODES:-"direct apex-io_uring apex-epoll nginx haproxy"}
+MODES=${MODES:-"direct apex-io_uring apex-epoll apex-tokio nginx haproxy"}
 CONNS=${CONNS:-64}
 
 BACKEND_PORT=18080
@@ -156,7 +156,7 @@ start_proxy() {
     local mode=$1 pid
     case $mode in
     direct) echo ""; return ;;
-    apex-io_uring | apex-epoll)
+    apex-io_uring | apex-epoll | apex-tokio)
         RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex.yaml" \
             --runtime "${mode#apex-}" >"$WORK/apex.log" 2>&1 &
         pid=$! ;;

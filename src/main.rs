@@ -72,7 +72,8 @@ fn init_logging() {
 }
 
 fn parse_runtime(s: &str) -> anyhow::Result<RuntimeKind> {
-    RuntimeKind::parse(s).ok_or_else(|| anyhow!("unknown runtime `{s}`: use io_uring or epoll"))
+    RuntimeKind::parse(s)
+        .ok_or_else(|| anyhow!("unknown runtime `{s}`: use io_uring, epoll or tokio"))
 }
 
 fn workers_from(n: usize) -> anyhow::Result<Workers> {

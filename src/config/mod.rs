@@ -58,6 +58,8 @@ pub enum RuntimeKind {
     IoUring,
     /// monoio's legacy (epoll) driver.
     Epoll,
+    /// The Tokio build: one current-thread Tokio runtime per core (for comparison).
+    Tokio,
 }
 
 impl RuntimeKind {
@@ -65,6 +67,7 @@ impl RuntimeKind {
         match s {
             "io_uring" | "iouring" | "uring" => Some(Self::IoUring),
             "epoll" | "legacy" => Some(Self::Epoll),
+            "tokio" => Some(Self::Tokio),
             _ => None,
         }
     }
@@ -72,6 +75,7 @@ impl RuntimeKind {
         match self {
             Self::IoUring => "io_uring",
             Self::Epoll => "epoll",
+            Self::Tokio => "tokio",
         }
     }
 }
@@ -244,7 +248,9 @@ impl fmt::Display for Problem {
             ),
             Problem::ZeroDuration => write!(f, "must be greater than zero"),
             Problem::BadWorkers => write!(f, "must be `auto` or a number from 1 to 1024"),
-            Problem::BadRuntime(r) => write!(f, "unknown runtime `{r}`: use io_uring or epoll"),
+            Problem::BadRuntime(r) => {
+                write!(f, "unknown runtime `{r}`: use io_uring, epoll or tokio")
+            }
             Problem::NoEndpoints => write!(f, "a cluster needs at least one endpoint"),
             Problem::BadEndpoint(e) => write!(f, "`{e}` is not host:port or does not resolve"),
             Problem::BadPoolSize => write!(f, "must be a number from 0 to 65536"),

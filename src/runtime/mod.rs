@@ -2,6 +2,7 @@
 //! listeners and its own pool. Choosing the driver (io_uring, or epoll) happens here.
 
 pub mod monoio;
+pub mod tokio;
 
 use std::io;
 use std::io::Write;
@@ -15,6 +16,7 @@ use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use tracing::{error, info, warn};
 
 use self::monoio::Monoio;
+use self::tokio::Tokio;
 use crate::access_log::{start_writer, Format, LogMessage};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::lifecycle::Lifecycle;
@@ -266,9 +268,22 @@ fn run_worker(w: WorkerStart) {
         Some((cpu, false)) => format!("unpinned (pinning to cpu {cpu} failed)"),
         None => "unpinned (no core list)".to_string(),
     };
+    if kind == RuntimeKind::Tokio {
+        info!(worker = id, driver = "tokio", detail = "current-thread runtime", pin = %pin, "worker starting");
+        match self::tokio::build() {
+            Ok(rt) => self::tokio::block_on(
+                &rt,
+                worker_tasks::run::<Tokio>(id, shared, socks, control, orders, ready, access),
+            ),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot build a Tokio runtime: {e}")));
+            }
+        }
+        return;
+    }
     let uring = match kind {
         RuntimeKind::IoUring => Some(build_uring()),
-        RuntimeKind::Epoll => None,
+        RuntimeKind::Epoll | RuntimeKind::Tokio => None,
     };
     let (driver, result) = match uring {
         Some(Ok((rt, flags))) => {

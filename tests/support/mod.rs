@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Generates one `#[test]` per driver for a test function taking the runtime's name.
+/// Generates one `#[test]` per runtime (io_uring, epoll, the Tokio build) for a test function
+/// taking the runtime's name.
 #[macro_export]
 macro_rules! under_each_driver {
     ($($name:ident),* $(,)?) => {
@@ -27,6 +28,10 @@ macro_rules! under_each_driver {
                 #[test]
                 fn epoll() {
                     super::$name("epoll")
+                }
+                #[test]
+                fn tokio() {
+                    super::$name("tokio")
                 }
             }
         )*

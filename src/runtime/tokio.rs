@@ -1,0 +1,99 @@
+//! The Tokio adapter: the same proxy on one current-thread Tokio runtime per pinned core, for
+//! measuring what io_uring buys against epoll-through-Tokio. Never a multi-thread runtime.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+use crate::proxy::io::{socket_is_stale, stop_listening, Runtime, Stream};
+
+/// Marker type for the Tokio runtime; tasks are spawned on the worker's `LocalSet`.
+pub struct Tokio;
+
+pub struct TokioStream(pub TcpStream);
+
+impl Stream for TokioStream {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        // `read_buf` fills the spare capacity and extends the length, like the io_uring path.
+        let res = self.0.read_buf(&mut buf).await;
+        (res, buf)
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let res = self.0.write_all(&buf).await;
+        (res, buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+
+    fn is_stale(&self) -> bool {
+        socket_is_stale(self.0.as_raw_fd())
+    }
+}
+
+impl Runtime for Tokio {
+    type Stream = TokioStream;
+
+    async fn connect(addr: SocketAddr) -> io::Result<TokioStream> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(TokioStream(s))
+    }
+
+    async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output> {
+        tokio::time::timeout(dur, fut).await.ok()
+    }
+
+    async fn sleep(dur: Duration) {
+        tokio::time::sleep(dur).await
+    }
+
+    fn spawn(fut: impl Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(fut);
+    }
+
+    type Listener = TcpListener;
+
+    fn listener_from_std(l: std::net::TcpListener) -> io::Result<TcpListener> {
+        TcpListener::from_std(l)
+    }
+
+    async fn accept(l: &TcpListener) -> io::Result<(TokioStream, SocketAddr)> {
+        let (s, peer) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((TokioStream(s), peer))
+    }
+
+    fn close_listener(l: TcpListener) {
+        stop_listening(l.as_raw_fd());
+    }
+
+    type Control = UnixStream;
+
+    fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<UnixStream> {
+        UnixStream::from_std(c)
+    }
+
+    async fn control_wait(c: &mut UnixStream) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(c.read(&mut buf).await, Ok(n) if n > 0)
+    }
+}
+
+/// Builds the worker's runtime: current-thread, so the worker stays one pinned thread.
+pub fn build() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()
+}
+
+/// Runs `fut` to completion on `rt`, with a `LocalSet` so tasks may be `!Send`.
+pub fn block_on(rt: &tokio::runtime::Runtime, fut: impl Future<Output = ()>) {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(rt, fut);
+}
