@@ -2,7 +2,7 @@
 //! head Apex sends upstream parses back to the same request.
 
 use apex::http::request::{encode_request_head, encode_upstream_head, parse_request_head};
-use apex::http::{HeadLimits, Status, MAX_FIELDS_CAP};
+use apex::http::{HeadLimits, Status};
 use proptest::prelude::*;
 
 /// What a parsed head says, owned, for comparison.
@@ -17,7 +17,7 @@ struct Owned {
 }
 
 fn parse(bytes: &[u8]) -> Option<Owned> {
-    let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+    let mut f = apex::http::fields();
     match parse_request_head(bytes, &mut f, &HeadLimits::default()) {
         Ok(Status::Complete(h)) => Some(Owned {
             method: h.method.into(),
@@ -32,7 +32,7 @@ fn parse(bytes: &[u8]) -> Option<Owned> {
 }
 
 fn reencode(bytes: &[u8]) -> Vec<u8> {
-    let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+    let mut f = apex::http::fields();
     let Ok(Status::Complete(h)) = parse_request_head(bytes, &mut f, &HeadLimits::default()) else {
         panic!("does not parse")
     };
@@ -82,7 +82,7 @@ proptest! {
 
     #[test]
     fn upstream_head_parses_to_the_same_request(h in head()) {
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = apex::http::fields();
         let Ok(Status::Complete(req)) = parse_request_head(h.as_bytes(), &mut f, &HeadLimits::default()) else {
             panic!("valid")
         };

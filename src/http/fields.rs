@@ -100,20 +100,66 @@ pub fn connection_has(headers: &[Header<'_>], token: &str) -> bool {
 }
 
 /// Fields that describe one hop and never cross the proxy (RFC 9110 §7.6.1), plus the framing
-/// fields that Apex re-creates itself.
+/// fields that Apex re-creates itself. Checked by length first: most names are not candidates.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    const HOP: [&str; 9] = [
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-connection",
-        "proxy-authorization",
-        "transfer-encoding",
-        "content-length",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    let candidate: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        14 => &["content-length"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        19 => &["proxy-authorization"],
+        _ => return false,
+    };
+    candidate.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Most `Connection` tokens a head may name for removal; more are a 400 (RFC 9110 lets a
+/// recipient limit this, and no client sends more than a handful).
+pub const MAX_CONNECTION_TOKENS: usize = 16;
+
+/// The field names listed in a head's `Connection` fields, gathered once per head so that
+/// dropping them costs one comparison per listed name, not a rescan of the head per field.
+#[derive(Debug, Default)]
+pub struct ConnectionTokens<'b> {
+    tokens: [&'b [u8]; MAX_CONNECTION_TOKENS],
+    len: usize,
+    /// More tokens than fit: fall back to scanning the head.
+    overflow: bool,
+}
+
+impl<'b> ConnectionTokens<'b> {
+    pub fn of(headers: &[Header<'b>]) -> Self {
+        let mut t = ConnectionTokens::default();
+        for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+            for e in list_elements(h.value) {
+                if t.len == MAX_CONNECTION_TOKENS {
+                    t.overflow = true;
+                    return t;
+                }
+                t.tokens[t.len] = e;
+                t.len += 1;
+            }
+        }
+        t
+    }
+
+    pub fn has(&self, token: &str) -> bool {
+        self.tokens[..self.len].iter().any(|e| e.eq_ignore_ascii_case(token.as_bytes()))
+    }
+
+    /// Whether the field `name` must be dropped: hop-by-hop, or named by `Connection`.
+    pub fn must_drop(&self, headers: &[Header<'_>], name: &str) -> bool {
+        is_hop_by_hop(name)
+            || (self.len > 0 && self.has(name))
+            || (self.overflow && connection_has(headers, name))
+    }
+}
+
+/// Whether the field `name` must be dropped: hop-by-hop, or named by a `Connection` field.
+pub fn must_drop(headers: &[Header<'_>], name: &str) -> bool {
+    is_hop_by_hop(name) || connection_has(headers, name)
 }
 
 /// Appends one field line, `name: value` CRLF, as received.
@@ -124,9 +170,19 @@ pub fn encode_field(out: &mut Vec<u8>, h: &Header<'_>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Whether the field `name` must be dropped: hop-by-hop, or named by a `Connection` field.
-pub fn must_drop(headers: &[Header<'_>], name: &str) -> bool {
-    is_hop_by_hop(name) || connection_has(headers, name)
+/// Appends `n` in decimal, without going through `fmt`.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]
@@ -172,6 +228,35 @@ mod tests {
             transfer_coding(&[h("Transfer-Encoding", "xchunked")]),
             TransferCoding::NotChunkedLast
         );
+    }
+
+    #[test]
+    fn decimal_and_hop_by_hop_fast_paths() {
+        let mut out = Vec::new();
+        for n in [0u64, 7, 10, 65536, u64::MAX] {
+            out.clear();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for h in [
+            "TE",
+            "Trailer",
+            "UPGRADE",
+            "Connection",
+            "keep-alive",
+            "Content-Length",
+            "Proxy-Connection",
+            "Transfer-Encoding",
+            "Proxy-Authorization",
+        ] {
+            assert!(is_hop_by_hop(h), "{h}");
+        }
+        for h in ["Host", "Tx", "Upgrades", "Content-Type", "X-Connection"] {
+            assert!(!is_hop_by_hop(h), "{h}");
+        }
+        let hs = [h("Connection", "close, X-A"), h("X-A", "1")];
+        let t = ConnectionTokens::of(&hs);
+        assert!(t.has("close") && t.must_drop(&hs, "x-a") && !t.must_drop(&hs, "x-b"));
     }
 
     #[test]

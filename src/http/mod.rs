@@ -49,6 +49,14 @@ pub struct HeadLimits {
 /// The parser's field array lives on the stack; this bounds its size.
 pub const MAX_FIELDS_CAP: usize = 256;
 
+/// Storage for a head's fields, left uninitialised: httparse writes only what it parses, so a
+/// parse does not first clear 8 KiB.
+pub type Fields<'b> = [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_FIELDS_CAP];
+
+pub fn fields<'b>() -> Fields<'b> {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS_CAP]
+}
+
 impl Default for HeadLimits {
     fn default() -> Self {
         HeadLimits { max_request_line: 8 * 1024, max_head: 64 * 1024, max_fields: 100 }

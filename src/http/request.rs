@@ -5,13 +5,17 @@ use std::net::IpAddr;
 
 use httparse::Header;
 
-use super::fields::{self, TransferCoding};
-use super::scan::find_head_end;
+use std::mem::MaybeUninit;
+
+use super::fields::{self, ConnectionTokens, TransferCoding};
+use super::scan::{find_head_end, HeadEnd};
 use super::{Framing, HeadError, HeadLimits, Status, Version};
 
 /// A parsed request head borrowing from the read buffer (`'b`) and the field array (`'h`).
 #[derive(Debug)]
 pub struct RequestHead<'b, 'h> {
+    /// Field names the `Connection` fields list (to drop when forwarding).
+    pub conn: ConnectionTokens<'b>,
     pub method: &'b str,
     pub target: &'b str,
     pub version: Version,
@@ -87,24 +91,30 @@ fn valid_authority(v: &[u8]) -> bool {
 }
 
 /// Parses a request head at the start of `buf`. `fields` is the caller's storage for the field
-/// array; at most `limits.max_fields` of it is used.
+/// array (see [`super::fields`]); at most `limits.max_fields` of it is used.
 pub fn parse_request_head<'b, 'h>(
     buf: &'b [u8],
-    fields: &'h mut [Header<'b>],
+    fields: &'h mut [MaybeUninit<Header<'b>>],
     limits: &HeadLimits,
 ) -> Result<Status<RequestHead<'b, 'h>>, HeadError> {
     let Some(end) = find_head_end(buf, limits.max_request_line, limits.max_head)? else {
         return Ok(Status::Partial);
     };
+    parse_request_head_at(buf, end, fields, limits).map(Status::Complete)
+}
+
+/// Parses a head whose end a [`super::scan::HeadScanner`] already found (and whose line endings
+/// it already checked), so the bytes are not scanned twice.
+pub fn parse_request_head_at<'b, 'h>(
+    buf: &'b [u8],
+    end: HeadEnd,
+    fields: &'h mut [MaybeUninit<Header<'b>>],
+    limits: &HeadLimits,
+) -> Result<RequestHead<'b, 'h>, HeadError> {
     let head = &buf[end.skip..end.end];
-    // obs-fold: a field line that starts with whitespace (RFC 9112 §5.2); httparse would also
-    // refuse it, but this names the reason.
-    if head.windows(3).any(|w| w[0] == b'\r' && w[1] == b'\n' && (w[2] == b' ' || w[2] == b'\t')) {
-        return Err(HeadError::BadRequest("obs-fold in header field"));
-    }
     let max = limits.max_fields.min(fields.len());
-    let mut req = httparse::Request::new(&mut fields[..max]);
-    match req.parse(head) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut fields[..max]) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::BadRequest("truncated head")),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::FieldsTooLarge),
@@ -197,12 +207,14 @@ pub fn parse_request_head<'b, 'h>(
         }
         Some(_) => return Err(HeadError::ExpectationFailed),
     };
-    let close = fields::connection_has(headers, "close");
+    let conn = ConnectionTokens::of(headers);
+    let close = conn.has("close");
     let keep_alive = match version {
         Version::Http11 => !close,
-        Version::Http10 => !close && fields::connection_has(headers, "keep-alive"),
+        Version::Http10 => !close && conn.has("keep-alive"),
     };
-    Ok(Status::Complete(RequestHead {
+    Ok(RequestHead {
+        conn,
         method,
         target,
         version,
@@ -212,7 +224,7 @@ pub fn parse_request_head<'b, 'h>(
         host,
         keep_alive,
         expect_continue,
-    }))
+    })
 }
 
 /// Appends `req` exactly as parsed: its start line and every field, with CRLF line endings.
@@ -248,7 +260,7 @@ pub fn encode_upstream_head(
     let mut xff_seen = false;
     for h in req.headers {
         let name = h.name;
-        if fields::must_drop(req.headers, name)
+        if req.conn.must_drop(req.headers, name)
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
         {
@@ -277,7 +289,9 @@ pub fn encode_upstream_head(
     let _ = write!(out, "{client}\r\nX-Forwarded-Proto: http\r\n");
     match req.framing {
         Framing::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            fields::push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         Framing::None | Framing::UntilClose => {}
@@ -288,10 +302,9 @@ pub fn encode_upstream_head(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::MAX_FIELDS_CAP;
 
     fn parse(b: &[u8]) -> Result<Status<(Framing, bool, String)>, HeadError> {
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         Ok(match parse_request_head(b, &mut f, &HeadLimits::default())? {
             Status::Complete(h) => Status::Complete((h.framing, h.keep_alive, h.host.to_string())),
             Status::Partial => Status::Partial,
@@ -359,7 +372,7 @@ mod tests {
         let raw = b"POST /p HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
 Keep-Alive: 5\r\nTE: trailers\r\nUpgrade: ws\r\nProxy-Authorization: s\r\nX-Forwarded-For: 1.1.1.1\r\n\
 X-Forwarded-Proto: https\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\nAccept: */*\r\n\r\n";
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         let Status::Complete(h) = parse_request_head(raw, &mut f, &HeadLimits::default()).unwrap()
         else {
             panic!("partial")
@@ -378,7 +391,7 @@ X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
     fn non_ascii_in_an_absolute_target_does_not_panic() {
         // Found by the request_head fuzzer: a multi-byte character across the scheme's end.
         let raw = "GET http:/\u{456}ther:81/x HTTP/1.1\r\nHost: h\r\n\r\n";
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         let _ = parse_request_head(raw.as_bytes(), &mut f, &HeadLimits::default());
         assert_eq!(absolute_form_rest("http:/\u{456}x"), None);
         assert_eq!(absolute_form_rest("http://\u{456}/p"), Some(("\u{456}", "/p")));
@@ -387,7 +400,7 @@ X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
     #[test]
     fn absolute_form_routes_on_its_authority() {
         let raw = b"GET http://Other:81/x/y?q HTTP/1.1\r\nHost: h\r\n\r\n";
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         let Status::Complete(h) = parse_request_head(raw, &mut f, &HeadLimits::default()).unwrap()
         else {
             panic!("partial")

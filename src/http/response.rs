@@ -4,12 +4,16 @@ use std::io::Write;
 
 use httparse::Header;
 
-use super::fields::{self, TransferCoding};
+use std::mem::MaybeUninit;
+
+use super::fields::{self, ConnectionTokens, TransferCoding};
 use super::scan::find_head_end;
 use super::{Framing, HeadLimits, Status, Version};
 
 #[derive(Debug)]
 pub struct ResponseHead<'b, 'h> {
+    /// Field names the `Connection` fields list (to drop when relaying).
+    pub conn: ConnectionTokens<'b>,
     pub status: u16,
     pub reason: &'b str,
     pub version: Version,
@@ -35,7 +39,7 @@ pub type ResponseError = &'static str;
 /// Parses a response head at the start of `buf`; `head_request` says the request was HEAD.
 pub fn parse_response_head<'b, 'h>(
     buf: &'b [u8],
-    fields: &'h mut [Header<'b>],
+    fields: &'h mut [MaybeUninit<Header<'b>>],
     limits: &HeadLimits,
     head_request: bool,
 ) -> Result<Status<ResponseHead<'b, 'h>>, ResponseError> {
@@ -45,8 +49,13 @@ pub fn parse_response_head<'b, 'h>(
         Err(e) => return Err(e.reason()),
     };
     let max = limits.max_fields.min(fields.len());
-    let mut resp = httparse::Response::new(&mut fields[..max]);
-    match resp.parse(&buf[end.skip..end.end]) {
+    let mut resp = httparse::Response::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    match parser.parse_response_with_uninit_headers(
+        &mut resp,
+        &buf[end.skip..end.end],
+        &mut fields[..max],
+    ) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err("truncated response head"),
         Err(_) => return Err("malformed response head"),
@@ -71,13 +80,15 @@ pub fn parse_response_head<'b, 'h>(
             (_, None) => return Err("unsupported Transfer-Encoding"),
         }
     };
-    let close = fields::connection_has(headers, "close");
+    let conn = ConnectionTokens::of(headers);
+    let close = conn.has("close");
     let reusable = framing != Framing::UntilClose
         && match version {
             Version::Http11 => !close,
-            Version::Http10 => !close && fields::connection_has(headers, "keep-alive"),
+            Version::Http10 => !close && conn.has("keep-alive"),
         };
     Ok(Status::Complete(ResponseHead {
+        conn,
         status,
         reason: reason.unwrap_or(""),
         version,
@@ -99,18 +110,22 @@ pub fn encode_downstream_head(
     close: bool,
     keep_alive_header: bool,
 ) {
-    let _ = write!(out, "HTTP/1.1 {} ", resp.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    fields::push_decimal(out, u64::from(resp.status));
+    out.push(b' ');
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers {
-        if fields::must_drop(resp.headers, h.name) {
+        if resp.conn.must_drop(resp.headers, h.name) {
             continue;
         }
         fields::encode_field(out, h);
     }
     match framing {
         Framing::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            fields::push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         Framing::None => {
@@ -135,10 +150,9 @@ pub fn encode_downstream_head(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::MAX_FIELDS_CAP;
 
     fn framing(b: &str, head: bool) -> Result<(Framing, bool), ResponseError> {
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         match parse_response_head(b.as_bytes(), &mut f, &HeadLimits::default(), head)? {
             Status::Complete(r) => Ok((r.framing, r.reusable)),
             Status::Partial => panic!("partial"),
@@ -185,7 +199,7 @@ mod tests {
     #[test]
     fn downstream_head_is_reframed() {
         let raw = "HTTP/1.1 200 OK\r\nServer: x\r\nConnection: X-Hop\r\nX-Hop: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut f = [httparse::EMPTY_HEADER; MAX_FIELDS_CAP];
+        let mut f = crate::http::fields();
         let Status::Complete(r) =
             parse_response_head(raw.as_bytes(), &mut f, &HeadLimits::default(), false).unwrap()
         else {

@@ -14,9 +14,9 @@ use super::{ConnGuard, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
-use crate::http::request::{encode_upstream_head, parse_request_head};
-use crate::http::scan::HeadScanner;
-use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Status, Version};
+use crate::http::request::{encode_upstream_head, parse_request_head_at};
+use crate::http::scan::{HeadEnd, HeadScanner};
+use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Version};
 
 /// Smallest free space offered to a read; reads never ask the kernel for less.
 pub const MIN_READ: usize = 4 * 1024;
@@ -169,7 +169,8 @@ pub async fn linger_close<R: Runtime>(client: &mut R::Stream, scratch: &mut Vec<
 }
 
 enum HeadRead {
-    Ready,
+    /// A whole head, ending here, with its line endings already checked.
+    Ready(HeadEnd),
     /// The client closed, or stayed idle past the keep-alive timeout, between requests.
     Closed,
     /// The client started a head and did not finish it in time.
@@ -193,7 +194,7 @@ async fn read_request_head<R: Runtime>(
     loop {
         if !rbuf.is_empty() {
             match scanner.scan(rbuf, limits.max_request_line, limits.max_head) {
-                Ok(Some(_)) => return HeadRead::Ready,
+                Ok(Some(end)) => return HeadRead::Ready(end),
                 Ok(None) => {}
                 Err(e) => return HeadRead::Invalid(e),
             }
@@ -226,17 +227,15 @@ async fn read_request_head<R: Runtime>(
 /// head to send upstream into `uhead`.
 fn prepare_request(
     rbuf: &[u8],
+    end: HeadEnd,
     limits: &HeadLimits,
     view: &WorkerView,
     peer: SocketAddr,
     uhead: &mut Vec<u8>,
     logged: Option<&mut Logged>,
 ) -> Result<(RequestInfo, Plan), HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_FIELDS_CAP];
-    let head = match parse_request_head(rbuf, &mut fields, limits)? {
-        Status::Complete(h) => h,
-        Status::Partial => return Err(HeadError::BadRequest("incomplete head")),
-    };
+    let mut fields = crate::http::fields();
+    let head = parse_request_head_at(rbuf, end, &mut fields, limits)?;
     if let Some(l) = logged {
         l.capture(&head);
     }
@@ -292,8 +291,8 @@ pub async fn serve_downstream<R: Runtime>(
     let limits = listener.limits;
     loop {
         let head = read_request_head::<R>(&worker, &mut client, &mut bufs.rbuf, &listener, first);
-        match head.await {
-            HeadRead::Ready => {}
+        let end = match head.await {
+            HeadRead::Ready(end) => end,
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
                 worker.view().unrouted.record(408);
@@ -306,12 +305,13 @@ pub async fn serve_downstream<R: Runtime>(
                 send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
                 return;
             }
-        }
+        };
         first = false;
         let view = worker.view();
         let started = Instant::now();
         let logged = worker.access.is_some().then_some(&mut bufs.logged);
-        let prepared = prepare_request(&bufs.rbuf, &limits, &view, peer, &mut bufs.uhead, logged);
+        let prepared =
+            prepare_request(&bufs.rbuf, end, &limits, &view, peer, &mut bufs.uhead, logged);
         let (info, plan) = match prepared {
             Ok(p) => p,
             Err(e) => {

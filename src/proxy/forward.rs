@@ -41,7 +41,7 @@ fn prepare_response(
     draining: bool,
     out: &mut Vec<u8>,
 ) -> Result<HeadParse, ProxyError> {
-    let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_FIELDS_CAP];
+    let mut fields = crate::http::fields();
     let resp = match parse_response_head(ubuf, &mut fields, limits, info.is_head) {
         Ok(Status::Complete(r)) => r,
         Ok(Status::Partial) => return Ok(HeadParse::Partial),
@@ -218,8 +218,11 @@ async fn forward<R: Runtime>(
 
     let mut retried = false;
     let outcome = loop {
-        let pooled =
-            if retried { None } else { worker.pool.checkout(addr, cluster.pool_idle_timeout) };
+        let pooled = if retried {
+            None
+        } else {
+            worker.pool.checkout(addr, cluster.pool_idle_timeout, !replayable)
+        };
         let reused = pooled.is_some();
         if !retried {
             stats.pool(reused);

@@ -26,9 +26,16 @@ impl<S: Stream> Default for Pool<S> {
 }
 
 impl<S: Stream> Pool<S> {
-    /// The most recently used idle connection to `addr` that is younger than `idle_timeout` and
-    /// that the upstream has not closed. Stale ones found on the way are dropped (closed).
-    pub fn checkout(&self, addr: SocketAddr, idle_timeout: Duration) -> Option<S> {
+    /// The most recently used idle connection to `addr` that is younger than `idle_timeout`.
+    /// With `check_stale`, one the upstream has closed is dropped and the next one tried; that
+    /// check is a syscall, so callers that can replay the request on a failure skip it and let
+    /// the replay handle the rare stale connection.
+    pub fn checkout(
+        &self,
+        addr: SocketAddr,
+        idle_timeout: Duration,
+        check_stale: bool,
+    ) -> Option<S> {
         let mut idle = self.idle.borrow_mut();
         let stack = idle.get_mut(&addr)?;
         let now = Instant::now();
@@ -38,7 +45,7 @@ impl<S: Stream> Pool<S> {
                 stack.clear();
                 return None;
             }
-            if !c.stream.is_stale() {
+            if !check_stale || !c.stream.is_stale() {
                 return Some(c.stream);
             }
         }
