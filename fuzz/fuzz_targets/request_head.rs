@@ -2,7 +2,7 @@
 #![no_main]
 
 use apex::http::request::{encode_request_head, encode_upstream_head, parse_request_head};
-use apex::http::{HeadLimits, Status};
+use apex::http::{HeadLimits, Status, MAX_FIELDS_CAP};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
