@@ -8,11 +8,13 @@ use std::collections::HashMap;
 
 use crate::config::{HostMatch, PathMatch, Route};
 
+/// Prefix routes grouped by prefix length: a lookup tries one hash probe per distinct length
+/// (longest first), so its cost grows with how many lengths there are, not how many routes.
 #[derive(Debug, Default)]
 struct PathTable {
     exact: HashMap<String, Vec<Entry>>,
-    /// Longest prefix first.
-    prefixes: Vec<(String, Vec<Entry>)>,
+    /// `(length, prefixes of that length)`, longest first.
+    prefixes: Vec<(usize, HashMap<String, Vec<Entry>>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,25 +35,32 @@ impl PathTable {
     fn insert(&mut self, path: &PathMatch, entry: Entry) {
         match path {
             PathMatch::Exact(p) => self.exact.entry(p.clone()).or_default().push(entry),
-            PathMatch::Prefix(p) => match self.prefixes.iter_mut().find(|(q, _)| q == p) {
-                Some((_, v)) => v.push(entry),
-                None => self.prefixes.push((p.clone(), vec![entry])),
-            },
+            PathMatch::Prefix(p) => {
+                let i = match self.prefixes.iter().position(|(len, _)| *len == p.len()) {
+                    Some(i) => i,
+                    None => {
+                        self.prefixes.push((p.len(), HashMap::new()));
+                        self.prefixes.len() - 1
+                    }
+                };
+                self.prefixes[i].1.entry(p.clone()).or_default().push(entry);
+            }
         }
     }
 
     fn finish(&mut self) {
-        self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        self.prefixes.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
     }
 
     fn lookup(&self, path: &str, method: &str) -> Option<usize> {
         if let Some(r) = self.exact.get(path).and_then(|e| pick(e, method)) {
             return Some(r);
         }
-        self.prefixes
-            .iter()
-            .filter(|(p, _)| path.as_bytes().starts_with(p.as_bytes()))
-            .find_map(|(_, e)| pick(e, method))
+        self.prefixes.iter().filter(|(len, _)| *len <= path.len()).find_map(|(len, table)| {
+            // Route prefixes are whole strings, so a cut inside a character matches none.
+            let head = path.get(..*len)?;
+            table.get(head).and_then(|e| pick(e, method))
+        })
     }
 }
 
@@ -59,8 +68,9 @@ impl PathTable {
 #[derive(Debug, Default)]
 pub struct Router {
     exact_hosts: HashMap<String, PathTable>,
-    /// `(".example.com", table)`, longest suffix first.
-    suffixes: Vec<(String, PathTable)>,
+    /// Wildcard hosts by suffix length (`.example.com` is 12), longest first: one hash probe
+    /// per distinct length.
+    suffixes: Vec<(usize, HashMap<String, PathTable>)>,
     any_host: PathTable,
 }
 
@@ -74,20 +84,23 @@ impl Router {
             let entry = Entry { method: route.method.clone(), route: i };
             let table = match &route.host {
                 HostMatch::Exact(h) => r.exact_hosts.entry(h.clone()).or_default(),
-                HostMatch::Suffix(s) => match r.suffixes.iter().position(|(q, _)| q == s) {
-                    Some(j) => &mut r.suffixes[j].1,
-                    None => {
-                        r.suffixes.push((s.clone(), PathTable::default()));
-                        &mut r.suffixes.last_mut().expect("just pushed").1
-                    }
-                },
+                HostMatch::Suffix(s) => {
+                    let i = match r.suffixes.iter().position(|(len, _)| *len == s.len()) {
+                        Some(i) => i,
+                        None => {
+                            r.suffixes.push((s.len(), HashMap::new()));
+                            r.suffixes.len() - 1
+                        }
+                    };
+                    r.suffixes[i].1.entry(s.clone()).or_default()
+                }
                 HostMatch::Any => &mut r.any_host,
             };
             table.insert(&route.path, entry);
         }
-        r.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
+        r.suffixes.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         r.exact_hosts.values_mut().for_each(PathTable::finish);
-        r.suffixes.iter_mut().for_each(|(_, t)| t.finish());
+        r.suffixes.iter_mut().flat_map(|(_, t)| t.values_mut()).for_each(PathTable::finish);
         r.any_host.finish();
         r
     }
@@ -107,11 +120,13 @@ impl Router {
             if let Some(r) = self.exact_hosts.get(host).and_then(|t| t.lookup(path, method)) {
                 return Some(r);
             }
-            for (suffix, table) in &self.suffixes {
-                if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
-                    if let Some(r) = table.lookup(path, method) {
-                        return Some(r);
-                    }
+            for (len, tables) in &self.suffixes {
+                // `*.x` needs at least one more character than `.x`.
+                let tail = if host.len() > *len { host.get(host.len() - len..) } else { None };
+                if let Some(r) =
+                    tail.and_then(|t| tables.get(t)).and_then(|t| t.lookup(path, method))
+                {
+                    return Some(r);
                 }
             }
         }
