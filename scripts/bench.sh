@@ -19,6 +19,7 @@ SECS=${2:-5}
 SIZES=${SIZES:-"64 4k 64k"}
 MODES=${MODES:-"direct apex-io_uring apex-epoll apex-tokio nginx haproxy"}
 CONNS=${CONNS:-64}
+IDLE_CONNS=${IDLE_CONNS:-5000}
 
 BACKEND_PORT=18080
 PROXY_PORT=18081
@@ -248,12 +249,26 @@ main() {
             done
         done
     done
+    # Idle memory: RSS growth per idle keep-alive client connection, once per proxy mode.
+    : >"$WORK/idle.jsonl"
+    for mode in "${modes[@]}"; do
+        [ "$mode" = direct ] && continue
+        local pids first
+        pids=$(start_proxy "$mode")
+        first=${pids%% *}
+        taskset -c 1 wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$PROXY_PORT/64" >/dev/null
+        local line
+        line=$(python3 scripts/idle_memory.py $PROXY_PORT "$first" "$IDLE_CONNS" || echo "failed")
+        stop_proxy "$pids"
+        echo "idle $mode: $line" >&2
+        python3 -c 'import json,sys; kv=dict(x.split("=") for x in sys.argv[2].split()) if "=" in sys.argv[2] else {}; print(json.dumps({"mode": sys.argv[1], **kv}))' "$mode" "$line" >>"$WORK/idle.jsonl"
+    done
     local stamp commit
     stamp=$(date -u +%Y%m%dT%H%M%SZ)
     commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     python3 scripts/bench_report.py "$WORK/results.jsonl" "$commit" "$(uname -r)" \
         "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
-        "$ROUNDS" "$SECS" "$CONNS" "benches/results/bench-$stamp"
+        "$ROUNDS" "$SECS" "$CONNS" "benches/results/bench-$stamp" "$WORK/idle.jsonl"
 }
 
 main "$@"

@@ -6,6 +6,8 @@ import statistics
 import sys
 
 path, commit, kernel, cpu, rounds, secs, conns, out = sys.argv[1:9]
+idle_path = sys.argv[9] if len(sys.argv) > 9 else None
+idle = [json.loads(l) for l in open(idle_path) if l.strip()] if idle_path else []
 rows = [json.loads(l) for l in open(path) if l.strip()]
 sizes = list(dict.fromkeys(r["size"] for r in rows))
 modes = list(dict.fromkeys(r["mode"] for r in rows))
@@ -50,9 +52,13 @@ for s in summary:
         f"| {s['size']} | {s['mode']} | {fmt(s['rps'], '{:.0f}')} | {fmt(s['p50_us'], '{:.0f}')} | "
         f"{fmt(s['p99_us'], '{:.0f}')} | {fmt(s['cpu_us_per_req'])} | {fmt(s['cpu_ratio_vs_nginx'])} | {s['errors']} |"
     )
+if idle:
+    lines += ["", "| mode | idle keep-alive connections | RSS growth KiB per connection |", "|---|---|---|"]
+    for i in idle:
+        lines.append(f"| {i['mode']} | {i.get('connections', '–')} | {i.get('kib_per_connection', 'failed')} |")
 table = "\n".join(lines) + "\n"
 open(out + ".md", "w").write(table)
 json.dump({"commit": commit, "kernel": kernel, "cpu": cpu, "rounds": int(rounds), "seconds": int(secs),
-           "connections": int(conns), "summary": summary, "runs": rows}, open(out + ".json", "w"), indent=1)
+           "connections": int(conns), "summary": summary, "idle_memory": idle, "runs": rows}, open(out + ".json", "w"), indent=1)
 print(table)
 print(f"written: {out}.md {out}.json")

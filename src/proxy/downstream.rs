@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::debug;
 
+use super::buffers::IDLE_READ;
 use super::forward::forward_request;
 use super::io::{Runtime, Stream};
 use super::wait::{race, Either};
@@ -22,8 +23,6 @@ use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Version
 pub const MIN_READ: usize = 4 * 1024;
 /// Read size while streaming bodies: the bound on body bytes held per direction.
 pub const BODY_READ: usize = 16 * 1024;
-/// Buffers that grew past this for one large head are shrunk back after the request.
-const SHRINK_ABOVE: usize = 64 * 1024;
 
 /// The buffers a connection reuses from request to request.
 #[derive(Default)]
@@ -135,6 +134,8 @@ pub async fn send_error<R: Runtime>(
     keep_open: bool,
     keep_alive_header: bool,
 ) -> bool {
+    // Whatever was staged for the client (a body half re-framed) is abandoned.
+    out.clear();
     encode_error_response(out, status, !keep_open, keep_alive_header);
     let sent = flush(client, out).await;
     if sent && !keep_open {
@@ -205,8 +206,9 @@ async fn read_request_head<R: Runtime>(
             None => listener.keepalive_timeout,
         };
         let started = !rbuf.is_empty();
-        let read =
-            R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, MIN_READ));
+        // Waiting for a new request, read into the small idle buffer; grow only for long heads.
+        let spare = if started { MIN_READ } else { IDLE_READ };
+        let read = R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, spare));
         let result = if started {
             read.await
         } else {
@@ -286,7 +288,7 @@ pub async fn serve_downstream<R: Runtime>(
     listener: Rc<Listener>,
     _guard: ConnGuard<R>,
 ) {
-    let mut bufs = Buffers::default();
+    let mut bufs = Buffers { rbuf: Vec::with_capacity(IDLE_READ), ..Buffers::default() };
     let mut first = true;
     let limits = listener.limits;
     loop {
@@ -307,6 +309,12 @@ pub async fn serve_downstream<R: Runtime>(
             }
         };
         first = false;
+        // Borrow the large buffers for this request; they go back when the connection idles.
+        for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
+            if b.capacity() == 0 {
+                *b = worker.buffers.take();
+            }
+        }
         let view = worker.view();
         let started = Instant::now();
         let logged = worker.access.is_some().then_some(&mut bufs.logged);
@@ -390,10 +398,12 @@ pub async fn serve_downstream<R: Runtime>(
         if !keep_open {
             return;
         }
-        for b in [&mut bufs.rbuf, &mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
-            if b.capacity() > SHRINK_ABOVE && b.len() < BODY_READ {
-                b.shrink_to(BODY_READ);
-            }
+        // Going idle: give the large buffers back to the worker and wait with a small one.
+        for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
+            worker.buffers.give(std::mem::take(b));
+        }
+        if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
+            worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
         }
     }
 }

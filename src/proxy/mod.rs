@@ -3,6 +3,7 @@
 //! Nothing here imports a runtime; `io::Runtime` is the seam. A worker's state is `!Send` on
 //! purpose (`Rc`, `RefCell`, `Cell`): it lives on one pinned thread and is never locked.
 
+pub mod buffers;
 pub mod downstream;
 pub mod error;
 pub mod forward;
@@ -65,6 +66,8 @@ pub struct Worker<R: Runtime> {
     pub stats: WorkerStats,
     /// `None` when the access log is off.
     pub access: Option<WorkerLog>,
+    /// Large buffers lent to connections for the length of a request.
+    pub buffers: buffers::BufferPool,
 }
 
 /// Counts one open client connection; dropping it (when the connection ends) wakes whoever
@@ -97,6 +100,7 @@ impl<R: Runtime> Worker<R> {
             closed: WakeList::default(),
             stats,
             access,
+            buffers: buffers::BufferPool::default(),
         }
     }
 
