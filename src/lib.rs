@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod lifecycle;
 pub mod listener;

@@ -121,6 +121,8 @@ fn quick_proxy_config(
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             name: "proxy".into(),
+            retry: None,
+            timeouts: Default::default(),
             host: config::HostMatch::Any,
             path: PathMatch::Prefix("/".into()),
             method: None,

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::balance::Ring;
+use crate::config::lb::Policy;
 use crate::config::{Action, Config};
 use crate::http::encode_simple_response;
 use crate::routing::Router;
@@ -16,6 +18,8 @@ pub struct Snapshot {
     /// For each route with a `respond` action, its response head and body pre-encoded, in the
     /// two forms a connection needs: staying open, and closing.
     pub direct: Vec<Option<DirectBytes>>,
+    /// For each cluster with `policy: consistent_hash`, its hash ring.
+    pub rings: Vec<Option<Ring>>,
 }
 
 #[derive(Debug)]
@@ -53,7 +57,15 @@ impl Snapshot {
                 Action::Forward(_) => None,
             })
             .collect();
-        Snapshot { config, router, direct }
+        let rings = config
+            .clusters
+            .iter()
+            .map(|c| match c.policy {
+                Policy::ConsistentHash(_) => Some(Ring::new(&c.endpoints, &c.weights)),
+                _ => None,
+            })
+            .collect();
+        Snapshot { config, router, direct, rings }
     }
 }
 

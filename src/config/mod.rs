@@ -4,6 +4,7 @@
 //! key, collecting all problems at once so that `apex check` can list them together. Each
 //! [`ConfigError`] names the file, the key path (`clusters[1].endpoints[0]`) and what is wrong.
 
+pub mod lb;
 pub mod lines;
 pub mod raw;
 
@@ -13,7 +14,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use raw::{RawCluster, RawConfig, RawListener, RawRespond, RawRoute, RawSize, RawWorkers};
+use raw::{
+    RawCluster, RawConfig, RawEndpoint, RawHashOn, RawHealthCheck, RawListener, RawOutlier,
+    RawRespond, RawRetry, RawRetryOn, RawRoute, RawSize, RawWorkers,
+};
 
 use crate::http::{HeadLimits, MAX_FIELDS_CAP};
 
@@ -114,6 +118,8 @@ pub struct Listener {
 pub struct Route {
     /// The `name` key, or `routes[i]`: the label in metrics and access logs.
     pub name: String,
+    pub retry: Option<lb::RetryPolicy>,
+    pub timeouts: lb::RouteTimeouts,
     pub host: HostMatch,
     pub path: PathMatch,
     /// Upper-case method token; `None` matches every method.
@@ -156,6 +162,11 @@ pub struct Cluster {
     pub name: String,
     /// Never empty: validation refuses a cluster with no endpoints.
     pub endpoints: Vec<SocketAddr>,
+    /// One per endpoint, at least 1.
+    pub weights: Vec<u32>,
+    pub policy: lb::Policy,
+    pub health_check: Option<lb::HealthCheck>,
+    pub outlier: Option<lb::Outlier>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub read_timeout: Duration,
@@ -168,7 +179,11 @@ impl Cluster {
     pub fn with_defaults(name: &str, endpoints: Vec<SocketAddr>) -> Self {
         Cluster {
             name: name.to_string(),
+            weights: vec![1; endpoints.len()],
             endpoints,
+            policy: lb::Policy::RoundRobin,
+            health_check: None,
+            outlier: None,
             connect_timeout: defaults::CONNECT_TIMEOUT,
             response_timeout: defaults::RESPONSE_TIMEOUT,
             read_timeout: defaults::READ_TIMEOUT,
@@ -221,6 +236,14 @@ pub enum Problem {
     BadFieldCount,
     BadConnections,
     AdminNotLoopback(SocketAddr),
+    BadPolicy(String),
+    BadHashOn,
+    HashOnWithoutConsistentHash,
+    BadWeight,
+    BadCount(&'static str),
+    BadRetryOn(String),
+    BadBudget,
+    BadAllUnhealthy(String),
     BadLogFormat(String),
     UnknownCluster(String),
     NoAction,
@@ -260,6 +283,27 @@ impl fmt::Display for Problem {
             ),
             Problem::BadFieldCount => write!(f, "must be a number from 1 to {MAX_FIELDS_CAP}"),
             Problem::BadConnections => write!(f, "must be a number from 1 to 1000000"),
+            Problem::BadPolicy(x) => write!(
+                f,
+                "unknown policy `{x}`: use round_robin, least_request, random or consistent_hash"
+            ),
+            Problem::BadHashOn => write!(
+                f,
+                "consistent_hash needs `hash_on`: client_address, {{ header: NAME }} or {{ cookie: NAME }}"
+            ),
+            Problem::HashOnWithoutConsistentHash => {
+                write!(f, "`hash_on` only applies to `policy: consistent_hash`")
+            }
+            Problem::BadWeight => write!(f, "a weight is a number from 1 to 1000"),
+            Problem::BadCount(range) => write!(f, "must be a number {range}"),
+            Problem::BadRetryOn(x) => write!(
+                f,
+                "cannot retry on `{x}`: use connect_failure, stale_connection, 502, 503 or 504"
+            ),
+            Problem::BadBudget => write!(f, "a budget is a fraction from 0.0 to 1.0"),
+            Problem::BadAllUnhealthy(x) => {
+                write!(f, "unknown `{x}`: use fail_open or reject")
+            }
             Problem::BadLogFormat(x) => write!(f, "unknown format `{x}`: use combined or json"),
             Problem::AdminNotLoopback(a) => write!(
                 f,
@@ -602,13 +646,34 @@ impl Validator<'_> {
             self.err(format!("{p}.endpoints"), Problem::NoEndpoints);
         }
         let mut endpoints = Vec::new();
+        let mut weights = Vec::new();
         for (j, e) in c.endpoints.iter().enumerate() {
+            let (address, weight) = match e {
+                RawEndpoint::Plain(a) => (a, None),
+                RawEndpoint::Weighted(w) => (&w.address, w.weight),
+            };
+            let weight = match weight {
+                None => 1,
+                Some(w) if (1..=1000).contains(&w) => w as u32,
+                Some(_) => {
+                    self.err(format!("{p}.endpoints[{j}].weight"), Problem::BadWeight);
+                    1
+                }
+            };
             // Host names resolve here, once per config load, never per request.
-            match e.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-                Some(addr) => endpoints.push(addr),
-                None => self.err(format!("{p}.endpoints[{j}]"), Problem::BadEndpoint(e.clone())),
+            match address.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+                Some(addr) => {
+                    endpoints.push(addr);
+                    weights.push(weight);
+                }
+                None => {
+                    self.err(format!("{p}.endpoints[{j}]"), Problem::BadEndpoint(address.clone()))
+                }
             }
         }
+        let policy = self.policy(&p, c);
+        let health_check = c.health_check.as_ref().map(|h| self.health_check(&p, h));
+        let outlier = c.outlier_detection.as_ref().map(|o| self.outlier(&p, o));
         let pool_max_idle = match c.pool_max_idle {
             None => defaults::POOL_MAX_IDLE,
             Some(n) if (0..=65536).contains(&n) => n as usize,
@@ -620,6 +685,10 @@ impl Validator<'_> {
         Cluster {
             name: c.name.clone(),
             endpoints,
+            weights,
+            policy,
+            health_check,
+            outlier,
             connect_timeout: self.duration(
                 format!("{p}.connect_timeout"),
                 &c.connect_timeout,
@@ -706,7 +775,203 @@ impl Validator<'_> {
             return None;
         }
         let name = r.name.clone().unwrap_or_else(|| format!("routes[{i}]"));
-        Some(Route { name, host, path, method, action: action? })
+        let retry = r.retry.as_ref().map(|x| self.retry(&p, x));
+        let timeouts = match &r.timeouts {
+            None => lb::RouteTimeouts::default(),
+            Some(t) => lb::RouteTimeouts {
+                connect: self.opt_duration(format!("{p}.timeouts.connect"), &t.connect),
+                response: self.opt_duration(format!("{p}.timeouts.response"), &t.response),
+                read: self.opt_duration(format!("{p}.timeouts.read"), &t.read),
+            },
+        };
+        Some(Route { name, retry, timeouts, host, path, method, action: action? })
+    }
+
+    fn opt_duration(&mut self, key: String, raw: &Option<String>) -> Option<Duration> {
+        raw.as_ref()?;
+        Some(self.duration(key, raw, Duration::from_secs(1)))
+    }
+
+    fn count(
+        &mut self,
+        key: String,
+        raw: Option<i64>,
+        default: u32,
+        lo: i64,
+        hi: i64,
+        range: &'static str,
+    ) -> u32 {
+        match raw {
+            None => default,
+            Some(n) if (lo..=hi).contains(&n) => n as u32,
+            Some(_) => {
+                self.err(key, Problem::BadCount(range));
+                default
+            }
+        }
+    }
+
+    fn policy(&mut self, p: &str, c: &RawCluster) -> lb::Policy {
+        let hash_on = match &c.hash_on {
+            None => None,
+            Some(RawHashOn::Word(w)) if w == "client_address" => Some(lb::HashOn::ClientAddress),
+            Some(RawHashOn::Field(f)) => match (&f.header, &f.cookie) {
+                (Some(h), None) if is_token(h) => Some(lb::HashOn::Header(h.to_ascii_lowercase())),
+                (None, Some(c)) if !c.is_empty() => Some(lb::HashOn::Cookie(c.clone())),
+                _ => {
+                    self.err(format!("{p}.hash_on"), Problem::BadHashOn);
+                    None
+                }
+            },
+            Some(_) => {
+                self.err(format!("{p}.hash_on"), Problem::BadHashOn);
+                None
+            }
+        };
+        match c.policy.as_deref() {
+            None | Some("round_robin") | Some("least_request") | Some("random")
+                if hash_on.is_some() =>
+            {
+                self.err(format!("{p}.hash_on"), Problem::HashOnWithoutConsistentHash);
+                lb::Policy::RoundRobin
+            }
+            None | Some("round_robin") => lb::Policy::RoundRobin,
+            Some("least_request") => lb::Policy::LeastRequest,
+            Some("random") => lb::Policy::Random,
+            Some("consistent_hash") => match hash_on {
+                Some(h) => lb::Policy::ConsistentHash(h),
+                None => {
+                    if c.hash_on.is_none() {
+                        self.err(format!("{p}.hash_on"), Problem::BadHashOn);
+                    }
+                    lb::Policy::RoundRobin
+                }
+            },
+            Some(other) => {
+                self.err(format!("{p}.policy"), Problem::BadPolicy(other.to_string()));
+                lb::Policy::RoundRobin
+            }
+        }
+    }
+
+    fn health_check(&mut self, p: &str, h: &RawHealthCheck) -> lb::HealthCheck {
+        let p = format!("{p}.health_check");
+        self.check_path(format!("{p}.path"), &h.path);
+        let fail_open = match h.all_unhealthy.as_deref() {
+            None | Some("fail_open") => true,
+            Some("reject") => false,
+            Some(other) => {
+                self.err(format!("{p}.all_unhealthy"), Problem::BadAllUnhealthy(other.into()));
+                true
+            }
+        };
+        for (i, s) in h.expected_statuses.iter().enumerate() {
+            if !(100..=599).contains(s) {
+                self.err(format!("{p}.expected_statuses[{i}]"), Problem::BadStatus(*s));
+            }
+        }
+        lb::HealthCheck {
+            path: h.path.clone(),
+            interval: self.duration(format!("{p}.interval"), &h.interval, Duration::from_secs(5)),
+            timeout: self.duration(format!("{p}.timeout"), &h.timeout, Duration::from_secs(1)),
+            healthy_threshold: self.count(
+                format!("{p}.healthy_threshold"),
+                h.healthy_threshold,
+                2,
+                1,
+                100,
+                "from 1 to 100",
+            ),
+            unhealthy_threshold: self.count(
+                format!("{p}.unhealthy_threshold"),
+                h.unhealthy_threshold,
+                2,
+                1,
+                100,
+                "from 1 to 100",
+            ),
+            expected_statuses: h.expected_statuses.clone(),
+            fail_open,
+        }
+    }
+
+    fn outlier(&mut self, p: &str, o: &RawOutlier) -> lb::Outlier {
+        let p = format!("{p}.outlier_detection");
+        lb::Outlier {
+            consecutive_failures: self.count(
+                format!("{p}.consecutive_failures"),
+                o.consecutive_failures,
+                5,
+                1,
+                1000,
+                "from 1 to 1000",
+            ),
+            base_ejection: self.duration(
+                format!("{p}.base_ejection"),
+                &o.base_ejection,
+                Duration::from_secs(10),
+            ),
+            max_ejection: self.duration(
+                format!("{p}.max_ejection"),
+                &o.max_ejection,
+                Duration::from_secs(300),
+            ),
+            max_ejection_percent: self.count(
+                format!("{p}.max_ejection_percent"),
+                o.max_ejection_percent,
+                50,
+                0,
+                100,
+                "from 0 to 100",
+            ),
+        }
+    }
+
+    fn retry(&mut self, p: &str, r: &RawRetry) -> lb::RetryPolicy {
+        let p = format!("{p}.retry");
+        let mut on = Vec::new();
+        let given = r.on.as_deref().unwrap_or(&[]);
+        for (i, x) in given.iter().enumerate() {
+            match x {
+                RawRetryOn::Status(s @ 502..=504) => on.push(lb::RetryOn::Status(*s)),
+                RawRetryOn::Word(w) if w == "connect_failure" => {
+                    on.push(lb::RetryOn::ConnectFailure)
+                }
+                RawRetryOn::Word(w) if w == "stale_connection" => {
+                    on.push(lb::RetryOn::StaleConnection)
+                }
+                RawRetryOn::Word(w) => {
+                    self.err(format!("{p}.on[{i}]"), Problem::BadRetryOn(w.clone()))
+                }
+                RawRetryOn::Status(s) => {
+                    self.err(format!("{p}.on[{i}]"), Problem::BadRetryOn(s.to_string()))
+                }
+            }
+        }
+        if r.on.is_none() {
+            on = vec![lb::RetryOn::ConnectFailure, lb::RetryOn::StaleConnection];
+        }
+        let budget = match r.budget {
+            None => 0.2,
+            Some(b) if (0.0..=1.0).contains(&b) => b,
+            Some(_) => {
+                self.err(format!("{p}.budget"), Problem::BadBudget);
+                0.2
+            }
+        };
+        lb::RetryPolicy {
+            attempts: self.count(format!("{p}.attempts"), r.attempts, 2, 1, 10, "from 1 to 10"),
+            on,
+            budget,
+            min_retries: self.count(
+                format!("{p}.min_retries"),
+                r.min_retries,
+                3,
+                0,
+                1000,
+                "from 0 to 1000",
+            ),
+        }
     }
 
     fn check_path(&mut self, key: String, path: &str) -> bool {

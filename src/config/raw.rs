@@ -40,6 +40,103 @@ pub struct RawAccessLog {
     pub format: Option<String>,
 }
 
+/// `"10.0.0.1:80"` or `{ address: "10.0.0.1:80", weight: 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawEndpoint {
+    Plain(String),
+    Weighted(RawWeighted),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeighted {
+    pub address: String,
+    #[serde(default)]
+    pub weight: Option<i64>,
+}
+
+/// `client_address`, or `{ header: NAME }`, or `{ cookie: NAME }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHashOn {
+    Word(String),
+    Field(RawHashField),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHashField {
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: String,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub healthy_threshold: Option<i64>,
+    #[serde(default)]
+    pub unhealthy_threshold: Option<i64>,
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+    /// `fail_open` (default) or `reject`.
+    #[serde(default)]
+    pub all_unhealthy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    #[serde(default)]
+    pub consecutive_failures: Option<i64>,
+    #[serde(default)]
+    pub base_ejection: Option<String>,
+    #[serde(default)]
+    pub max_ejection: Option<String>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    #[serde(default)]
+    pub on: Option<Vec<RawRetryOn>>,
+    #[serde(default)]
+    pub budget: Option<f64>,
+    #[serde(default)]
+    pub min_retries: Option<i64>,
+}
+
+/// `connect_failure`, `stale_connection`, or a status (502, 503, 504).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRetryOn {
+    Status(u16),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub response: Option<String>,
+    #[serde(default)]
+    pub read: Option<String>,
+}
+
 /// `workers: auto` or `workers: 4`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -82,6 +179,10 @@ pub enum RawSize {
 pub struct RawRoute {
     #[serde(default)]
     pub name: Option<String>,
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     #[serde(default)]
@@ -118,7 +219,15 @@ pub struct RawRespond {
 pub struct RawCluster {
     pub name: String,
     #[serde(default)]
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default)]
+    pub hash_on: Option<RawHashOn>,
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    pub outlier_detection: Option<RawOutlier>,
     #[serde(default)]
     pub connect_timeout: Option<String>,
     #[serde(default)]

@@ -8,13 +8,16 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
-use super::forward::forward_request;
+use super::forward::{forward_request, Target};
 use super::io::{Runtime, Stream};
 use super::wait::{race, Either};
 use super::{ConnGuard, Worker, WorkerView};
 use crate::access_log::Entry;
+use crate::balance::hash64;
+use crate::config::lb::{HashOn, Policy};
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
+use crate::http::request::RequestHead;
 use crate::http::request::{encode_upstream_head, parse_request_head_at};
 use crate::http::scan::{HeadEnd, HeadScanner};
 use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Version};
@@ -95,7 +98,7 @@ impl RequestInfo {
 }
 
 enum Plan {
-    Forward { route: usize, cluster: usize },
+    Forward(Target),
     Respond(usize),
     NotFound,
 }
@@ -259,11 +262,36 @@ fn prepare_request(
                 uhead.clear();
                 let default_host = snap.config.clusters[*c].endpoints[0];
                 encode_upstream_head(uhead, &head, peer.ip(), &default_host);
-                Plan::Forward { route: i, cluster: *c }
+                let hash_key = match &snap.config.clusters[*c].policy {
+                    Policy::ConsistentHash(on) => hash_key(&head, on, peer),
+                    _ => None,
+                };
+                Plan::Forward(Target { route: i, cluster: *c, hash_key })
             }
         },
     };
     Ok((info, plan))
+}
+
+/// The consistent-hash key of a request: a field's value, a cookie's value or the client's
+/// address; `None` when the request lacks the field or cookie (it is then balanced at random).
+fn hash_key(head: &RequestHead<'_, '_>, on: &HashOn, peer: SocketAddr) -> Option<u64> {
+    match on {
+        HashOn::ClientAddress => Some(hash64(peer.ip())),
+        HashOn::Header(name) => {
+            head.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| hash64(h.value))
+        }
+        HashOn::Cookie(name) => head
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .flat_map(|h| h.value.split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = crate::http::fields::trim_ows(pair);
+                let rest = pair.strip_prefix(name.as_bytes())?;
+                rest.strip_prefix(b"=").map(hash64)
+            }),
+    }
 }
 
 /// Drops the head and any body that already arrived with it; `false` when part of the body is
@@ -338,11 +366,12 @@ pub async fn serve_downstream<R: Runtime>(
             }
         }
         let (keep_open, status, bytes, upstream, route) = match plan {
-            Plan::Forward { route, cluster } => {
+            Plan::Forward(target) => {
+                let route = target.route;
                 let request = forward_request::<R>(
                     &worker,
                     &view,
-                    cluster,
+                    target,
                     &mut client,
                     &mut bufs,
                     &info,

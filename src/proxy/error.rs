@@ -23,6 +23,9 @@ pub enum ProxyError {
     BadRequestBody(&'static str),
     /// The client stopped sending its request body for longer than `body_timeout`.
     RequestBodyTimeout,
+    /// Every endpoint of the cluster failed its health check (and the cluster does not fail
+    /// open).
+    NoHealthyEndpoint,
 }
 
 impl ProxyError {
@@ -36,6 +39,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => 504,
             ProxyError::BadRequestBody(_) => 400,
             ProxyError::RequestBodyTimeout => 408,
+            ProxyError::NoHealthyEndpoint => 503,
         }
     }
 }
@@ -52,6 +56,7 @@ impl fmt::Display for ProxyError {
             ProxyError::BadResponse(r) => write!(f, "bad response: {r}"),
             ProxyError::BadRequestBody(r) => write!(f, "bad request body: {r}"),
             ProxyError::RequestBodyTimeout => write!(f, "request body timed out"),
+            ProxyError::NoHealthyEndpoint => write!(f, "no healthy endpoint"),
         }
     }
 }

@@ -9,6 +9,7 @@ use super::downstream::{flush, read_some, send_error, Buffers, RequestInfo, BODY
 use super::error::ProxyError;
 use super::io::{Runtime, Stream};
 use super::{Worker, WorkerView};
+use crate::config::lb::RetryOn;
 use crate::config::{Cluster, Listener};
 use crate::http::body::BodyRelay;
 use crate::http::response::{encode_downstream_head, parse_response_head};
@@ -163,42 +164,64 @@ pub struct Served {
     pub upstream: Option<SocketAddr>,
 }
 
+/// Where a request goes: its route, the route's cluster, and the consistent-hash key when the
+/// cluster balances on one.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub route: usize,
+    pub cluster: usize,
+    pub hash_key: Option<u64>,
+}
+
+/// The timeouts of one request: the route's overrides, else the cluster's.
+struct Timeouts {
+    connect: Duration,
+    response: Duration,
+    read: Duration,
+}
+
+/// Most attempts a retry policy allows (the config caps `attempts` at 10).
+const MAX_ATTEMPTS: usize = 10;
+
 /// Forwards the request whose head is at the start of `bufs.rbuf` (already encoded into
-/// `bufs.uhead`) and relays the response. Returns whether the client connection stays open.
+/// `bufs.uhead`) and relays the response, retrying on another endpoint where the route's retry
+/// policy and budget allow.
+#[allow(clippy::too_many_arguments)] // the request's whole context; one call site
 pub async fn forward_request<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
-    cluster_index: usize,
+    target: Target,
     client: &mut R::Stream,
     bufs: &mut Buffers,
     info: &RequestInfo,
     listener: &Listener,
 ) -> Served {
     let started = Instant::now();
-    let cluster = &view.snap.config.clusters[cluster_index];
-    let addr = pick_upstream(view, cluster_index, cluster);
-    let (keep_open, status, body_bytes) =
-        forward(worker, view, cluster_index, addr, client, bufs, info, listener).await;
-    view.cluster_stats[cluster_index].record(status, started.elapsed());
-    Served { keep_open, status, body_bytes, upstream: Some(addr) }
+    let served = forward(worker, view, target, client, bufs, info, listener).await;
+    view.cluster_stats[target.cluster].record(served.status, started.elapsed());
+    served
 }
 
-/// [`forward_request`] without the bookkeeping: returns whether the client connection stays
-/// open, the status the client got (499 when the client went away first) and the body bytes
-/// relayed.
-#[allow(clippy::too_many_arguments)] // the request's whole context; one call site
 async fn forward<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
-    cluster_index: usize,
-    addr: SocketAddr,
+    target: Target,
     client: &mut R::Stream,
     bufs: &mut Buffers,
     info: &RequestInfo,
     listener: &Listener,
-) -> (bool, u16, u64) {
-    let cluster = &view.snap.config.clusters[cluster_index];
-    let stats = &view.cluster_stats[cluster_index];
+) -> Served {
+    let route = &view.snap.config.routes[target.route];
+    let cluster = &view.snap.config.clusters[target.cluster];
+    let stats = &view.cluster_stats[target.cluster];
+    let balancer = &view.balancers[target.cluster];
+    let budget = &view.retry_budgets[target.route];
+    let timeouts = Timeouts {
+        connect: route.timeouts.connect.unwrap_or(cluster.connect_timeout),
+        response: route.timeouts.response.unwrap_or(cluster.response_timeout),
+        read: route.timeouts.read.unwrap_or(cluster.read_timeout),
+    };
+    let answered = |keep_open, status| Served { keep_open, status, body_bytes: 0, upstream: None };
 
     // The part of the body that arrived with the head joins the head: one write, and a request
     // that is whole in `uhead` can be replayed.
@@ -207,17 +230,151 @@ async fn forward<R: Runtime>(
         Ok(n) => n,
         Err(e) => {
             debug!(reason = e.reason(), "refused request body");
-            return (send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400, 0);
+            return answered(send_error::<R>(client, &mut bufs.out, 400, false, false).await, 400);
         }
     };
     bufs.rbuf.drain(..info.head_len + taken);
     if listener.max_request_body.is_some_and(|max| body.body_bytes() > max) {
-        return (send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413, 0);
+        return answered(send_error::<R>(client, &mut bufs.out, 413, false, false).await, 413);
     }
     let replayable = info.idempotent && body.is_done();
+    budget.request();
 
+    let health = worker.health(view);
+    let healthy = health[target.cluster].as_deref();
+    let fail_open = cluster.health_check.as_ref().is_none_or(|h| h.fail_open);
+    let ring = view.snap.rings[target.cluster].as_ref();
+    let mut tried = [0usize; MAX_ATTEMPTS];
+    let mut attempts = 0;
+    loop {
+        let picked = match (ring, target.hash_key) {
+            (Some(ring), Some(key)) => {
+                balancer.pick_on_ring(ring, key, healthy, fail_open, &tried[..attempts])
+            }
+            _ => balancer.pick(healthy, fail_open, &tried[..attempts]),
+        };
+        let Ok(i) = picked else {
+            let e = ProxyError::NoHealthyEndpoint;
+            warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
+            let keep = body.is_done() && info.keep_alive && !worker.is_draining();
+            let ka = info.needs_keep_alive_header();
+            return answered(
+                send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await,
+                503,
+            );
+        };
+        tried[attempts] = i;
+        attempts += 1;
+        let addr = cluster.endpoints[i];
+        // May this failure be retried, on another endpoint if there is one?
+        let may_retry = |on: RetryOn| {
+            route.retry.as_ref().is_some_and(|p| {
+                replayable && attempts < p.attempts as usize && p.retries_on(on) && budget.allow(p)
+            })
+        };
+        balancer.started(i);
+        let exchanged = exchange::<R>(
+            worker, cluster, stats, addr, &timeouts, client, bufs, info, listener, &mut body,
+            replayable,
+        )
+        .await;
+        match exchanged {
+            Exchange::Response(up, plan) => {
+                let status = plan.status;
+                let failed = status >= 500;
+                if failed && may_retry(RetryOn::Status(status)) {
+                    balancer.finished(i);
+                    note_ejection(balancer.report(i, true), cluster, addr);
+                    debug!(upstream = %addr, status, "retrying on another endpoint");
+                    stats.retry();
+                    bufs.out.clear();
+                    continue;
+                }
+                let (keep, bytes) = relay_response::<R>(
+                    worker,
+                    client,
+                    up,
+                    addr,
+                    cluster,
+                    timeouts.read,
+                    bufs,
+                    plan,
+                )
+                .await;
+                balancer.finished(i);
+                note_ejection(balancer.report(i, failed), cluster, addr);
+                return Served { keep_open: keep, status, body_bytes: bytes, upstream: Some(addr) };
+            }
+            Exchange::Failed(e) => {
+                balancer.finished(i);
+                note_ejection(balancer.report(i, true), cluster, addr);
+                let on = match e {
+                    ProxyError::ConnectFailed(_) | ProxyError::ConnectTimeout => {
+                        RetryOn::ConnectFailure
+                    }
+                    ProxyError::ResponseTimeout => RetryOn::Status(504),
+                    _ => RetryOn::Status(502),
+                };
+                if body.is_done() && may_retry(on) {
+                    debug!(upstream = %addr, error = %e, "retrying on another endpoint");
+                    stats.retry();
+                    continue;
+                }
+                warn!(upstream = %addr, cluster = %cluster.name, error = %e, "upstream request failed");
+                // A body still on the wire cannot be skipped safely: close after answering.
+                let keep = body.is_done() && info.keep_alive && !worker.is_draining();
+                let ka = info.needs_keep_alive_header();
+                let sent = send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await;
+                return Served {
+                    keep_open: sent,
+                    status: e.status(),
+                    body_bytes: 0,
+                    upstream: Some(addr),
+                };
+            }
+            Exchange::Answered { keep_open, status } => {
+                balancer.finished(i);
+                return Served { keep_open, status, body_bytes: 0, upstream: Some(addr) };
+            }
+        }
+    }
+}
+
+fn note_ejection(ejected: Option<Duration>, cluster: &Cluster, addr: SocketAddr) {
+    if let Some(t) = ejected {
+        warn!(cluster = %cluster.name, upstream = %addr, ejected_for = ?t, "outlier ejected");
+    }
+}
+
+/// How one attempt on one endpoint ended.
+enum Exchange<S> {
+    /// A final response head is in `bufs.ubuf` (and its downstream head in `bufs.out`).
+    Response(S, ResponsePlan),
+    /// The upstream failed before a response head.
+    Failed(ProxyError),
+    /// The client side ended the request (and was answered, if it could be).
+    Answered { keep_open: bool, status: u16 },
+}
+
+/// One attempt: a pooled or fresh connection to `addr`, the request, the response head. A
+/// pooled connection that turns out stale is replaced by a fresh one once, for a replayable
+/// request.
+#[allow(clippy::too_many_arguments)] // the attempt's whole context; one call site
+async fn exchange<R: Runtime>(
+    worker: &Worker<R>,
+    cluster: &Cluster,
+    stats: &crate::stats::ClusterStats,
+    addr: SocketAddr,
+    timeouts: &Timeouts,
+    client: &mut R::Stream,
+    bufs: &mut Buffers,
+    info: &RequestInfo,
+    listener: &Listener,
+    body: &mut BodyRelay,
+    replayable: bool,
+) -> Exchange<R::Stream> {
     let mut retried = false;
-    let outcome = loop {
+    loop {
         let pooled = if retried {
             None
         } else {
@@ -229,14 +386,14 @@ async fn forward<R: Runtime>(
         }
         let mut up = match pooled {
             Some(s) => s,
-            None => match connect_upstream::<R>(addr, cluster.connect_timeout).await {
+            None => match connect_upstream::<R>(addr, timeouts.connect).await {
                 Ok(s) => s,
                 Err(e) => {
                     match e {
                         ProxyError::ConnectTimeout => stats.timeout(),
                         _ => stats.connect_error(),
                     }
-                    break Err(e);
+                    return Exchange::Failed(e);
                 }
             },
         };
@@ -249,56 +406,49 @@ async fn forward<R: Runtime>(
                 stats.retry();
                 continue;
             }
-            break Err(ProxyError::UpstreamWrite(e));
+            return Exchange::Failed(ProxyError::UpstreamWrite(e));
         }
         if !body.is_done() {
             if info.expect_continue {
                 bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                 if !flush(client, &mut bufs.out).await {
-                    return (false, 499, 0);
+                    return Exchange::Answered { keep_open: false, status: 499 };
                 }
             }
             let idle = listener.body_timeout;
             let max = listener.max_request_body;
-            match stream_request_body::<R>(client, &mut up, bufs, &mut body, idle, max).await {
-                Ok(()) => {}
-                Err(BodyStop::TooLarge) => {
-                    return (
-                        send_error::<R>(client, &mut bufs.out, 413, false, false).await,
-                        413,
-                        0,
-                    );
-                }
-                Err(BodyStop::ClientGone) => return (false, 499, 0),
-                Err(BodyStop::Timeout) => {
-                    return (
-                        send_error::<R>(client, &mut bufs.out, 408, false, false).await,
-                        408,
-                        0,
-                    );
-                }
-                Err(BodyStop::Bad(reason)) => {
-                    debug!(reason, "refused request body");
-                    return (
-                        send_error::<R>(client, &mut bufs.out, 400, false, false).await,
-                        400,
-                        0,
-                    );
-                }
-                Err(BodyStop::Upstream(e)) => break Err(ProxyError::UpstreamWrite(e)),
+            let answer =
+                match stream_request_body::<R>(client, &mut up, bufs, body, idle, max).await {
+                    Ok(()) => None,
+                    Err(BodyStop::TooLarge) => Some(413),
+                    Err(BodyStop::ClientGone) => {
+                        return Exchange::Answered { keep_open: false, status: 499 }
+                    }
+                    Err(BodyStop::Timeout) => Some(408),
+                    Err(BodyStop::Bad(reason)) => {
+                        debug!(reason, "refused request body");
+                        Some(400)
+                    }
+                    Err(BodyStop::Upstream(e)) => {
+                        return Exchange::Failed(ProxyError::UpstreamWrite(e))
+                    }
+                };
+            if let Some(status) = answer {
+                let keep_open = send_error::<R>(client, &mut bufs.out, status, false, false).await;
+                return Exchange::Answered { keep_open, status };
             }
         }
-        match read_response_head::<R>(
+        let draining = || worker.is_draining();
+        let head = read_response_head::<R>(
             &mut up,
             bufs,
             info,
             &worker.response_limits,
-            cluster.response_timeout,
-            &|| worker.is_draining(),
-        )
-        .await
-        {
-            Ok(plan) => break Ok((up, plan)),
+            timeouts.response,
+            &draining,
+        );
+        match head.await {
+            Ok(plan) => return Exchange::Response(up, plan),
             Err(ProxyError::UpstreamClosed) if reused && replayable && !retried => {
                 debug!(upstream = %addr, "pooled connection closed before responding; retrying");
                 retried = true;
@@ -308,42 +458,22 @@ async fn forward<R: Runtime>(
                 if matches!(e, ProxyError::ResponseTimeout) {
                     stats.timeout();
                 }
-                break Err(e);
+                return Exchange::Failed(e);
             }
         }
-    };
-
-    let (up, plan) = match outcome {
-        Ok(x) => x,
-        Err(e) => {
-            warn!(upstream = %addr, cluster = %cluster.name, error = %e, "upstream request failed");
-            bufs.out.clear();
-            // A body still on the wire cannot be skipped safely: close after answering.
-            let keep = body.is_done() && info.keep_alive && !worker.is_draining();
-            let ka = info.needs_keep_alive_header();
-            let sent = send_error::<R>(client, &mut bufs.out, e.status(), keep, ka).await;
-            return (sent, e.status(), 0);
-        }
-    };
-    let status = plan.status;
-    let (keep, bytes) = relay_response::<R>(worker, client, up, addr, cluster, bufs, plan).await;
-    (keep, status, bytes)
-}
-
-/// Round robin over the cluster's endpoints, on this worker's own counter.
-fn pick_upstream(view: &WorkerView, cluster_index: usize, cluster: &Cluster) -> SocketAddr {
-    let i = view.balancers[cluster_index].pick(cluster.endpoints.len());
-    cluster.endpoints[i]
+    }
 }
 
 /// Sends the response head (already in `bufs.out`) and streams the body, re-framed, one read
 /// at a time. Returns whether the client connection stays open, and the body bytes relayed.
+#[allow(clippy::too_many_arguments)] // the response's whole context; one call site
 async fn relay_response<R: Runtime>(
     worker: &Worker<R>,
     client: &mut R::Stream,
     mut up: R::Stream,
     addr: SocketAddr,
     cluster: &Cluster,
+    read_timeout: Duration,
     bufs: &mut Buffers,
     plan: ResponsePlan,
 ) -> (bool, u64) {
@@ -367,8 +497,7 @@ async fn relay_response<R: Runtime>(
         if body.is_done() {
             break;
         }
-        match R::timeout(cluster.read_timeout, read_some(&mut up, &mut bufs.ubuf, BODY_READ)).await
-        {
+        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, BODY_READ)).await {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) | Some(Err(_)) => {
                 if body.end_of_input(&mut bufs.out) {

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod io;
 pub mod isolate;
 pub mod pool;
+pub mod retry;
 pub mod wait;
 pub mod worker_tasks;
 
@@ -20,8 +21,9 @@ use std::sync::Arc;
 use arc_swap::cache::Cache;
 
 use crate::access_log::WorkerLog;
-use crate::balance::RoundRobin;
+use crate::balance::Balancer;
 use crate::config::Action;
+use crate::health::{HealthMap, SharedHealth};
 use crate::http::HeadLimits;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::stats::{ClusterStats, RouteStats, WorkerStats};
@@ -33,13 +35,15 @@ use wait::{Event, WakeList};
 pub struct WorkerView {
     pub snap: Arc<Snapshot>,
     /// One per cluster of `snap`.
-    pub balancers: Vec<RoundRobin>,
+    pub balancers: Vec<Balancer>,
     /// The snapshot's listener settings, shared by the connections accepted under it.
     pub listeners: Vec<Rc<crate::config::Listener>>,
     /// Counters per route of `snap` (by index), per cluster, and for requests no route took.
     pub route_stats: Vec<Rc<RouteStats>>,
     pub cluster_stats: Vec<Rc<ClusterStats>>,
     pub unrouted: Rc<RouteStats>,
+    /// One per route of `snap`.
+    pub retry_budgets: Vec<retry::RetryBudget>,
 }
 
 impl WorkerView {
@@ -68,7 +72,14 @@ pub struct Worker<R: Runtime> {
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
     pub buffers: buffers::BufferPool,
+    /// The health checker's verdicts, read like the config snapshot: no write while unchanged.
+    health: RefCell<Cache<SharedHealth, Arc<HealthMap>>>,
+    /// Verdicts per cluster of the current view, rebuilt when either side changes.
+    health_view: RefCell<Option<(usize, usize, Rc<HealthView>)>>,
 }
+
+/// Per cluster index of a view: each endpoint's active-health verdict (`None`: no health check).
+pub type HealthView = Vec<Option<Vec<bool>>>;
 
 /// Counts one open client connection; dropping it (when the connection ends) wakes whoever
 /// waits for a free slot.
@@ -84,7 +95,12 @@ impl<R: Runtime> Drop for ConnGuard<R> {
 }
 
 impl<R: Runtime> Worker<R> {
-    pub fn new(id: usize, shared: SharedSnapshot, access: Option<WorkerLog>) -> Self {
+    pub fn new(
+        id: usize,
+        shared: SharedSnapshot,
+        access: Option<WorkerLog>,
+        health: SharedHealth,
+    ) -> Self {
         let mut cache = Cache::new(shared);
         let snap = Arc::clone(cache.load());
         let stats = WorkerStats::default();
@@ -101,7 +117,41 @@ impl<R: Runtime> Worker<R> {
             stats,
             access,
             buffers: buffers::BufferPool::default(),
+            health: RefCell::new(Cache::new(health)),
+            health_view: RefCell::new(None),
         }
+    }
+
+    /// The active health verdicts for `view`'s clusters.
+    pub fn health(&self, view: &WorkerView) -> Rc<HealthView> {
+        let mut cache = self.health.borrow_mut();
+        let map = cache.load();
+        let key = (Arc::as_ptr(map) as usize, Arc::as_ptr(&view.snap) as usize);
+        let mut hv = self.health_view.borrow_mut();
+        if let Some((m, s, v)) = hv.as_ref() {
+            if (*m, *s) == key {
+                return Rc::clone(v);
+            }
+        }
+        let built: HealthView = view
+            .snap
+            .config
+            .clusters
+            .iter()
+            .map(|c| {
+                c.health_check.as_ref()?;
+                let verdicts = map.clusters.get(&c.name);
+                Some(
+                    c.endpoints
+                        .iter()
+                        .map(|a| verdicts.and_then(|v| v.get(a)).copied().unwrap_or(true))
+                        .collect(),
+                )
+            })
+            .collect();
+        let v = Rc::new(built);
+        *hv = Some((key.0, key.1, Rc::clone(&v)));
+        v
     }
 
     /// Registers a newly accepted client connection.
@@ -129,7 +179,7 @@ impl<R: Runtime> Worker<R> {
 
     fn make_view(id: usize, snap: Arc<Snapshot>, stats: &WorkerStats) -> WorkerView {
         let config = &snap.config;
-        let balancers = config.clusters.iter().map(|_| RoundRobin::new(id)).collect();
+        let balancers = config.clusters.iter().map(|c| Balancer::new(c, id)).collect();
         let listeners = config.listeners.iter().cloned().map(Rc::new).collect();
         let route_stats = config
             .routes
@@ -144,7 +194,16 @@ impl<R: Runtime> Worker<R> {
             .collect();
         let cluster_stats = config.clusters.iter().map(|c| stats.cluster(&c.name)).collect();
         let unrouted = stats.route("", "");
-        WorkerView { snap, balancers, listeners, route_stats, cluster_stats, unrouted }
+        let retry_budgets = config.routes.iter().map(|_| retry::RetryBudget::default()).collect();
+        WorkerView {
+            snap,
+            balancers,
+            listeners,
+            route_stats,
+            cluster_stats,
+            unrouted,
+            retry_budgets,
+        }
     }
 
     /// The view to serve the next request from; a request keeps its view until it ends, so a

@@ -18,6 +18,7 @@ use super::wait::{race, Either, Event};
 use super::Worker;
 use crate::access_log::{Format, LogMessage, WorkerLog, FLUSH_EVERY};
 use crate::config::Listener;
+use crate::health::SharedHealth;
 use crate::snapshot::SharedSnapshot;
 use crate::stats::StatsReport;
 
@@ -199,9 +200,10 @@ pub async fn run<R: Runtime>(
     orders: Receiver<Control>,
     ready: Sender<Result<(), String>>,
     access: Option<(Format, Sender<LogMessage>)>,
+    health: SharedHealth,
 ) {
     let access = access.map(|(format, tx)| WorkerLog::new(format, tx));
-    let worker = Rc::new(Worker::<R>::new(id, shared, access));
+    let worker = Rc::new(Worker::<R>::new(id, shared, access, health));
     if worker.access.is_some() {
         R::spawn(flush_access_log(Rc::clone(&worker)));
     }

@@ -19,10 +19,13 @@ use self::monoio::Monoio;
 use self::tokio::Tokio;
 use crate::access_log::{start_writer, Format, LogMessage};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
+use crate::health::{HealthMap, SharedHealth};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{bind_reuseport, BindError};
 use crate::proxy::worker_tasks::{self, Control};
 use crate::snapshot::{publish_first, SharedSnapshot};
+use arc_swap::ArcSwap;
+use std::sync::Arc;
 
 /// io_uring submission queue size per worker.
 const RING_ENTRIES: u32 = 1024;
@@ -59,6 +62,8 @@ pub struct Server {
     /// The access-log writer, for SIGUSR1's reopen.
     pub access_log: Option<Sender<LogMessage>>,
     access_log_thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropping it stops the health checker.
+    _health_stop: Sender<()>,
 }
 
 /// The control plane's line to one worker: orders go on the channel, a byte on the socket wakes
@@ -196,6 +201,9 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
     };
     let source = config.source.as_ref().map(|p| p.display().to_string());
     let shared = publish_first(config);
+    let health: SharedHealth = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
+    let health_stop =
+        crate::health::start(shared.clone(), health.clone()).map_err(StartError::Spawn)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut controls = Vec::new();
@@ -209,8 +217,19 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         controls.push(WorkerControl { wake: ours, orders: orders_tx });
         let exit = ExitReport { id, events: events.clone() };
         let access = access_writer.as_ref().zip(access_format).map(|(tx, f)| (f, tx.clone()));
-        let w =
-            WorkerStart { id, core, kind, socks, shared, control: theirs, orders, ready, access };
+        let health = health.clone();
+        let w = WorkerStart {
+            id,
+            core,
+            kind,
+            socks,
+            shared,
+            control: theirs,
+            orders,
+            ready,
+            access,
+            health,
+        };
         std::thread::Builder::new()
             .name(format!("apex-worker-{id}"))
             .spawn(move || {
@@ -244,6 +263,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         controls,
         access_log: access_writer,
         access_log_thread: access_thread,
+        _health_stop: health_stop,
     })
 }
 
@@ -258,10 +278,11 @@ struct WorkerStart {
     orders: mpsc::Receiver<Control>,
     ready: mpsc::Sender<Result<(), String>>,
     access: Option<(Format, Sender<LogMessage>)>,
+    health: SharedHealth,
 }
 
 fn run_worker(w: WorkerStart) {
-    let WorkerStart { id, core, kind, socks, shared, control, orders, ready, access } = w;
+    let WorkerStart { id, core, kind, socks, shared, control, orders, ready, access, health } = w;
     let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
     let pin = match pinned {
         Some((cpu, true)) => format!("cpu {cpu}"),
@@ -273,7 +294,9 @@ fn run_worker(w: WorkerStart) {
         match self::tokio::build() {
             Ok(rt) => self::tokio::block_on(
                 &rt,
-                worker_tasks::run::<Tokio>(id, shared, socks, control, orders, ready, access),
+                worker_tasks::run::<Tokio>(
+                    id, shared, socks, control, orders, ready, access, health,
+                ),
             ),
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot build a Tokio runtime: {e}")));
@@ -302,8 +325,16 @@ fn run_worker(w: WorkerStart) {
     } else {
         info!(worker = id, driver = driver.name, detail = %driver.detail, pin = %pin, "worker starting");
     }
-    let main =
-        worker_tasks::run::<Monoio>(id, shared, socks, control, orders, ready.clone(), access);
+    let main = worker_tasks::run::<Monoio>(
+        id,
+        shared,
+        socks,
+        control,
+        orders,
+        ready.clone(),
+        access,
+        health,
+    );
     match result {
         Ok(mut rt) => rt.block_on(main),
         Err(_) => match build_epoll() {
