@@ -137,7 +137,7 @@ CONF
     cat >"$WORK/haproxy.cfg" <<CONF
 global
     nbthread 1
-    maxconn 4096
+    maxconn 9000
 defaults
     mode http
     timeout connect 2s

@@ -87,6 +87,28 @@ impl BodyRelay {
         }
     }
 
+    /// When the body passes through unchanged (same framing in and out, not chunked): takes up
+    /// to `available` bytes of it without copying and returns how many are body. `None` when
+    /// the bytes must be re-framed through [`BodyRelay::relay`].
+    pub fn pass_through(&mut self, available: usize) -> Option<usize> {
+        if self.done || self.input != self.output {
+            return None;
+        }
+        let n = match self.input {
+            Framing::Length(_) => (available as u64).min(self.remaining) as usize,
+            Framing::UntilClose => available,
+            Framing::None | Framing::Chunked => return None,
+        };
+        self.taken += n as u64;
+        if let Framing::Length(_) = self.input {
+            self.remaining -= n as u64;
+            if self.remaining == 0 {
+                self.done = true;
+            }
+        }
+        Some(n)
+    }
+
     /// The input reached EOF. For a close-delimited body that is its end (`true`); for any
     /// other unfinished body it means the body was cut short (`false`).
     pub fn end_of_input(&mut self, out: &mut Vec<u8>) -> bool {
@@ -162,6 +184,17 @@ mod tests {
         r.relay(b"abc", &mut out).unwrap();
         assert!(r.end_of_input(&mut out));
         assert_eq!(out, b"3\r\nabc\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn pass_through_counts_without_copying() {
+        let mut r = BodyRelay::new(Framing::Length(10), Framing::Length(10));
+        assert_eq!(r.pass_through(4), Some(4));
+        assert_eq!(r.pass_through(100), Some(6), "stops at the end of the body");
+        assert!(r.is_done());
+        assert_eq!(r.body_bytes(), 10);
+        let mut c = BodyRelay::new(Framing::Chunked, Framing::Chunked);
+        assert_eq!(c.pass_through(10), None, "chunked input is always re-framed");
     }
 
     #[test]

@@ -180,6 +180,10 @@ struct Timeouts {
     read: Duration,
 }
 
+/// Read size while relaying a response body after its head: larger than request-side reads
+/// because big responses are common; still a fixed bound per connection.
+const RELAY_READ: usize = 64 * 1024;
+
 /// Most attempts a retry policy allows (the config caps `attempts` at 10).
 const MAX_ATTEMPTS: usize = 10;
 
@@ -497,8 +501,22 @@ async fn relay_response<R: Runtime>(
         if body.is_done() {
             break;
         }
-        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, BODY_READ)).await {
-            Some(Ok(n)) if n > 0 => {}
+        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
+            Some(Ok(n)) if n > 0 => {
+                // A body that passes through unchanged is written from the read buffer itself:
+                // no copy into the output buffer.
+                if let Some(n) = body.pass_through(bufs.ubuf.len()) {
+                    leftover |= n < bufs.ubuf.len();
+                    bufs.ubuf.truncate(n);
+                    if !flush(client, &mut bufs.ubuf).await {
+                        return (false, body.body_bytes());
+                    }
+                    if body.is_done() {
+                        break;
+                    }
+                    continue;
+                }
+            }
             Some(Ok(_)) | Some(Err(_)) => {
                 if body.end_of_input(&mut bufs.out) {
                     return (
