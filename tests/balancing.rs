@@ -80,8 +80,9 @@ fn unhealthy_endpoint_is_skipped_then_readmitted(rt: &str) {
     down.store(true, Ordering::SeqCst);
     let line =
         apex.wait_for_log(&["endpoint unhealthy", &a.addr.to_string()]).expect("probe saw it");
+    // Two probe intervals, plus slack for the probe itself and a loaded CI machine.
     assert!(
-        killed.elapsed() <= Duration::from_millis(2 * 200 + 200),
+        killed.elapsed() <= Duration::from_millis(2 * 200 + 400),
         "{:?}: {line}",
         killed.elapsed()
     );
