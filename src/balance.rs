@@ -115,11 +115,13 @@ impl Balancer {
         self.passive[i].ejected_until.get().is_some_and(|t| t > now)
     }
 
-    /// Picks an endpoint index. `healthy` is the active health check's verdict per endpoint
-    /// (`None`: no health check); `tried` are endpoints this request already failed on;
-    /// `fail_open` says what to do when no endpoint is healthy.
+    /// Picks an endpoint index. `ring` is the consistent-hash ring and the request's key, when
+    /// the cluster hashes; `healthy` is the active health check's verdict per endpoint (`None`:
+    /// no health check); `tried` are endpoints this request already failed on; `fail_open` says
+    /// what to do when no endpoint is healthy.
     pub fn pick(
         &self,
+        ring: Option<(&Ring, u64)>,
         healthy: Option<&[bool]>,
         fail_open: bool,
         tried: &[usize],
@@ -133,18 +135,28 @@ impl Balancer {
         }
         // Usable: healthy (or everything is down and we fail open), not ejected, not tried.
         // Each restriction is dropped in turn when it would leave nothing.
-        let base: Vec<bool> = (0..n).map(|i| !any_healthy || is_healthy(i)).collect();
-        let mut usable: Vec<bool> =
-            (0..n).map(|i| base[i] && !self.ejected(i, now) && !tried.contains(&i)).collect();
+        let base = |i: usize| !any_healthy || is_healthy(i);
+        let fresh = |i: usize| base(i) && !tried.contains(&i);
+        let best = |i: usize| fresh(i) && !self.ejected(i, now);
+        if let Some((ring, key)) = ring {
+            // The first usable endpoint on the ring from the key's position.
+            return ring
+                .walk(key)
+                .find(|&i| best(i))
+                .or_else(|| ring.walk(key).find(|&i| base(i)))
+                .ok_or(NoHealthyEndpoint);
+        }
+        let mut usable: Vec<bool> = (0..n).map(best).collect();
         if !usable.contains(&true) {
-            usable = (0..n).map(|i| base[i] && !tried.contains(&i)).collect();
+            usable = (0..n).map(fresh).collect();
         }
         if !usable.contains(&true) {
-            usable = base;
+            usable = (0..n).map(base).collect();
         }
         Ok(match &self.policy {
             Policy::RoundRobin => self.smooth_round_robin(&usable),
-            Policy::Random => self.weighted_random(&usable),
+            // Without a key a consistent-hash request is balanced at random.
+            Policy::Random | Policy::ConsistentHash(_) => self.weighted_random(&usable),
             Policy::LeastRequest => {
                 let a = self.weighted_random(&usable);
                 let b = self.weighted_random(&usable);
@@ -158,38 +170,7 @@ impl Balancer {
                     a
                 }
             }
-            Policy::ConsistentHash(_) => {
-                // The ring is in the snapshot; without one (or a key), fall back to random.
-                self.weighted_random(&usable)
-            }
         })
-    }
-
-    /// Like [`Balancer::pick`] for a consistent-hash cluster: the first usable endpoint on the
-    /// ring from the key's position.
-    pub fn pick_on_ring(
-        &self,
-        ring: &Ring,
-        key: u64,
-        healthy: Option<&[bool]>,
-        fail_open: bool,
-        tried: &[usize],
-    ) -> Result<usize, NoHealthyEndpoint> {
-        let n = self.weights.len();
-        let now = Instant::now();
-        let is_healthy = |i: usize| healthy.is_none_or(|h| h.get(i).copied().unwrap_or(true));
-        let any_healthy = (0..n).any(is_healthy);
-        if !any_healthy && !fail_open {
-            return Err(NoHealthyEndpoint);
-        }
-        let ok = |i: usize, strict: bool| {
-            (!any_healthy || is_healthy(i))
-                && (!strict || (!self.ejected(i, now) && !tried.contains(&i)))
-        };
-        ring.walk(key)
-            .find(|&i| ok(i, true))
-            .or_else(|| ring.walk(key).find(|&i| ok(i, false)))
-            .ok_or(NoHealthyEndpoint)
     }
 
     fn smooth_round_robin(&self, usable: &[bool]) -> usize {
@@ -293,7 +274,7 @@ mod tests {
     #[test]
     fn smooth_round_robin_follows_weights_and_interleaves() {
         let b = Balancer::new(&cluster(&[5, 1, 1], Policy::RoundRobin), 0);
-        let picks: Vec<usize> = (0..7).map(|_| b.pick(None, true, &[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..7).map(|_| b.pick(None, None, true, &[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0], "nginx's smooth sequence for 5:1:1");
     }
 
@@ -303,7 +284,7 @@ mod tests {
             let b = Balancer::new(&cluster(&[1, 3], policy.clone()), 1);
             let mut counts = [0u32; 2];
             for _ in 0..40_000 {
-                counts[b.pick(None, true, &[]).unwrap()] += 1;
+                counts[b.pick(None, None, true, &[]).unwrap()] += 1;
             }
             let share = f64::from(counts[1]) / 40_000.0;
             if policy == Policy::Random {
@@ -320,7 +301,7 @@ mod tests {
         for _ in 0..10 {
             b.started(0);
         }
-        let picks = (0..100).filter(|_| b.pick(None, true, &[]).unwrap() == 1).count();
+        let picks = (0..100).filter(|_| b.pick(None, None, true, &[]).unwrap() == 1).count();
         assert!(picks >= 70, "{picks}");
     }
 
@@ -336,19 +317,19 @@ mod tests {
         let b = Balancer::new(&c, 0);
         let healthy = [true, false, true];
         for _ in 0..10 {
-            assert_ne!(b.pick(Some(&healthy), true, &[]).unwrap(), 1);
-            assert_eq!(b.pick(Some(&healthy), true, &[0]).unwrap(), 2);
+            assert_ne!(b.pick(None, Some(&healthy), true, &[]).unwrap(), 1);
+            assert_eq!(b.pick(None, Some(&healthy), true, &[0]).unwrap(), 2);
         }
         assert_eq!(b.report(0, true), None);
         assert_eq!(b.report(0, true), Some(Duration::from_secs(10)));
         for _ in 0..10 {
-            assert_eq!(b.pick(Some(&healthy), true, &[]).unwrap(), 2);
+            assert_eq!(b.pick(None, Some(&healthy), true, &[]).unwrap(), 2);
         }
         // A second endpoint may not be ejected: 50% of 3 is one.
         b.report(2, true);
         assert_eq!(b.report(2, true), None);
-        assert_eq!(b.pick(Some(&[false, false, false]), false, &[]), Err(NoHealthyEndpoint));
-        assert!(b.pick(Some(&[false, false, false]), true, &[]).is_ok(), "fail open");
+        assert_eq!(b.pick(None, Some(&[false, false, false]), false, &[]), Err(NoHealthyEndpoint));
+        assert!(b.pick(None, Some(&[false, false, false]), true, &[]).is_ok(), "fail open");
     }
 
     #[test]

@@ -251,12 +251,8 @@ async fn forward<R: Runtime>(
     let mut tried = [0usize; MAX_ATTEMPTS];
     let mut attempts = 0;
     loop {
-        let picked = match (ring, target.hash_key) {
-            (Some(ring), Some(key)) => {
-                balancer.pick_on_ring(ring, key, healthy, fail_open, &tried[..attempts])
-            }
-            _ => balancer.pick(healthy, fail_open, &tried[..attempts]),
-        };
+        let on_ring = ring.zip(target.hash_key);
+        let picked = balancer.pick(on_ring, healthy, fail_open, &tried[..attempts]);
         let Ok(i) = picked else {
             let e = ProxyError::NoHealthyEndpoint;
             warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
