@@ -93,9 +93,8 @@ impl Balancer {
             passive: (0..n).map(|_| Passive::default()).collect(),
         };
         if matches!(b.policy, Policy::RoundRobin) {
-            let all = vec![true; n];
             for _ in 0..seed % n.max(1) {
-                b.smooth_round_robin(&all);
+                b.smooth_round_robin(&|_| true);
             }
         }
         b
@@ -146,20 +145,21 @@ impl Balancer {
                 .or_else(|| ring.walk(key).find(|&i| base(i)))
                 .ok_or(NoHealthyEndpoint);
         }
-        let mut usable: Vec<bool> = (0..n).map(best).collect();
-        if !usable.contains(&true) {
-            usable = (0..n).map(fresh).collect();
-        }
-        if !usable.contains(&true) {
-            usable = (0..n).map(base).collect();
-        }
+        // No allocation per request: the policies take the predicate itself.
+        let usable: &dyn Fn(usize) -> bool = if (0..n).any(best) {
+            &best
+        } else if (0..n).any(fresh) {
+            &fresh
+        } else {
+            &base
+        };
         Ok(match &self.policy {
-            Policy::RoundRobin => self.smooth_round_robin(&usable),
+            Policy::RoundRobin => self.smooth_round_robin(usable),
             // Without a key a consistent-hash request is balanced at random.
-            Policy::Random | Policy::ConsistentHash(_) => self.weighted_random(&usable),
+            Policy::Random | Policy::ConsistentHash(_) => self.weighted_random(usable),
             Policy::LeastRequest => {
-                let a = self.weighted_random(&usable);
-                let b = self.weighted_random(&usable);
+                let a = self.weighted_random(usable);
+                let b = self.weighted_random(usable);
                 // Fewer in flight per unit of weight wins.
                 let load = |i: usize| {
                     u64::from(self.inflight[i].get()) * 1000 / u64::from(self.weights[i])
@@ -173,13 +173,10 @@ impl Balancer {
         })
     }
 
-    fn smooth_round_robin(&self, usable: &[bool]) -> usize {
+    fn smooth_round_robin(&self, usable: &dyn Fn(usize) -> bool) -> usize {
         let mut total = 0i64;
         let mut best: Option<usize> = None;
-        for (i, u) in usable.iter().enumerate() {
-            if !u {
-                continue;
-            }
+        for i in (0..self.weights.len()).filter(|&i| usable(i)) {
             let w = i64::from(self.weights[i]);
             let c = self.current[i].get() + w;
             self.current[i].set(c);
@@ -193,21 +190,14 @@ impl Balancer {
         b
     }
 
-    fn weighted_random(&self, usable: &[bool]) -> usize {
-        let total: u64 = usable
-            .iter()
-            .enumerate()
-            .filter(|(_, u)| **u)
-            .map(|(i, _)| u64::from(self.weights[i]))
-            .sum();
+    fn weighted_random(&self, usable: &dyn Fn(usize) -> bool) -> usize {
+        let n = self.weights.len();
+        let total: u64 = (0..n).filter(|&i| usable(i)).map(|i| u64::from(self.weights[i])).sum();
         if total == 0 {
             return 0;
         }
         let mut r = self.next_random() % total;
-        for (i, u) in usable.iter().enumerate() {
-            if !u {
-                continue;
-            }
+        for i in (0..n).filter(|&i| usable(i)) {
             let w = u64::from(self.weights[i]);
             if r < w {
                 return i;
