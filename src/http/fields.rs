@@ -157,11 +157,6 @@ impl<'b> ConnectionTokens<'b> {
     }
 }
 
-/// Whether the field `name` must be dropped: hop-by-hop, or named by a `Connection` field.
-pub fn must_drop(headers: &[Header<'_>], name: &str) -> bool {
-    is_hop_by_hop(name) || connection_has(headers, name)
-}
-
 /// Appends one field line, `name: value` CRLF, as received.
 pub fn encode_field(out: &mut Vec<u8>, h: &Header<'_>) {
     out.extend_from_slice(h.name.as_bytes());
@@ -263,8 +258,9 @@ mod tests {
     fn connection_tokens_name_fields_to_drop() {
         let hs = [h("Connection", "close, X-Secret"), h("X-Secret", "1"), h("X-Public", "2")];
         assert!(connection_has(&hs, "close"));
-        assert!(must_drop(&hs, "x-secret"));
-        assert!(!must_drop(&hs, "X-Public"));
-        assert!(must_drop(&hs, "Keep-Alive"));
+        let t = ConnectionTokens::of(&hs);
+        assert!(t.must_drop(&hs, "x-secret"));
+        assert!(!t.must_drop(&hs, "X-Public"));
+        assert!(t.must_drop(&hs, "Keep-Alive"));
     }
 }

@@ -1,12 +1,11 @@
-//! Why a proxied request failed, and the status each failure answers with.
+//! Why forwarding a request to an upstream failed, and the status each failure answers with.
+//! (Failures on the client's side are answered where they happen: 400, 408, 413, 499.)
 
 use std::fmt;
 use std::io;
 
 #[derive(Debug)]
 pub enum ProxyError {
-    /// No route matches the request.
-    NoRoute,
     /// The upstream refused or could not be reached.
     ConnectFailed(io::Error),
     /// The TCP connect took longer than the cluster's `connect_timeout`.
@@ -19,10 +18,6 @@ pub enum ProxyError {
     UpstreamWrite(io::Error),
     /// The upstream's response head is malformed or ambiguously framed.
     BadResponse(&'static str),
-    /// The request body's chunked framing is invalid.
-    BadRequestBody(&'static str),
-    /// The client stopped sending its request body for longer than `body_timeout`.
-    RequestBodyTimeout,
     /// Every endpoint of the cluster failed its health check (and the cluster does not fail
     /// open).
     NoHealthyEndpoint,
@@ -31,14 +26,11 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
-            ProxyError::NoRoute => 404,
             ProxyError::ConnectFailed(_)
             | ProxyError::UpstreamClosed
             | ProxyError::UpstreamWrite(_)
             | ProxyError::BadResponse(_) => 502,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => 504,
-            ProxyError::BadRequestBody(_) => 400,
-            ProxyError::RequestBodyTimeout => 408,
             ProxyError::NoHealthyEndpoint => 503,
         }
     }
@@ -47,15 +39,12 @@ impl ProxyError {
 impl fmt::Display for ProxyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProxyError::NoRoute => write!(f, "no route"),
             ProxyError::ConnectFailed(e) => write!(f, "connect failed: {e}"),
             ProxyError::ConnectTimeout => write!(f, "connect timed out"),
             ProxyError::ResponseTimeout => write!(f, "no response head in time"),
             ProxyError::UpstreamClosed => write!(f, "upstream closed before responding"),
             ProxyError::UpstreamWrite(e) => write!(f, "writing the request failed: {e}"),
             ProxyError::BadResponse(r) => write!(f, "bad response: {r}"),
-            ProxyError::BadRequestBody(r) => write!(f, "bad request body: {r}"),
-            ProxyError::RequestBodyTimeout => write!(f, "request body timed out"),
             ProxyError::NoHealthyEndpoint => write!(f, "no healthy endpoint"),
         }
     }
