@@ -211,13 +211,18 @@ async fn read_request_head<R: Runtime>(
         let started = !rbuf.is_empty();
         // Waiting for a new request, read into the small idle buffer; grow only for long heads.
         let spare = if started { MIN_READ } else { IDLE_READ };
-        let read = R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, spare));
         let result = if started {
-            read.await
+            // Part of a head is in: a runtime timer, boxed so that its space is not part of
+            // every idle connection's task.
+            let read =
+                R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, spare));
+            Box::pin(read).await
         } else {
-            match race(read, worker.drain.wait()).await {
-                Either::Left(r) => r,
-                Either::Right(()) => return HeadRead::Closed,
+            // Nothing yet: the worker's coarse idle deadline, and the drain.
+            let idle = worker.idle.until(Instant::now() + wait);
+            match race(read_some(client, rbuf, spare), race(worker.drain.wait(), idle)).await {
+                Either::Left(r) => Some(r),
+                Either::Right(_) => return HeadRead::Closed,
             }
         };
         match result {
@@ -326,13 +331,14 @@ pub async fn serve_downstream<R: Runtime>(
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
                 worker.view().unrouted.record(408);
-                send_error::<R>(&mut client, &mut bufs.out, 408, false, false).await;
+                Box::pin(send_error::<R>(&mut client, &mut bufs.out, 408, false, false)).await;
                 return;
             }
             HeadRead::Invalid(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
                 worker.view().unrouted.record(e.status());
-                send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
+                Box::pin(send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false))
+                    .await;
                 return;
             }
         };
@@ -353,7 +359,8 @@ pub async fn serve_downstream<R: Runtime>(
             Err(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
                 view.unrouted.record(e.status());
-                send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false).await;
+                Box::pin(send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false))
+                    .await;
                 return;
             }
         };
@@ -361,7 +368,7 @@ pub async fn serve_downstream<R: Runtime>(
             if n > max {
                 // Refused before reading any of it; the lingering close bounds what we read.
                 view.unrouted.record(413);
-                send_error::<R>(&mut client, &mut bufs.out, 413, false, false).await;
+                Box::pin(send_error::<R>(&mut client, &mut bufs.out, 413, false, false)).await;
                 return;
             }
         }
@@ -377,7 +384,9 @@ pub async fn serve_downstream<R: Runtime>(
                     &info,
                     &listener,
                 );
-                let served = request.await;
+                // Boxed: the forwarding state machine is large, and unboxed it would be part of
+                // every idle connection's task (a future is as large as its largest await point).
+                let served = Box::pin(request).await;
                 view.route_stats[route].record(served.status);
                 (served.keep_open, served.status, served.body_bytes, served.upstream, Some(route))
             }
@@ -402,7 +411,8 @@ pub async fn serve_downstream<R: Runtime>(
                 let keep = whole && info.keep_alive && !worker.is_draining();
                 let ka = info.needs_keep_alive_header();
                 view.unrouted.record(404);
-                let sent = send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka).await;
+                let sent =
+                    Box::pin(send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka)).await;
                 (sent, 404, 0, None, None)
             }
         };

@@ -68,6 +68,8 @@ pub struct Worker<R: Runtime> {
     /// Tasks waiting for a client connection to close.
     pub closed: WakeList,
     pub stats: WorkerStats,
+    /// Deadlines of connections waiting for their next request.
+    pub idle: wait::IdleTimers,
     /// `None` when the access log is off.
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
@@ -115,6 +117,7 @@ impl<R: Runtime> Worker<R> {
             drain: Event::default(),
             closed: WakeList::default(),
             stats,
+            idle: wait::IdleTimers::default(),
             access,
             buffers: buffers::BufferPool::default(),
             health: RefCell::new(Cache::new(health)),

@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 /// A one-shot event many tasks can wait for (the worker's drain). Each waiter holds one slot, so
 /// re-polling costs O(1) and a dropped waiter frees its slot.
@@ -102,6 +103,81 @@ impl WakeList {
             Poll::Pending
         })
         .await
+    }
+}
+
+/// Coarse deadlines for idle waits, checked by one sweep per worker: an idle connection holds a
+/// slot (a few words) instead of a runtime timer, which in monoio is over 1 KiB inline (its
+/// entries are cache-padded) and would be part of every idle connection's task.
+#[derive(Default)]
+pub struct IdleTimers {
+    slots: RefCell<Vec<IdleSlot>>,
+    free: RefCell<Vec<usize>>,
+}
+
+struct IdleSlot {
+    deadline: Instant,
+    waker: Option<Waker>,
+}
+
+impl IdleTimers {
+    /// Completes once `deadline` has passed and a sweep (or a poll) notices.
+    pub fn until(&self, deadline: Instant) -> IdleWait<'_> {
+        IdleWait { timers: self, deadline, slot: None }
+    }
+
+    /// Wakes every waiter whose deadline has passed.
+    pub fn sweep(&self, now: Instant) {
+        let due: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter(|s| s.deadline <= now)
+            .filter_map(|s| s.waker.take())
+            .collect();
+        due.into_iter().for_each(Waker::wake);
+    }
+}
+
+pub struct IdleWait<'a> {
+    timers: &'a IdleTimers,
+    deadline: Instant,
+    slot: Option<usize>,
+}
+
+impl Future for IdleWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.deadline {
+            return Poll::Ready(());
+        }
+        let deadline = self.deadline;
+        let mut slots = self.timers.slots.borrow_mut();
+        let i = match self.slot {
+            Some(i) => i,
+            None => self.timers.free.borrow_mut().pop().unwrap_or_else(|| {
+                slots.push(IdleSlot { deadline, waker: None });
+                slots.len() - 1
+            }),
+        };
+        slots[i] = IdleSlot { deadline, waker: Some(cx.waker().clone()) };
+        drop(slots);
+        self.slot = Some(i);
+        Poll::Pending
+    }
+}
+
+impl Drop for IdleWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(s) = self.timers.slots.borrow_mut().get_mut(i) {
+                s.waker = None;
+                // Parked far in the future so sweeps skip it until it is reused.
+                s.deadline = self.deadline + std::time::Duration::from_secs(86_400 * 365);
+            }
+            self.timers.free.borrow_mut().push(i);
+        }
     }
 }
 

@@ -207,9 +207,24 @@ pub async fn run<R: Runtime>(
     if worker.access.is_some() {
         R::spawn(flush_access_log(Rc::clone(&worker)));
     }
+    R::spawn(sweep_idle_timers(Rc::clone(&worker)));
     worker_main(Rc::clone(&worker), socks, control, orders, ready).await;
     if let Some(log) = &worker.access {
         log.flush();
+    }
+}
+
+/// How often idle deadlines are checked: a keep-alive or first-request timeout fires at most
+/// this late.
+const IDLE_SWEEP: Duration = Duration::from_millis(100);
+
+/// Wakes idle connections whose deadline has passed, until the drain (which wakes them all).
+async fn sweep_idle_timers<R: Runtime>(worker: Rc<Worker<R>>) {
+    loop {
+        if let Either::Right(()) = race(R::sleep(IDLE_SWEEP), worker.drain.wait()).await {
+            return;
+        }
+        worker.idle.sweep(Instant::now());
     }
 }
 
