@@ -7,13 +7,63 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-/// A one-shot event many tasks can wait for (the worker's drain). Each waiter holds one slot, so
-/// re-polling costs O(1) and a dropped waiter frees its slot.
+/// Waiting tasks by slot, each slot holding a key (what the task waits for) and its waker. A
+/// waiting future keeps its slot index, so re-polling costs O(1), and frees it when dropped.
+struct WaiterSlots<K> {
+    slots: RefCell<Vec<Option<(K, Waker)>>>,
+    free: RefCell<Vec<usize>>,
+}
+
+impl<K> Default for WaiterSlots<K> {
+    fn default() -> Self {
+        WaiterSlots { slots: RefCell::new(Vec::new()), free: RefCell::new(Vec::new()) }
+    }
+}
+
+impl<K> WaiterSlots<K> {
+    /// Records `key` and `waker` in the waiter's slot, taking a slot on the first call.
+    fn register(&self, slot: &mut Option<usize>, key: K, waker: &Waker) {
+        let mut slots = self.slots.borrow_mut();
+        let i = *slot.get_or_insert_with(|| {
+            self.free.borrow_mut().pop().unwrap_or_else(|| {
+                slots.push(None);
+                slots.len() - 1
+            })
+        });
+        match &mut slots[i] {
+            Some((k, w)) if w.will_wake(waker) => *k = key,
+            s => *s = Some((key, waker.clone())),
+        }
+    }
+
+    /// Gives a dropped waiter's slot back.
+    fn release(&self, slot: Option<usize>) {
+        if let Some(i) = slot {
+            if let Some(s) = self.slots.borrow_mut().get_mut(i) {
+                *s = None;
+            }
+            self.free.borrow_mut().push(i);
+        }
+    }
+
+    /// Wakes (once) every waiter whose key is `due`.
+    fn wake_where(&self, due: impl Fn(&K) -> bool) {
+        let wakers: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter(|s| s.as_ref().is_some_and(|(k, _)| due(k)))
+            .filter_map(|s| s.take().map(|(_, w)| w))
+            .collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// A one-shot event many tasks can wait for (the worker's drain).
 #[derive(Default)]
 pub struct Event {
     fired: Cell<bool>,
-    slots: RefCell<Vec<Option<Waker>>>,
-    free: RefCell<Vec<usize>>,
+    waiters: WaiterSlots<()>,
 }
 
 impl Event {
@@ -24,9 +74,7 @@ impl Event {
     /// Fires the event and wakes every waiter; later waits complete at once.
     pub fn fire(&self) {
         self.fired.set(true);
-        let wakers: Vec<Waker> =
-            self.slots.borrow_mut().iter_mut().filter_map(Option::take).collect();
-        wakers.into_iter().for_each(Waker::wake);
+        self.waiters.wake_where(|_| true);
     }
 
     pub fn wait(&self) -> EventWait<'_> {
@@ -46,35 +94,15 @@ impl Future for EventWait<'_> {
         if self.event.fired.get() {
             return Poll::Ready(());
         }
-        let mut slots = self.event.slots.borrow_mut();
-        let slot = match self.slot {
-            Some(i) => i,
-            None => {
-                let i = self.event.free.borrow_mut().pop().unwrap_or_else(|| {
-                    slots.push(None);
-                    slots.len() - 1
-                });
-                i
-            }
-        };
-        match &mut slots[slot] {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            s => *s = Some(cx.waker().clone()),
-        }
-        drop(slots);
-        self.slot = Some(slot);
+        let this = &mut *self;
+        this.event.waiters.register(&mut this.slot, (), cx.waker());
         Poll::Pending
     }
 }
 
 impl Drop for EventWait<'_> {
     fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if let Some(s) = self.event.slots.borrow_mut().get_mut(i) {
-                *s = None;
-            }
-            self.event.free.borrow_mut().push(i);
-        }
+        self.event.waiters.release(self.slot);
     }
 }
 
@@ -111,13 +139,7 @@ impl WakeList {
 /// entries are cache-padded) and would be part of every idle connection's task.
 #[derive(Default)]
 pub struct IdleTimers {
-    slots: RefCell<Vec<IdleSlot>>,
-    free: RefCell<Vec<usize>>,
-}
-
-struct IdleSlot {
-    deadline: Instant,
-    waker: Option<Waker>,
+    waiters: WaiterSlots<Instant>,
 }
 
 impl IdleTimers {
@@ -128,14 +150,7 @@ impl IdleTimers {
 
     /// Wakes every waiter whose deadline has passed.
     pub fn sweep(&self, now: Instant) {
-        let due: Vec<Waker> = self
-            .slots
-            .borrow_mut()
-            .iter_mut()
-            .filter(|s| s.deadline <= now)
-            .filter_map(|s| s.waker.take())
-            .collect();
-        due.into_iter().for_each(Waker::wake);
+        self.waiters.wake_where(|deadline| *deadline <= now);
     }
 }
 
@@ -152,32 +167,15 @@ impl Future for IdleWait<'_> {
         if Instant::now() >= self.deadline {
             return Poll::Ready(());
         }
-        let deadline = self.deadline;
-        let mut slots = self.timers.slots.borrow_mut();
-        let i = match self.slot {
-            Some(i) => i,
-            None => self.timers.free.borrow_mut().pop().unwrap_or_else(|| {
-                slots.push(IdleSlot { deadline, waker: None });
-                slots.len() - 1
-            }),
-        };
-        slots[i] = IdleSlot { deadline, waker: Some(cx.waker().clone()) };
-        drop(slots);
-        self.slot = Some(i);
+        let this = &mut *self;
+        this.timers.waiters.register(&mut this.slot, this.deadline, cx.waker());
         Poll::Pending
     }
 }
 
 impl Drop for IdleWait<'_> {
     fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if let Some(s) = self.timers.slots.borrow_mut().get_mut(i) {
-                s.waker = None;
-                // Parked far in the future so sweeps skip it until it is reused.
-                s.deadline = self.deadline + std::time::Duration::from_secs(86_400 * 365);
-            }
-            self.timers.free.borrow_mut().push(i);
-        }
+        self.timers.waiters.release(self.slot);
     }
 }
 
@@ -216,6 +214,23 @@ mod tests {
     }
 
     #[test]
+    fn idle_waits_wake_at_the_sweep_after_their_deadline() {
+        let timers = IdleTimers::default();
+        let count = Arc::new(Count(0.into()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let later = Instant::now() + std::time::Duration::from_secs(3600);
+        let mut w = pin!(timers.until(later));
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+        timers.sweep(Instant::now());
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 0, "not due yet");
+        timers.sweep(later);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        timers.sweep(later);
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1, "woken once");
+    }
+
+    #[test]
     fn event_wakes_waiters_once_and_reuses_slots() {
         let ev = Event::default();
         let count = Arc::new(Count(0.into()));
@@ -226,10 +241,10 @@ mod tests {
             assert!(w1.as_mut().poll(&mut cx).is_pending());
             assert!(w1.as_mut().poll(&mut cx).is_pending());
         }
-        assert_eq!(ev.slots.borrow().len(), 1);
+        assert_eq!(ev.waiters.slots.borrow().len(), 1);
         let mut w2 = pin!(ev.wait());
         assert!(w2.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(ev.slots.borrow().len(), 1, "the dropped waiter's slot was reused");
+        assert_eq!(ev.waiters.slots.borrow().len(), 1, "the dropped waiter's slot was reused");
         ev.fire();
         assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(w2.as_mut().poll(&mut cx).is_ready());
