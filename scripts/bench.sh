@@ -62,6 +62,20 @@ wait_port() {
     return 1
 }
 
+# The http-block settings both nginx instances share: no access log, keep-alive without limit,
+# temporary files inside the work directory.
+nginx_http_common() {
+    cat <<CONF
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $WORK/backend;
+    proxy_temp_path $WORK/backend;
+    fastcgi_temp_path $WORK/backend;
+    uwsgi_temp_path $WORK/backend;
+    scgi_temp_path $WORK/backend;
+CONF
+}
+
 start_backend() {
     mkdir -p "$WORK/www" "$WORK/backend"
     head -c 64 /dev/zero | tr '\0' 'a' >"$WORK/www/64"
@@ -74,13 +88,7 @@ error_log $WORK/backend/error.log;
 daemon on;
 events { worker_connections 4096; }
 http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/backend;
-    proxy_temp_path $WORK/backend;
-    fastcgi_temp_path $WORK/backend;
-    uwsgi_temp_path $WORK/backend;
-    scgi_temp_path $WORK/backend;
+$(nginx_http_common)
     server {
         listen 127.0.0.1:$BACKEND_PORT backlog=4096;
         root $WORK/www;
@@ -114,13 +122,7 @@ error_log $WORK/nginx-proxy.error.log;
 daemon off;
 events { worker_connections 4096; }
 http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $WORK/backend;
-    proxy_temp_path $WORK/backend;
-    fastcgi_temp_path $WORK/backend;
-    uwsgi_temp_path $WORK/backend;
-    scgi_temp_path $WORK/backend;
+$(nginx_http_common)
     upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 256; }
     server {
         listen 127.0.0.1:$PROXY_PORT backlog=4096;
