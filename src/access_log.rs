@@ -1,36 +1,21 @@
 //! The access log: one line per request, formatted on the worker into a per-worker buffer and
-//! written to disk by a thread of its own, so a slow disk never stalls an event loop.
+//! written to disk by a thread of its own, so a slow disk never stalls an event loop. The
+//! queue to that thread is bounded (`access_log.buffer`): when the disk falls that far behind,
+//! a worker drops the buffer it would hand over and counts its lines
+//! (`apex_access_log_dropped_total`) instead of waiting or growing memory.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use crate::timefmt;
 
-/// Where lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Stdout,
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// nginx's `combined`, plus `rt=`, `upstream=` and `route=`.
-    Combined,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessLogConfig {
-    pub target: Target,
-    pub format: Format,
-}
+pub use crate::config::{AccessLogConfig, LogFormat as Format, LogTarget as Target};
 
 /// A worker hands its buffer over once it holds this many bytes (or on its flush tick).
 pub const FLUSH_BYTES: usize = 32 * 1024;
@@ -139,16 +124,34 @@ pub struct WorkerLog {
     pub format: Format,
     buf: RefCell<String>,
     line: RefCell<String>,
-    writer: Sender<LogMessage>,
+    writer: SyncSender<LogMessage>,
+    /// Lines dropped because the writer's queue was full.
+    dropped: Cell<u64>,
 }
 
 impl WorkerLog {
-    pub fn new(format: Format, writer: Sender<LogMessage>) -> WorkerLog {
+    pub fn new(format: Format, writer: SyncSender<LogMessage>) -> WorkerLog {
         WorkerLog {
             format,
             buf: RefCell::new(String::with_capacity(FLUSH_BYTES * 2)),
             line: RefCell::new(String::new()),
             writer,
+            dropped: Cell::new(0),
+        }
+    }
+
+    /// Lines this worker dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+
+    /// Hands a full buffer to the writer without waiting; a full queue drops it, counted.
+    fn hand_over(&self, lines: String) {
+        if let Err(TrySendError::Full(LogMessage::Lines(lost))) =
+            self.writer.try_send(LogMessage::Lines(lines.into_bytes()))
+        {
+            let n = lost.iter().filter(|&&b| b == b'\n').count() as u64;
+            self.dropped.set(self.dropped.get() + n);
         }
     }
 
@@ -160,16 +163,16 @@ impl WorkerLog {
         buf.push_str(&line);
         if buf.len() >= FLUSH_BYTES {
             let full = std::mem::replace(&mut *buf, String::with_capacity(FLUSH_BYTES * 2));
-            let _ = self.writer.send(LogMessage::Lines(full.into_bytes()));
+            drop(buf);
+            self.hand_over(full);
         }
     }
 
     /// Hands over whatever is buffered (the periodic tick, and the drain).
     pub fn flush(&self) {
-        let mut buf = self.buf.borrow_mut();
-        if !buf.is_empty() {
-            let full = std::mem::take(&mut *buf);
-            let _ = self.writer.send(LogMessage::Lines(full.into_bytes()));
+        let full = std::mem::take(&mut *self.buf.borrow_mut());
+        if !full.is_empty() {
+            self.hand_over(full);
         }
     }
 }
@@ -184,15 +187,18 @@ fn open(path: &PathBuf) -> io::Result<File> {
 }
 
 /// Starts the writer thread; returns the sender workers and the main thread use, and the thread,
-/// which ends once every sender is gone and everything sent is written.
+/// which ends once every sender is gone and everything sent is written. At most `buffer` bytes
+/// of lines (in `FLUSH_BYTES` hand-overs, at least one) wait in the queue.
 pub fn start_writer(
     target: &Target,
-) -> io::Result<(Sender<LogMessage>, std::thread::JoinHandle<()>)> {
+    buffer: u64,
+) -> io::Result<(SyncSender<LogMessage>, std::thread::JoinHandle<()>)> {
     let mut sink = match target {
         Target::Stdout => Sink::Stdout(io::stdout()),
         Target::File(p) => Sink::File(open(p)?, p.clone()),
     };
-    let (tx, rx): (Sender<LogMessage>, Receiver<LogMessage>) = mpsc::channel();
+    let slots = usize::try_from(buffer / FLUSH_BYTES as u64).unwrap_or(usize::MAX).max(1);
+    let (tx, rx): (SyncSender<LogMessage>, Receiver<LogMessage>) = mpsc::sync_channel(slots);
     let thread = std::thread::Builder::new().name("apex-access-log".into()).spawn(move || {
         for msg in rx {
             match (msg, &mut sink) {

@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::lb::{Outlier, Policy};
@@ -51,26 +52,54 @@ impl Ring {
     }
 }
 
-/// Passive health of one endpoint as this worker sees it.
+/// One endpoint as this worker sees it: requests in flight and passive health. Shared (`Rc`)
+/// between the balancer of the current view and the one it replaced, so a reload keeps an
+/// ejection and the in-flight counts of endpoints that remain (and a request that started
+/// before the reload releases the count it took).
 #[derive(Debug, Default)]
-struct Passive {
+pub struct EndpointState {
+    /// Requests this worker has in flight to the endpoint (least_request).
+    inflight: Cell<u32>,
+    /// Consecutive failures of any kind (connect failures and 5xx answers).
     failures: Cell<u32>,
+    /// Consecutive connect failures (refused, unreachable, timed out).
+    connect_failures: Cell<u32>,
     ejected_until: Cell<Option<Instant>>,
     ejections: Cell<u32>,
+}
+
+/// Counts one request in flight to an endpoint until dropped, however the request ends (a
+/// response relayed, an error, a client gone, or a panic unwinding the connection task).
+#[derive(Debug)]
+pub struct InFlight(Rc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.set(self.0.inflight.get().saturating_sub(1));
+    }
+}
+
+/// How an attempt on an endpoint went, for passive health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A 5xx answer, or a failure after the connection was made.
+    Failed,
+    /// The connection itself failed: nothing reached the endpoint.
+    ConnectFailed,
 }
 
 /// One worker's balancing state for one cluster.
 #[derive(Debug)]
 pub struct Balancer {
     policy: Policy,
+    addrs: Vec<SocketAddr>,
     weights: Vec<u32>,
     /// Smooth weighted round robin's current weights.
     current: Vec<Cell<i64>>,
-    /// Requests this worker has in flight per endpoint (least_request).
-    inflight: Vec<Cell<u32>>,
     rng: Cell<u64>,
     outlier: Option<Outlier>,
-    passive: Vec<Passive>,
+    endpoints: Vec<Rc<EndpointState>>,
 }
 
 /// Why no endpoint could be picked.
@@ -78,22 +107,35 @@ pub struct Balancer {
 pub struct NoHealthyEndpoint;
 
 impl Balancer {
-    /// `seed` spreads workers over different first picks.
-    pub fn new(cluster: &Cluster, seed: usize) -> Balancer {
+    /// `worker` spreads workers over different first picks of the round robin; `seed` starts
+    /// the random policies (fixed in tests, so they are deterministic). `previous` is this
+    /// worker's balancer of the same cluster before a reload: endpoints that remain keep
+    /// their state.
+    pub fn new(cluster: &Cluster, worker: usize, seed: u64, previous: Option<&Balancer>) -> Self {
         let n = cluster.endpoints.len();
-        let current: Vec<Cell<i64>> = (0..n).map(|_| Cell::new(0)).collect();
-        // Start each worker at a different point of the smooth round robin sequence.
+        let endpoints = cluster
+            .endpoints
+            .iter()
+            .map(|addr| {
+                previous
+                    .and_then(|p| p.addrs.iter().position(|a| a == addr).map(|j| &p.endpoints[j]))
+                    .map(Rc::clone)
+                    .unwrap_or_default()
+            })
+            .collect();
         let b = Balancer {
             policy: cluster.policy.clone(),
+            addrs: cluster.endpoints.clone(),
             weights: cluster.weights.clone(),
-            current,
-            inflight: (0..n).map(|_| Cell::new(0)).collect(),
-            rng: Cell::new(hash64(("apex-rng", seed, Instant::now())) | 1),
+            current: (0..n).map(|_| Cell::new(0)).collect(),
+            // xorshift must not start at zero.
+            rng: Cell::new(hash64(("apex-rng", worker, seed)) | 1),
             outlier: cluster.outlier.clone(),
-            passive: (0..n).map(|_| Passive::default()).collect(),
+            endpoints,
         };
+        // Start each worker at a different point of the smooth round robin sequence.
         if matches!(b.policy, Policy::RoundRobin) {
-            for _ in 0..seed % n.max(1) {
+            for _ in 0..worker % n.max(1) {
                 b.smooth_round_robin(&|_| true);
             }
         }
@@ -111,7 +153,17 @@ impl Balancer {
     }
 
     fn ejected(&self, i: usize, now: Instant) -> bool {
-        self.passive[i].ejected_until.get().is_some_and(|t| t > now)
+        self.endpoints[i].ejected_until.get().is_some_and(|t| t > now)
+    }
+
+    /// Whether outlier detection has endpoint `i` ejected now (for metrics).
+    pub fn is_ejected(&self, i: usize) -> bool {
+        self.ejected(i, Instant::now())
+    }
+
+    /// The endpoints' addresses, by index.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// Picks an endpoint index. `ring` is the consistent-hash ring and the request's key, when
@@ -162,7 +214,7 @@ impl Balancer {
                 let b = self.weighted_random(usable);
                 // Fewer in flight per unit of weight wins.
                 let load = |i: usize| {
-                    u64::from(self.inflight[i].get()) * 1000 / u64::from(self.weights[i])
+                    u64::from(self.endpoints[i].inflight.get()) * 1000 / u64::from(self.weights[i])
                 };
                 if load(b) < load(a) {
                     b
@@ -207,30 +259,35 @@ impl Balancer {
         0
     }
 
-    /// A request to endpoint `i` starts (least_request counts it until `finished`).
-    pub fn started(&self, i: usize) {
-        self.inflight[i].set(self.inflight[i].get() + 1);
+    /// A request to endpoint `i` starts; least_request counts it until the guard is dropped.
+    pub fn started(&self, i: usize) -> InFlight {
+        let e = &self.endpoints[i];
+        e.inflight.set(e.inflight.get() + 1);
+        InFlight(Rc::clone(e))
     }
 
-    pub fn finished(&self, i: usize) {
-        self.inflight[i].set(self.inflight[i].get().saturating_sub(1));
-    }
-
-    /// Passive health: records whether an attempt on endpoint `i` failed (connect failure or
-    /// 5xx). Returns the ejection time when this failure ejected it.
-    pub fn report(&self, i: usize, failed: bool) -> Option<Duration> {
+    /// Passive health: records how an attempt on endpoint `i` went. Returns the ejection time
+    /// when this failure ejected it.
+    pub fn report(&self, i: usize, outcome: Outcome) -> Option<Duration> {
         let o = self.outlier.as_ref()?;
-        let p = &self.passive[i];
-        if !failed {
-            p.failures.set(0);
-            return None;
+        let p = &self.endpoints[i];
+        match outcome {
+            Outcome::Ok => {
+                p.failures.set(0);
+                p.connect_failures.set(0);
+                return None;
+            }
+            Outcome::Failed => p.connect_failures.set(0),
+            Outcome::ConnectFailed => p.connect_failures.set(p.connect_failures.get() + 1),
         }
         p.failures.set(p.failures.get() + 1);
-        if p.failures.get() < o.consecutive_failures {
+        if p.failures.get() < o.consecutive_failures
+            && p.connect_failures.get() < o.consecutive_connect_failures
+        {
             return None;
         }
         let now = Instant::now();
-        let n = self.passive.len();
+        let n = self.endpoints.len();
         let ejected = (0..n).filter(|&j| self.ejected(j, now)).count();
         // Never more than max_ejection_percent of the cluster (rounded down, at least one
         // endpoint always stays).
@@ -243,6 +300,7 @@ impl Balancer {
         p.ejected_until.set(Some(now + time));
         p.ejections.set(p.ejections.get() + 1);
         p.failures.set(0);
+        p.connect_failures.set(0);
         Some(time)
     }
 }
@@ -263,7 +321,7 @@ mod tests {
 
     #[test]
     fn smooth_round_robin_follows_weights_and_interleaves() {
-        let b = Balancer::new(&cluster(&[5, 1, 1], Policy::RoundRobin), 0);
+        let b = Balancer::new(&cluster(&[5, 1, 1], Policy::RoundRobin), 0, 7, None);
         let picks: Vec<usize> = (0..7).map(|_| b.pick(None, None, true, &[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0], "nginx's smooth sequence for 5:1:1");
     }
@@ -271,7 +329,7 @@ mod tests {
     #[test]
     fn random_and_least_request_follow_weights() {
         for policy in [Policy::Random, Policy::LeastRequest] {
-            let b = Balancer::new(&cluster(&[1, 3], policy.clone()), 1);
+            let b = Balancer::new(&cluster(&[1, 3], policy.clone()), 1, 7, None);
             let mut counts = [0u32; 2];
             for _ in 0..40_000 {
                 counts[b.pick(None, None, true, &[]).unwrap()] += 1;
@@ -287,12 +345,47 @@ mod tests {
 
     #[test]
     fn least_request_prefers_the_idle_endpoint() {
-        let b = Balancer::new(&cluster(&[1, 1], Policy::LeastRequest), 0);
-        for _ in 0..10 {
-            b.started(0);
+        // Seeded, so the random draws (and this count) are the same on every run.
+        let b = Balancer::new(&cluster(&[1, 1], Policy::LeastRequest), 0, 7, None);
+        let busy: Vec<InFlight> = (0..10).map(|_| b.started(0)).collect();
+        // Two random choices: only when both draws are the busy endpoint (1 in 4) is it picked.
+        let picks = (0..1000).filter(|_| b.pick(None, None, true, &[]).unwrap() == 1).count();
+        assert!((700..=800).contains(&picks), "{picks}");
+        // Once those requests end, however they end, the endpoints are even again.
+        drop(busy);
+        let picks = (0..1000).filter(|_| b.pick(None, None, true, &[]).unwrap() == 1).count();
+        assert!((400..=600).contains(&picks), "{picks}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_endpoints_that_remain() {
+        let mut c = cluster(&[1, 1], Policy::LeastRequest);
+        c.outlier = Some(Outlier { consecutive_failures: 1, ..Outlier::default() });
+        let before = Balancer::new(&c, 0, 7, None);
+        let in_flight = before.started(1);
+        assert!(before.report(0, Outcome::Failed).is_some(), "ejected");
+        // The reload adds a third endpoint; the first two are the same addresses.
+        let mut next = cluster(&[1, 1, 1], Policy::LeastRequest);
+        next.outlier = c.outlier.clone();
+        let after = Balancer::new(&next, 0, 7, Some(&before));
+        assert!(after.is_ejected(0), "an ejection survives the reload");
+        assert!(!after.is_ejected(2));
+        assert_eq!(after.endpoints[1].inflight.get(), 1, "in-flight count carried over");
+        drop(in_flight);
+        assert_eq!(after.endpoints[1].inflight.get(), 0, "released by the old request's guard");
+    }
+
+    #[test]
+    fn one_connect_failure_ejects_by_default_but_one_5xx_does_not() {
+        let mut c = cluster(&[1, 1, 1], Policy::RoundRobin);
+        c.outlier = Some(Outlier::default());
+        let b = Balancer::new(&c, 0, 7, None);
+        assert_eq!(b.report(0, Outcome::Failed), None, "one 5xx");
+        assert_eq!(b.report(1, Outcome::ConnectFailed), Some(Duration::from_secs(10)));
+        for _ in 0..4 {
+            assert_eq!(b.report(0, Outcome::Failed), None);
         }
-        let picks = (0..100).filter(|_| b.pick(None, None, true, &[]).unwrap() == 1).count();
-        assert!(picks >= 70, "{picks}");
+        assert_eq!(b.report(0, Outcome::Failed), None, "50% of 3 is one: no second ejection");
     }
 
     #[test]
@@ -300,24 +393,25 @@ mod tests {
         let mut c = cluster(&[1, 1, 1], Policy::RoundRobin);
         c.outlier = Some(Outlier {
             consecutive_failures: 2,
+            consecutive_connect_failures: 2,
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(60),
             max_ejection_percent: 50,
         });
-        let b = Balancer::new(&c, 0);
+        let b = Balancer::new(&c, 0, 7, None);
         let healthy = [true, false, true];
         for _ in 0..10 {
             assert_ne!(b.pick(None, Some(&healthy), true, &[]).unwrap(), 1);
             assert_eq!(b.pick(None, Some(&healthy), true, &[0]).unwrap(), 2);
         }
-        assert_eq!(b.report(0, true), None);
-        assert_eq!(b.report(0, true), Some(Duration::from_secs(10)));
+        assert_eq!(b.report(0, Outcome::Failed), None);
+        assert_eq!(b.report(0, Outcome::ConnectFailed), Some(Duration::from_secs(10)));
         for _ in 0..10 {
             assert_eq!(b.pick(None, Some(&healthy), true, &[]).unwrap(), 2);
         }
         // A second endpoint may not be ejected: 50% of 3 is one.
-        b.report(2, true);
-        assert_eq!(b.report(2, true), None);
+        b.report(2, Outcome::Failed);
+        assert_eq!(b.report(2, Outcome::Failed), None);
         assert_eq!(b.pick(None, Some(&[false, false, false]), false, &[]), Err(NoHealthyEndpoint));
         assert!(b.pick(None, Some(&[false, false, false]), true, &[]).is_ok(), "fail open");
     }

@@ -1,14 +1,18 @@
-//! Active health checks: one thread probes every checked endpoint once per interval for the
-//! whole process, and publishes the verdicts as an immutable map through `arc-swap`.
+//! Active health checks: one thread for the whole process runs a single-threaded Tokio runtime
+//! on which every checked endpoint has its own probe task on its own interval, so slow or
+//! black-holed endpoints never delay the others' probes. Verdicts are published as an
+//! immutable map through `arc-swap`; workers read it without writing anything.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::lb::HealthCheck;
@@ -17,116 +21,155 @@ use crate::snapshot::SharedSnapshot;
 /// Health verdicts by cluster name and endpoint; endpoints not listed count as healthy.
 #[derive(Debug, Default, Clone)]
 pub struct HealthMap {
+    /// Increases with every publication: what workers' caches of this map are keyed on.
+    pub generation: u64,
     pub clusters: HashMap<String, HashMap<SocketAddr, bool>>,
 }
 
 pub type SharedHealth = Arc<ArcSwap<HealthMap>>;
 
-#[derive(Debug)]
-struct Probe {
+/// How often the checker looks for config changes (new, changed or removed checks) and for
+/// the order to stop.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+type Key = (String, SocketAddr);
+
+/// One checked endpoint: its probe task and the verdict its results add up to.
+struct Prober {
+    check: HealthCheck,
+    task: tokio::task::JoinHandle<()>,
     healthy: bool,
     /// Consecutive results that disagree with `healthy`.
     streak: u32,
-    due: Instant,
 }
 
 /// Sends one probe; `true` if the endpoint answered with an expected status in time.
-fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
-    let deadline = Instant::now() + hc.timeout;
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, hc.timeout) else { return false };
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    let _ = s.set_read_timeout(Some(left));
-    let _ = s.set_write_timeout(Some(left));
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: apex-health-check\r\nConnection: close\r\n\r\n",
-        hc.path
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
+async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: apex-health-check\r\nConnection: close\r\n\r\n",
+            hc.path
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            match s.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
         }
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let status: Option<u16> =
-        line.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|s| s.parse().ok());
-    match status {
-        Some(s) if hc.expected_statuses.is_empty() => (200..400).contains(&s),
-        Some(s) => hc.expected_statuses.contains(&s),
-        None => false,
+        let line = String::from_utf8_lossy(&buf[..n]);
+        line.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|s| s.parse::<u16>().ok())
+    };
+    match tokio::time::timeout(hc.timeout, attempt).await {
+        Ok(Some(s)) if hc.expected_statuses.is_empty() => (200..400).contains(&s),
+        Ok(Some(s)) => hc.expected_statuses.contains(&s),
+        _ => false,
     }
 }
 
-/// Starts the checker thread. It follows config reloads (it reads the published snapshot each
-/// round) and ends when `stop` is dropped.
+/// Probes one endpoint every `interval`, from now on, until the checker drops the results'
+/// receiver or aborts the task.
+async fn probe_loop(key: Key, check: HealthCheck, results: UnboundedSender<(Key, bool)>) {
+    let mut next = Instant::now();
+    loop {
+        let ok = probe(key.1, &check).await;
+        if results.send((key.clone(), ok)).is_err() {
+            return;
+        }
+        // Probes are never early; a probe that took longer than the interval is followed by
+        // the next one at once, not by a burst of the ones it missed.
+        next = (next + check.interval).max(Instant::now());
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// Starts the checker thread. It follows config reloads (it reads the published snapshot every
+/// `LOOK_EVERY`) and ends when `stop` is dropped.
 pub fn start(config: SharedSnapshot, health: SharedHealth) -> std::io::Result<mpsc::Sender<()>> {
     let (stop, stopped) = mpsc::channel::<()>();
-    std::thread::Builder::new().name("apex-health".into()).spawn(move || {
-        let mut probes: HashMap<(String, SocketAddr), Probe> = HashMap::new();
-        loop {
-            let snap = config.load_full();
-            let now = Instant::now();
-            let mut changed = false;
-            // Logged after the new verdicts are published, so a log reader can rely on them.
-            let mut flips: Vec<(String, SocketAddr, bool)> = Vec::new();
-            let mut next = now + Duration::from_secs(1);
-            let mut live = Vec::new();
-            for c in &snap.config.clusters {
-                let Some(hc) = &c.health_check else { continue };
-                for &addr in &c.endpoints {
-                    let key = (c.name.clone(), addr);
-                    live.push(key.clone());
-                    let p =
-                        probes.entry(key).or_insert(Probe { healthy: true, streak: 0, due: now });
-                    if p.due <= now {
-                        let ok = probe(addr, hc);
-                        p.due = Instant::now() + hc.interval;
-                        if ok == p.healthy {
-                            p.streak = 0;
-                        } else {
-                            p.streak += 1;
-                            let needed =
-                                if ok { hc.healthy_threshold } else { hc.unhealthy_threshold };
-                            if p.streak >= needed {
-                                p.healthy = ok;
-                                p.streak = 0;
-                                changed = true;
-                                flips.push((c.name.clone(), addr, ok));
-                            }
-                        }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new()
+        .name("apex-health".into())
+        .spawn(move || rt.block_on(check(config, health, stopped)))?;
+    Ok(stop)
+}
+
+async fn check(config: SharedSnapshot, health: SharedHealth, stopped: mpsc::Receiver<()>) {
+    let (results_tx, mut results) = unbounded_channel::<(Key, bool)>();
+    let mut probers: HashMap<Key, Prober> = HashMap::new();
+    let mut generation = 0u64;
+    let publish = |probers: &HashMap<Key, Prober>, generation: &mut u64| {
+        *generation += 1;
+        let mut map = HealthMap { generation: *generation, ..HealthMap::default() };
+        for ((cluster, addr), p) in probers {
+            map.clusters.entry(cluster.clone()).or_default().insert(*addr, p.healthy);
+        }
+        health.store(Arc::new(map));
+    };
+    loop {
+        if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+            probers.values().for_each(|p| p.task.abort());
+            return;
+        }
+        // Follow the config: a probe task per checked endpoint; a changed check restarts it.
+        let snap = config.load_full();
+        let mut live = HashSet::new();
+        let mut changed = false;
+        for c in &snap.config.clusters {
+            let Some(hc) = &c.health_check else { continue };
+            for &addr in &c.endpoints {
+                let key = (c.name.clone(), addr);
+                live.insert(key.clone());
+                if probers.get(&key).is_some_and(|p| p.check == *hc) {
+                    continue;
+                }
+                let healthy = match probers.remove(&key) {
+                    Some(old) => {
+                        old.task.abort();
+                        old.healthy
                     }
-                    next = next.min(p.due);
-                }
-            }
-            let before = probes.len();
-            probes.retain(|k, _| live.contains(k));
-            changed |= probes.len() != before;
-            if changed {
-                let mut map = HealthMap::default();
-                for ((cluster, addr), p) in &probes {
-                    map.clusters.entry(cluster.clone()).or_default().insert(*addr, p.healthy);
-                }
-                health.store(Arc::new(map));
-            }
-            for (cluster, addr, ok) in flips {
-                if ok {
-                    info!(cluster = %cluster, upstream = %addr, "endpoint healthy again");
-                } else {
-                    warn!(cluster = %cluster, upstream = %addr, "endpoint unhealthy");
-                }
-            }
-            // The checker's own schedule: wait for the next due probe, or for the stop.
-            let wait = next.saturating_duration_since(Instant::now()).max(Duration::from_millis(5));
-            match stopped.recv_timeout(wait) {
-                Err(RecvTimeoutError::Timeout) => {}
-                _ => return,
+                    None => true,
+                };
+                let task = tokio::spawn(probe_loop(key.clone(), hc.clone(), results_tx.clone()));
+                probers.insert(key, Prober { check: hc.clone(), task, healthy, streak: 0 });
             }
         }
-    })?;
-    Ok(stop)
+        probers.retain(|k, p| {
+            let keep = live.contains(k);
+            if !keep {
+                p.task.abort();
+                changed = true;
+            }
+            keep
+        });
+        if changed {
+            publish(&probers, &mut generation);
+        }
+        // Results until the next look at the config.
+        let until = Instant::now() + LOOK_EVERY;
+        while let Ok(Some((key, ok))) = tokio::time::timeout_at(until, results.recv()).await {
+            let Some(p) = probers.get_mut(&key) else { continue };
+            if ok == p.healthy {
+                p.streak = 0;
+                continue;
+            }
+            p.streak += 1;
+            let needed = if ok { p.check.healthy_threshold } else { p.check.unhealthy_threshold };
+            if p.streak < needed {
+                continue;
+            }
+            p.healthy = ok;
+            p.streak = 0;
+            publish(&probers, &mut generation);
+            // Logged after the new verdict is published, so a log reader can rely on it.
+            if ok {
+                info!(cluster = %key.0, upstream = %key.1, "endpoint healthy again");
+            } else {
+                warn!(cluster = %key.0, upstream = %key.1, "endpoint unhealthy");
+            }
+        }
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! The sans-IO core (`http`, `routing`, `balance`, `config`, `snapshot`) imports no runtime;
 //! `proxy` is the request's journey written against the `proxy::io` seam; `runtime` holds the
-//! worker threads and the monoio adapter.
+//! worker threads and the three runtime adapters (monoio on io_uring, monoio on epoll, and the
+//! Tokio build).
 
 pub mod access_log;
 pub mod admin;
@@ -12,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod lifecycle;
 pub mod listener;
+pub mod log_writer;
 pub mod proxy;
 pub mod reload;
 pub mod routing;

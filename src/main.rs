@@ -14,7 +14,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
 use apex::lifecycle::{self, Lifecycle};
-use apex::proxy::worker_tasks::Control;
+use apex::log_writer::LogWriter;
 use apex::reload::{Overrides, Reloader};
 use tracing::{error, info, warn};
 
@@ -26,7 +26,7 @@ struct Cli {
     /// Config file to run.
     #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
-    /// Event driver: io_uring or epoll (overrides the config's `runtime`).
+    /// Runtime: io_uring, epoll or tokio (overrides the config's `runtime`).
     #[arg(long)]
     runtime: Option<String>,
     /// Worker threads (overrides the config's `workers`).
@@ -38,37 +38,76 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a config file: exit 0, or 1 with every error (file, key path, problem).
+    /// Validate a config file: exit 0, or 1 with every error (file, line, key path, problem).
+    /// `apex check FILE` and `apex check --config FILE` are the same.
     Check {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        /// The config file (default: configs/apex.yaml).
+        file: Option<PathBuf>,
+        #[arg(long, conflicts_with = "file")]
+        config: Option<PathBuf>,
     },
     /// Proxy without a config file, round robin over the `--to` endpoints.
-    Proxy {
-        /// Address to listen on, e.g. 127.0.0.1:8080.
-        #[arg(long)]
-        listen: SocketAddr,
-        /// Upstream endpoint (ip:port or host:port); repeat for several.
-        #[arg(long = "to", required = true)]
-        to: Vec<String>,
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Connect and response-head timeout, e.g. 2s or 500ms.
-        #[arg(long, default_value = "2s")]
-        upstream_timeout: String,
-        #[arg(long)]
-        runtime: Option<String>,
-    },
+    Proxy(ProxyArgs),
 }
 
-fn init_logging() {
+/// `apex proxy`'s settings.
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Upstream endpoint (ip:port or host:port); repeat for several.
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Connect and response-head timeout, e.g. 2s or 500ms.
+    #[arg(long, default_value = "2s")]
+    upstream_timeout: String,
+    /// Runtime: io_uring, epoll or tokio.
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Attempts per request in all (1 = no retry); connect failures and stale pooled
+    /// connections are retried, like a route's default `retry`.
+    #[arg(long, default_value_t = config::defaults::RETRY_ATTEMPTS)]
+    retries: u32,
+    /// Probe every endpoint with `GET PATH` (default interval and thresholds) and send no
+    /// requests to endpoints that fail.
+    #[arg(long, value_name = "PATH")]
+    health_check: Option<String>,
+    /// Balancing policy: round_robin, least_request or random.
+    #[arg(long, default_value = "round_robin")]
+    policy: String,
+}
+
+/// Logs go to standard error through a writer thread, so no worker ever waits on the
+/// terminal or the journal (see `log_writer`). The returned writer flushes before exit.
+fn init_logging() -> Option<LogWriter> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match LogWriter::stderr() {
+        Ok(writer) => {
+            builder.with_writer(writer.clone()).init();
+            Some(writer)
+        }
+        Err(_) => {
+            builder.with_writer(std::io::stderr).init();
+            None
+        }
+    }
+}
+
+/// Logs what a loaded config says without failing: warnings, and host names it resolved.
+pub fn log_config_notes(c: &Config) {
+    for w in &c.warnings {
+        warn!("config warning: {w}");
+    }
+    for r in &c.resolved {
+        info!(cluster = %r.cluster, endpoint = %r.name, address = %r.address, "endpoint resolved");
+    }
 }
 
 fn parse_runtime(s: &str) -> anyhow::Result<RuntimeKind> {
@@ -86,18 +125,31 @@ fn workers_from(n: usize) -> anyhow::Result<Workers> {
 
 /// The config `apex proxy` runs: one listener, one cluster, one catch-all route, with the same
 /// defaults as a config file.
-fn quick_proxy_config(
-    listen: SocketAddr,
-    to: &[String],
-    workers: Option<usize>,
-    upstream_timeout: &str,
-    runtime: Option<&str>,
-) -> anyhow::Result<Config> {
+fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
+    let ProxyArgs { listen, to, workers, upstream_timeout, runtime, retries, health_check, policy } =
+        q;
+    let (retries, workers, listen) = (*retries, *workers, *listen);
+    let (policy, runtime, health_check) =
+        (policy.as_str(), runtime.as_deref(), health_check.as_deref());
     let timeout =
         config::parse_duration(upstream_timeout).filter(|d| !d.is_zero()).ok_or_else(|| {
             anyhow!("--upstream-timeout `{upstream_timeout}` is not a duration like 2s")
         })?;
+    if !(1..=10).contains(&retries) {
+        return Err(anyhow!("--retries must be from 1 to 10 (attempts in all)"));
+    }
+    let policy = match policy {
+        "round_robin" => config::lb::Policy::RoundRobin,
+        "least_request" => config::lb::Policy::LeastRequest,
+        "random" => config::lb::Policy::Random,
+        other => {
+            return Err(anyhow!(
+                "--policy `{other}`: use round_robin, least_request or random (consistent_hash needs a config file)"
+            ))
+        }
+    };
     let mut endpoints = Vec::new();
+    let mut resolved = Vec::new();
     for t in to {
         use std::net::ToSocketAddrs;
         let addr = t
@@ -105,11 +157,31 @@ fn quick_proxy_config(
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| anyhow!("--to `{t}` is not host:port or does not resolve"))?;
+        if t.parse::<SocketAddr>().is_err() {
+            let (cluster, name) = ("upstream".to_string(), t.clone());
+            resolved.push(config::Resolved { cluster, name, address: addr });
+        }
         endpoints.push(addr);
     }
     let mut cluster = Cluster::with_defaults("upstream", endpoints);
     cluster.connect_timeout = timeout;
     cluster.response_timeout = timeout;
+    cluster.policy = policy;
+    if let Some(path) = health_check {
+        if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(anyhow!("--health-check `{path}` must be a path starting with /"));
+        }
+        cluster.health_check = Some(config::lb::HealthCheck {
+            path: path.to_string(),
+            interval: config::defaults::HEALTH_INTERVAL,
+            timeout: config::defaults::HEALTH_TIMEOUT,
+            healthy_threshold: config::defaults::HEALTHY_THRESHOLD,
+            unhealthy_threshold: config::defaults::UNHEALTHY_THRESHOLD,
+            expected_statuses: Vec::new(),
+            fail_open: true,
+        });
+    }
+    let retry = config::lb::RetryPolicy { attempts: retries, ..Default::default() };
     Ok(Config {
         source: None,
         workers: workers.map(workers_from).transpose()?.unwrap_or(Workers::Auto),
@@ -121,7 +193,7 @@ fn quick_proxy_config(
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             name: "proxy".into(),
-            retry: None,
+            retry,
             timeouts: Default::default(),
             host: config::HostMatch::Any,
             path: PathMatch::Prefix("/".into()),
@@ -129,13 +201,15 @@ fn quick_proxy_config(
             action: Action::Forward(0),
         }],
         clusters: vec![cluster],
+        warnings: Vec::new(),
+        resolved,
     })
 }
 
 /// Runs until SIGTERM/SIGINT and a graceful drain (at most `drain_timeout`); a second signal
 /// exits at once.
-fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
-    lifecycle::block_signals().context("cannot block signals")?;
+fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow::Result<()> {
+    log_config_notes(&config);
     let (events, lifecycle_events) = mpsc::channel();
     let mut reloader = Reloader::new(config.clone(), overrides);
     let mut server =
@@ -164,6 +238,9 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
             }
             Ok(Lifecycle::Stop(sig)) => {
                 warn!(signal = lifecycle::signal_name(sig), "second signal: exiting now");
+                if let Some(l) = logs {
+                    l.flush();
+                }
                 std::process::exit(1);
             }
             Ok(Lifecycle::Reload(reply)) => {
@@ -174,6 +251,7 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
                 };
                 match &outcome {
                     Ok(summary) => {
+                        log_config_notes(&reloader.config);
                         info!(config = %reloader.active.hash, "config reloaded: {summary}")
                     }
                     Err(e) => error!("reload refused, the running config keeps serving:\n{e}"),
@@ -189,7 +267,7 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
                 }
             }
             Ok(Lifecycle::Scrape(reply)) => {
-                let _ = reply.send(scrape(&server));
+                let _ = reply.send(server.scrape().to_prometheus());
             }
             Ok(Lifecycle::ShowConfig(reply)) => {
                 let a = &reloader.active;
@@ -224,45 +302,40 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     }
 }
 
-/// Asks every worker for its counters and renders the sum.
-fn scrape(server: &apex::runtime::Server) -> String {
-    let (tx, rx) = mpsc::channel();
-    for w in 0..server.workers {
-        server.order(w, Control::Scrape(tx.clone()));
-    }
-    let mut total = apex::stats::StatsReport::default();
-    for _ in 0..server.workers {
-        match rx.recv_timeout(std::time::Duration::from_secs(2)) {
-            Ok(r) => total.merge(&r),
-            Err(_) => break,
-        }
-    }
-    total.to_prometheus()
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Before any thread starts (the log writer is the first): every thread inherits the mask,
+    // so the handled signals reach only the signal thread's sigwait.
+    if let Err(e) = lifecycle::block_signals() {
+        eprintln!("apex: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let logs = init_logging();
     let result = match cli.command {
-        Some(Command::Check { config }) => match Config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} listeners, {} routes, {} clusters)",
-                    config.display(),
-                    c.listeners.len(),
-                    c.routes.len(),
-                    c.clusters.len()
-                );
-                return ExitCode::SUCCESS;
+        Some(Command::Check { file, config }) => {
+            let config = file.or(config).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            match Config::load(&config) {
+                Ok(c) => {
+                    for w in &c.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    println!(
+                        "{}: ok ({} listeners, {} routes, {} clusters)",
+                        config.display(),
+                        c.listeners.len(),
+                        c.routes.len(),
+                        c.clusters.len()
+                    );
+                    return ExitCode::SUCCESS;
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                return ExitCode::FAILURE;
-            }
-        },
-        Some(Command::Proxy { listen, to, workers, upstream_timeout, runtime }) => {
-            quick_proxy_config(listen, &to, workers, &upstream_timeout, runtime.as_deref())
-                .and_then(|c| run(c, Overrides::default()))
+        }
+        Some(Command::Proxy(args)) => {
+            quick_proxy_config(&args).and_then(|c| run(c, Overrides::default(), logs.as_ref()))
         }
         None => (|| {
             let overrides = Overrides {
@@ -271,14 +344,18 @@ fn main() -> ExitCode {
             };
             let mut config = Config::load(&cli.config).map_err(|e| anyhow!("{e}"))?;
             overrides.apply(&mut config);
-            run(config, overrides)
+            run(config, overrides, logs.as_ref())
         })(),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(l) = &logs {
+        l.flush();
     }
+    code
 }

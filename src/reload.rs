@@ -123,44 +123,53 @@ impl Reloader {
             return Err(ReloadError::NeedsRestart("access_log"));
         }
 
-        // Listeners, by name: bind every new one before changing anything.
+        // Listeners, by name: bind every new one before changing anything. A listener whose
+        // address changed is moved: its old sockets close and new ones open, under one name.
+        // What a name is bound to now is `server.listeners` (port 0 resolved), so a port-0
+        // listener rewritten with the port it got is not a move.
+        let bound_at = |name: &str| server.listeners.iter().find(|(n, _)| n == name).map(|b| b.1);
         let old = &self.config.listeners;
-        let bound = &server.listeners;
-        // Moved: a listener of that name exists, on neither the configured nor the bound
-        // address (a port-0 listener rewritten with the port it got is not a move).
-        let moved = |n: &crate::config::Listener| {
-            let was = old.iter().find(|o| o.name == n.name);
-            let at = bound.iter().find(|(b, _)| *b == n.name).map(|(_, a)| *a);
-            was.is_some_and(|o| o.address != n.address && at != Some(n.address))
-        };
+        let moved: Vec<String> = next
+            .listeners
+            .iter()
+            .filter(|n| {
+                old.iter()
+                    .find(|o| o.name == n.name)
+                    .is_some_and(|o| o.address != n.address && bound_at(&n.name) != Some(n.address))
+            })
+            .map(|n| n.name.clone())
+            .collect();
         let removed: Vec<String> = old
             .iter()
-            .filter(|o| next.listeners.iter().all(|n| n.name != o.name) || moved(o))
+            .filter(|o| next.listeners.iter().all(|n| n.name != o.name))
             .map(|o| o.name.clone())
             .collect();
-        let mut added = Vec::new();
-        for l in next.listeners.iter().filter(|n| old.iter().all(|o| o.name != n.name) || moved(n))
-        {
+        let mut opened = Vec::new();
+        for l in &next.listeners {
+            if old.iter().any(|o| o.name == l.name) && !moved.contains(&l.name) {
+                continue;
+            }
             let socks = bind_reuseport(l.address, server.workers).map_err(ReloadError::Bind)?;
-            added.push((l.clone(), socks));
+            opened.push((l.clone(), socks));
         }
 
         let summary = format!(
-            "{} routes, {} clusters, {} listeners ({} added, {} removed)",
+            "{} routes, {} clusters, {} listeners ({} added, {} removed, {} moved)",
             next.routes.len(),
             next.clusters.len(),
             next.listeners.len(),
-            added.len(),
-            removed.len()
+            opened.len() - moved.len(),
+            removed.len(),
+            moved.len()
         );
         server.shared.store(Arc::new(Snapshot::new(next.clone())));
-        for name in &removed {
+        for name in removed.iter().chain(&moved) {
             for w in 0..server.workers {
                 server.order(w, Control::RemoveListener(name.clone()));
             }
             server.listeners.retain(|(n, _)| n != name);
         }
-        for (l, socks) in added {
+        for (l, socks) in opened {
             let bound = socks[0]
                 .local_addr()
                 .map_err(|e| ReloadError::Bind(BindError::Other(l.address, e)))?;

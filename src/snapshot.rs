@@ -1,5 +1,6 @@
 //! The immutable per-config snapshot that workers serve from, published through `arc-swap`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -13,6 +14,9 @@ use crate::routing::Router;
 /// Everything a worker needs to serve one request that does not change until the next reload.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// Unique per snapshot in this process: what per-worker caches built from a snapshot are
+    /// keyed on (an address could be reused by a later snapshot).
+    pub generation: u64,
     pub config: Config,
     pub router: Router,
     /// For each route with a `respond` action, its response head and body pre-encoded, in the
@@ -65,7 +69,10 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
-        Snapshot { config, router, direct, rings }
+        // Written by the control plane once per load, never on the request path.
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        Snapshot { generation, config, router, direct, rings }
     }
 }
 

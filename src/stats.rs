@@ -43,6 +43,8 @@ pub struct ClusterStats {
     pub connect_errors: Cell<u64>,
     pub timeouts: Cell<u64>,
     pub retries: Cell<u64>,
+    /// Retries the retry budget refused.
+    pub retries_skipped: Cell<u64>,
     pub pool_hits: Cell<u64>,
     pub pool_misses: Cell<u64>,
     /// Cumulative counts per bucket of [`LATENCY_BUCKETS`], plus +Inf at the end.
@@ -66,6 +68,9 @@ impl ClusterStats {
     }
     pub fn retry(&self) {
         bump(&self.retries);
+    }
+    pub fn retry_skipped(&self) {
+        bump(&self.retries_skipped);
     }
     pub fn pool(&self, hit: bool) {
         bump(if hit { &self.pool_hits } else { &self.pool_misses });
@@ -114,6 +119,12 @@ pub struct StatsReport {
     pub clusters: BTreeMap<String, ClusterTotals>,
     pub open_connections: usize,
     pub idle_pooled: usize,
+    pub access_log_dropped: u64,
+    /// `(cluster, endpoint)` → workers that have the endpoint ejected now.
+    pub ejected: BTreeMap<(String, String), u64>,
+    /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
+    /// clusters with health checks. Filled by the control plane, not by workers.
+    pub healthy: BTreeMap<(String, String), u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -122,6 +133,7 @@ pub struct ClusterTotals {
     pub connect_errors: u64,
     pub timeouts: u64,
     pub retries: u64,
+    pub retries_skipped: u64,
     pub pool_hits: u64,
     pub pool_misses: u64,
     pub latency: [u64; 13],
@@ -139,6 +151,7 @@ impl ClusterTotals {
         self.connect_errors += s.connect_errors.get();
         self.timeouts += s.timeouts.get();
         self.retries += s.retries.get();
+        self.retries_skipped += s.retries_skipped.get();
         self.pool_hits += s.pool_hits.get();
         self.pool_misses += s.pool_misses.get();
         self.latency_sum_us += s.latency_sum_us.get();
@@ -154,6 +167,7 @@ impl ClusterTotals {
         self.connect_errors += o.connect_errors;
         self.timeouts += o.timeouts;
         self.retries += o.retries;
+        self.retries_skipped += o.retries_skipped;
         self.pool_hits += o.pool_hits;
         self.pool_misses += o.pool_misses;
         self.latency_sum_us += o.latency_sum_us;
@@ -176,6 +190,13 @@ impl StatsReport {
         }
         self.open_connections += o.open_connections;
         self.idle_pooled += o.idle_pooled;
+        self.access_log_dropped += o.access_log_dropped;
+        for (k, v) in &o.ejected {
+            *self.ejected.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.healthy {
+            self.healthy.insert(k.clone(), *v);
+        }
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -196,15 +217,20 @@ impl StatsReport {
                 }
             }
         }
-        let counters: [CounterSeries; 5] = [
+        let counters: [CounterSeries; 6] = [
             ("apex_upstream_connect_errors_total", "Failed upstream connects.", |c| {
                 c.connect_errors
             }),
             ("apex_upstream_timeouts_total", "Upstream connect and response timeouts.", |c| {
                 c.timeouts
             }),
-            ("apex_upstream_retries_total", "Requests sent again on a fresh connection.", |c| {
-                c.retries
+            (
+                "apex_upstream_retries_total",
+                "Requests sent again, to another endpoint or on a fresh connection.",
+                |c| c.retries,
+            ),
+            ("apex_upstream_retries_skipped_total", "Retries the retry budget refused.", |c| {
+                c.retries_skipped
             }),
             ("apex_pool_hits_total", "Requests that reused a pooled upstream connection.", |c| {
                 c.pool_hits
@@ -249,6 +275,34 @@ impl StatsReport {
             "# HELP apex_pool_idle_connections Idle pooled upstream connections.\n# TYPE apex_pool_idle_connections gauge\napex_pool_idle_connections {}",
             self.idle_pooled
         );
+        let _ = writeln!(
+            o,
+            "# HELP apex_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE apex_access_log_dropped_total counter\napex_access_log_dropped_total {}",
+            self.access_log_dropped
+        );
+        let gauges = [
+            (
+                "apex_endpoint_healthy",
+                "Active health check verdict per endpoint (1 healthy).",
+                &self.healthy,
+            ),
+            (
+                "apex_endpoint_ejected",
+                "Workers that have the endpoint ejected by outlier detection.",
+                &self.ejected,
+            ),
+        ];
+        for (name, help, series) in gauges {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for ((cluster, endpoint), v) in series {
+                let _ = writeln!(
+                    o,
+                    "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {v}",
+                    esc(cluster),
+                    esc(endpoint)
+                );
+            }
+        }
         o
     }
 }

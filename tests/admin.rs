@@ -2,28 +2,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
 use support::*;
 
 const GET: &str = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
-
-fn with_admin(yaml: &str) -> String {
-    format!("admin: 127.0.0.1:0\n{yaml}")
-}
-
-fn admin_addr(apex: &mut Apex) -> SocketAddr {
-    let line = apex.wait_for_log(&["admin API listening"]).expect("admin API started");
-    field(&line, "address").unwrap().parse().unwrap()
-}
-
-fn admin(addr: SocketAddr, method: &str, path: &str) -> Response {
-    Wire::connect(addr).request(&format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n"))
-}
-
-fn metric(text: &str, series: &str) -> Option<u64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
 
 fn metrics_match_the_requests_sent(rt: &str) {
     let up = Upstream::ok("up");

@@ -127,7 +127,11 @@ fn check_names_unknown_keys_with_their_line() {
     let (code, err, file) = apex_check("listeners:\n  - name: a\n    adress: 127.0.0.1:1\n");
     assert_eq!(code, Some(1));
     assert!(err.contains(&format!("{file}:3")), "file and line: {err}");
-    assert!(err.contains("listeners[0]") && err.contains("unknown field `adress`"), "{err}");
+    assert!(
+        err.contains("listeners[0].adress: unknown key `adress`; did you mean `address`?"),
+        "{err}"
+    );
+    assert!(err.contains("listeners[0]: missing field `address`"), "the key path once: {err}");
 }
 
 #[test]

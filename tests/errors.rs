@@ -2,10 +2,8 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Socket, Type};
 use support::*;
 
 const GET: &str = "GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
@@ -46,22 +44,6 @@ fn silent_upstream_is_504_after_the_response_timeout(rt: &str) {
     assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "took {took:?}");
     // The request body was complete, so the client connection is still usable.
     assert_eq!(c.request(GET).status, 504);
-}
-
-/// A listener whose accept queue is full and never drained: further SYNs are dropped, so a
-/// connect to it hangs until the client gives up.
-fn black_hole() -> (Socket, Vec<TcpStream>, SocketAddr) {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    s.listen(0).unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
-            fillers.push(c);
-        }
-    }
-    (s, fillers, addr)
 }
 
 fn connect_timeout_is_504(rt: &str) {
@@ -146,8 +128,8 @@ fn slow_request_head_gets_408_and_a_close(rt: &str) {
     c.send(b"GET / HTTP/1.1\r\nHost: a\r\n");
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 408);
-    assert!(c.is_closed());
     assert!(started.elapsed() >= Duration::from_millis(290));
+    assert!(c.is_closed());
 }
 
 fn idle_keepalive_connection_is_closed_silently(rt: &str) {
@@ -157,8 +139,11 @@ fn idle_keepalive_connection_is_closed_silently(rt: &str) {
     let mut c = Wire::connect(apex.addr);
     assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
     let started = Instant::now();
-    assert!(c.is_closed(), "closed without a response");
-    assert!(started.elapsed() >= Duration::from_millis(250));
+    let took = c.closed_after(started).expect("Apex closes the idle connection");
+    // Idle deadlines are swept every 100 ms: the close comes between the timeout and the
+    // timeout plus a sweep, with a generous margin for a loaded CI machine.
+    assert!(took >= Duration::from_millis(250), "closed early, after {took:?}");
+    assert!(took < Duration::from_secs(3), "closed late, after {took:?}");
 }
 
 under_each_driver!(

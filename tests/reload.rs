@@ -113,9 +113,8 @@ fn reload_under_load_drops_nothing(rt: &str) {
     for i in 0..20 {
         let body = if i % 2 == 0 { "B" } else { "A" };
         assert!(apex.reload_with(&respond(body)).contains("config reloaded"));
-        let t = Instant::now();
+        // The very next request after the reload's log line gets the new config.
         assert_eq!(probe.request(GET).text(), body, "reload {i}");
-        assert!(t.elapsed() < Duration::from_millis(100));
     }
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::defaults;
+
 /// How a cluster picks an endpoint for a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Policy {
@@ -41,8 +43,11 @@ pub struct HealthCheck {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outlier {
-    /// Consecutive connect failures or 5xx answers that eject an endpoint (per worker).
+    /// Consecutive failures of any kind (connect failures, 5xx answers) that eject an
+    /// endpoint (per worker).
     pub consecutive_failures: u32,
+    /// Consecutive connect failures that eject an endpoint (per worker).
+    pub consecutive_connect_failures: u32,
     /// First ejection; each repeat doubles it, up to `max_ejection`.
     pub base_ejection: Duration,
     pub max_ejection: Duration,
@@ -50,12 +55,26 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: defaults::OUTLIER_CONSECUTIVE_FAILURES,
+            consecutive_connect_failures: defaults::OUTLIER_CONSECUTIVE_CONNECT_FAILURES,
+            base_ejection: defaults::OUTLIER_BASE_EJECTION,
+            max_ejection: defaults::OUTLIER_MAX_EJECTION,
+            max_ejection_percent: defaults::OUTLIER_MAX_EJECTION_PERCENT,
+        }
+    }
+}
+
 /// What a retry may be for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryOn {
+    /// The connection failed (refused, unreachable, timed out): nothing was sent, so a retry
+    /// on another endpoint is safe for any method, and the retry budget does not apply.
     ConnectFailure,
-    /// A reused connection closed before answering (always retried once, on the same
-    /// endpoint, even without a retry policy).
+    /// A reused pooled connection failed before any response byte: a replayable request is
+    /// sent once more on a fresh connection to the same endpoint.
     StaleConnection,
     Status(u16),
 }
@@ -69,6 +88,17 @@ pub struct RetryPolicy {
     pub budget: f64,
     /// Retries always allowed per budget window, however few requests there were.
     pub min_retries: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: defaults::RETRY_ATTEMPTS,
+            on: defaults::RETRY_ON.to_vec(),
+            budget: defaults::RETRY_BUDGET,
+            min_retries: defaults::RETRY_MIN_RETRIES,
+        }
+    }
 }
 
 impl RetryPolicy {

@@ -1,14 +1,15 @@
 //! The config file's serde shape, exactly as an operator writes it; nothing here is validated yet.
 //!
-//! Every struct denies unknown fields so that a typo (`endpionts:`) is an error that names the key
-//! instead of a silently ignored setting.
+//! A typo (`endpionts:`) is an error that names the key instead of a silently ignored setting:
+//! the loader collects every key these types do not have (with `serde_ignored`) and reports
+//! them with the other problems. The two shapes inside untagged enums deny unknown fields
+//! themselves, since an untagged enum hides what it ignores.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub workers: Option<RawWorkers>,
@@ -33,11 +34,12 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAccessLog {
     pub path: String,
     #[serde(default)]
     pub format: Option<String>,
+    #[serde(default)]
+    pub buffer: Option<RawSize>,
 }
 
 /// `"10.0.0.1:80"` or `{ address: "10.0.0.1:80", weight: 3 }`.
@@ -74,7 +76,6 @@ pub struct RawHashField {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     pub path: String,
     #[serde(default)]
@@ -93,10 +94,14 @@ pub struct RawHealthCheck {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawOutlier {
+    /// `false` turns passive ejection off for the cluster.
+    #[serde(default)]
+    pub enabled: Option<bool>,
     #[serde(default)]
     pub consecutive_failures: Option<i64>,
+    #[serde(default)]
+    pub consecutive_connect_failures: Option<i64>,
     #[serde(default)]
     pub base_ejection: Option<String>,
     #[serde(default)]
@@ -106,7 +111,6 @@ pub struct RawOutlier {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRetry {
     #[serde(default)]
     pub attempts: Option<i64>,
@@ -127,7 +131,6 @@ pub enum RawRetryOn {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTimeouts {
     #[serde(default)]
     pub connect: Option<String>,
@@ -146,7 +149,6 @@ pub enum RawWorkers {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub name: String,
     pub address: String,
@@ -175,7 +177,6 @@ pub enum RawSize {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRoute {
     #[serde(default)]
     pub name: Option<String>,
@@ -192,7 +193,6 @@ pub struct RawRoute {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawMatch {
     #[serde(default)]
     pub host: Option<String>,
@@ -205,7 +205,6 @@ pub struct RawMatch {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRespond {
     pub status: u16,
     #[serde(default)]
@@ -215,7 +214,6 @@ pub struct RawRespond {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub name: String,
     #[serde(default)]

@@ -76,6 +76,8 @@ pub enum HeadError {
     NotImplemented(&'static str),
     /// 417: an `Expect` other than `100-continue`.
     ExpectationFailed,
+    /// 408: the client started a head and did not finish it within the header timeout.
+    TimedOut,
 }
 
 impl HeadError {
@@ -86,6 +88,7 @@ impl HeadError {
             HeadError::FieldsTooLarge => 431,
             HeadError::NotImplemented(_) => 501,
             HeadError::ExpectationFailed => 417,
+            HeadError::TimedOut => 408,
         }
     }
     pub fn reason(self) -> &'static str {
@@ -94,6 +97,7 @@ impl HeadError {
             HeadError::UriTooLong => "request line too long",
             HeadError::FieldsTooLarge => "header section too large",
             HeadError::ExpectationFailed => "unsupported expectation",
+            HeadError::TimedOut => "request head not finished in time",
         }
     }
 }
@@ -156,11 +160,16 @@ pub fn encode_simple_response(
 
 pub mod body;
 
+/// Body bytes of the plain-text error response for `status` (`"502 Bad Gateway\n"`).
+pub fn error_body_len(status: u16) -> u64 {
+    (3 + 1 + reason_phrase(status).len() + 1) as u64
+}
+
 /// Appends a short plain-text error response produced by Apex itself.
 pub fn encode_error_response(out: &mut Vec<u8>, status: u16, close: bool, keep_alive_header: bool) {
     use std::io::Write;
     let reason = reason_phrase(status);
-    let body_len = 3 + 1 + reason.len() + 1;
+    let body_len = error_body_len(status);
     let _ = write!(
         out,
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {body_len}\r\n"

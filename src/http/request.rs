@@ -177,6 +177,14 @@ pub fn parse_request_head_at<'b, 'h>(
         }
         None => "",
     };
+    if let Some((authority, _)) = absolute {
+        // The authority replaces Host upstream (RFC 9112 §3.2.2), so it must be one: no
+        // userinfo (RFC 9110 §4.2.4), nothing a Host field could not hold.
+        if authority.is_empty() || authority.contains('@') || !valid_authority(authority.as_bytes())
+        {
+            return Err(HeadError::BadRequest("invalid authority in the request target"));
+        }
+    }
     let host = match absolute {
         Some((authority, _)) => host_without_port(authority),
         None => host_without_port(host_value),
@@ -246,17 +254,35 @@ pub fn encode_request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>) {
 /// Appends the head Apex sends upstream: same method, target and `Host`, HTTP/1.1, hop-by-hop
 /// fields removed, `X-Forwarded-For` extended with `client`, `X-Forwarded-Proto` set, and framing
 /// re-created from `req.framing`. `default_host` fills `Host` for HTTP/1.0 requests without one.
+///
+/// An absolute-form target (`GET http://a.example/x`) is sent in origin form (`/x`) with
+/// `Host: a.example`, replacing the client's `Host` (RFC 9112 §3.2.2): Apex routed on that
+/// authority, so the upstream must see the same host.
 pub fn encode_upstream_head(
     out: &mut Vec<u8>,
     req: &RequestHead<'_, '_>,
     client: IpAddr,
     default_host: &dyn std::fmt::Display,
 ) {
+    let absolute = absolute_form_rest(req.target);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(req.target.as_bytes());
+    match absolute {
+        Some((_, rest)) => {
+            if !rest.starts_with('/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(rest.as_bytes());
+        }
+        None => out.extend_from_slice(req.target.as_bytes()),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut has_host = false;
+    if let Some((authority, _)) = absolute {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(authority.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut has_host = absolute.is_some();
     let mut xff_seen = false;
     for h in req.headers {
         let name = h.name;
@@ -270,7 +296,12 @@ pub fn encode_upstream_head(
             xff_seen = true;
             continue;
         }
-        has_host |= name.eq_ignore_ascii_case("host");
+        if name.eq_ignore_ascii_case("host") {
+            if absolute.is_some() {
+                continue;
+            }
+            has_host = true;
+        }
         fields::encode_field(out, h);
     }
     if !has_host {
@@ -407,5 +438,42 @@ X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
         };
         assert_eq!(h.host, "Other");
         assert_eq!(h.path(), "/x/y");
+    }
+
+    /// RFC 9112 §3.2.2: the target's authority replaces Host, and the upstream gets origin form.
+    #[test]
+    fn absolute_form_is_forwarded_in_origin_form_with_its_authority_as_host() {
+        for (target, line, host) in [
+            ("http://a.example:81/x/y?q", "GET /x/y?q HTTP/1.1", "a.example:81"),
+            ("http://a.example", "GET / HTTP/1.1", "a.example"),
+            ("HTTP://a.example?q=1", "GET /?q=1 HTTP/1.1", "a.example"),
+        ] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: b.example\r\n\r\n");
+            let mut f = crate::http::fields();
+            let Status::Complete(h) =
+                parse_request_head(raw.as_bytes(), &mut f, &HeadLimits::default()).unwrap()
+            else {
+                panic!("partial")
+            };
+            let mut out = Vec::new();
+            encode_upstream_head(&mut out, &h, "10.0.0.1".parse().unwrap(), &"unused");
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.starts_with(&format!("{line}\r\n")), "{text}");
+            assert_eq!(text.matches("Host:").count() + text.matches("host:").count(), 1, "{text}");
+            assert!(text.contains(&format!("Host: {host}\r\n")), "{text}");
+            assert!(!text.contains("b.example"), "{text}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_with_userinfo_or_no_authority_is_refused() {
+        for target in ["http://user@a.example/x", "http:///x", "http://a b/x"] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: b\r\n\r\n");
+            let mut f = crate::http::fields();
+            assert!(
+                parse_request_head(raw.as_bytes(), &mut f, &HeadLimits::default()).is_err(),
+                "{target}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! One downstream (client) connection: read request heads, route them, answer or forward, and
-//! keep the connection alive between requests.
+//! keep the connection alive between requests. This is where a request's journey starts:
+//! `serve_downstream` → `route` → `forward::forward_request` → `relay::relay_response`.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -8,10 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
-use super::forward::{forward_request, Target};
-use super::io::{Runtime, Stream};
+use super::conn::{flush, read_some, send_error, MIN_READ};
+use super::forward::forward_request;
+use super::io::Runtime;
+use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
 use super::wait::{race, Either};
-use super::{ConnGuard, Worker, WorkerView};
+use super::{ConnGuard, Forward, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::balance::hash64;
 use crate::config::lb::{HashOn, Policy};
@@ -20,82 +23,7 @@ use crate::http::body::BodyRelay;
 use crate::http::request::RequestHead;
 use crate::http::request::{encode_upstream_head, parse_request_head_at};
 use crate::http::scan::{HeadEnd, HeadScanner};
-use crate::http::{encode_error_response, Framing, HeadError, HeadLimits, Version};
-
-/// Smallest free space offered to a read; reads never ask the kernel for less.
-pub const MIN_READ: usize = 4 * 1024;
-/// Read size while streaming bodies: the bound on body bytes held per direction.
-pub const BODY_READ: usize = 16 * 1024;
-
-/// The buffers a connection reuses from request to request.
-#[derive(Default)]
-pub struct Buffers {
-    /// Bytes read from the client not yet consumed; may hold the next pipelined request.
-    pub rbuf: Vec<u8>,
-    /// Bytes being written to the client.
-    pub out: Vec<u8>,
-    /// Bytes read from the upstream.
-    pub ubuf: Vec<u8>,
-    /// The request as sent upstream: head, plus the body when it arrived with the head; kept
-    /// until the response head arrives so that a stale pooled connection can be retried.
-    pub uhead: Vec<u8>,
-    /// The request's fields the access log needs, copied out of the head (only when logging).
-    pub logged: Logged,
-}
-
-/// Request fields kept for the access log; the strings are reused from request to request.
-#[derive(Default)]
-pub struct Logged {
-    pub method: String,
-    pub target: String,
-    pub version: &'static str,
-    pub referer: String,
-    pub user_agent: String,
-}
-
-impl Logged {
-    fn capture(&mut self, head: &crate::http::request::RequestHead<'_, '_>) {
-        self.method.clear();
-        self.method.push_str(head.method);
-        self.target.clear();
-        self.target.push_str(head.target);
-        self.version = match head.version {
-            Version::Http10 => "HTTP/1.0",
-            Version::Http11 => "HTTP/1.1",
-        };
-        self.referer.clear();
-        self.user_agent.clear();
-        for h in head.headers {
-            let dest = if h.name.eq_ignore_ascii_case("referer") {
-                &mut self.referer
-            } else if h.name.eq_ignore_ascii_case("user-agent") {
-                &mut self.user_agent
-            } else {
-                continue;
-            };
-            dest.push_str(&String::from_utf8_lossy(h.value));
-        }
-    }
-}
-
-/// What the proxy needs to know about a request once its head is out of the read buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestInfo {
-    pub head_len: usize,
-    pub framing: Framing,
-    pub version: Version,
-    pub keep_alive: bool,
-    pub expect_continue: bool,
-    pub idempotent: bool,
-    pub is_head: bool,
-}
-
-impl RequestInfo {
-    /// Whether a response that keeps the connection open must say so (HTTP/1.0 clients).
-    pub fn needs_keep_alive_header(&self) -> bool {
-        self.version == Version::Http10
-    }
-}
+use crate::http::{Framing, HeadError, HeadLimits};
 
 enum Plan {
     Forward(Target),
@@ -103,79 +31,11 @@ enum Plan {
     NotFound,
 }
 
-/// Reads from `s` into `buf`'s spare capacity, first making room for at least `min_spare`.
-pub async fn read_some<S: Stream>(
-    s: &mut S,
-    buf: &mut Vec<u8>,
-    min_spare: usize,
-) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < min_spare {
-        buf.reserve(min_spare);
-    }
-    let (res, b) = s.read(std::mem::take(buf)).await;
-    *buf = b;
-    res
-}
-
-/// Writes `buf` to `s` and clears it; `false` if the peer is gone.
-pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
-    if buf.is_empty() {
-        return true;
-    }
-    let (res, mut b) = s.write_all(std::mem::take(buf)).await;
-    b.clear();
-    *buf = b;
-    res.is_ok()
-}
-
-/// Answers with an error status produced by Apex and reports whether the connection stays open.
-/// When it does not, the close lingers (see [`linger_close`]).
-pub async fn send_error<R: Runtime>(
-    client: &mut R::Stream,
-    out: &mut Vec<u8>,
-    status: u16,
-    keep_open: bool,
-    keep_alive_header: bool,
-) -> bool {
-    // Whatever was staged for the client (a body half re-framed) is abandoned.
-    out.clear();
-    encode_error_response(out, status, !keep_open, keep_alive_header);
-    let sent = flush(client, out).await;
-    if sent && !keep_open {
-        linger_close::<R>(client, out).await;
-    }
-    sent && keep_open
-}
-
-/// Longest a lingering close waits for the client to stop sending.
-const LINGER_TIME: Duration = Duration::from_secs(2);
-/// Most bytes a lingering close reads and discards.
-const LINGER_BYTES: usize = 256 * 1024;
-
-/// Closing a socket with unread input makes the kernel send RST, which can destroy the error
-/// response we just wrote before the client reads it. So: send FIN, then read and discard what
-/// the client still sends, for a bounded time and byte count (nginx's lingering close).
-pub async fn linger_close<R: Runtime>(client: &mut R::Stream, scratch: &mut Vec<u8>) {
-    if client.shutdown_write().await.is_err() {
-        return;
-    }
-    let deadline = Instant::now() + LINGER_TIME;
-    let mut discarded = 0;
-    while discarded < LINGER_BYTES {
-        scratch.clear();
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match R::timeout(wait, read_some(client, scratch, MIN_READ)).await {
-            Some(Ok(n)) if n > 0 => discarded += n,
-            _ => break,
-        }
-    }
-    scratch.clear();
-}
-
 enum HeadRead {
     /// A whole head, ending here, with its line endings already checked.
     Ready(HeadEnd),
-    /// The client closed, or stayed idle past the keep-alive timeout, between requests.
+    /// The client closed, or stayed idle past the keep-alive timeout, between requests (or
+    /// sent nothing at all within the header timeout).
     Closed,
     /// The client started a head and did not finish it in time.
     TimedOut,
@@ -235,7 +95,7 @@ async fn read_request_head<R: Runtime>(
 
 /// Parses the head at the start of `rbuf`, routes it and, for a forwarded request, encodes the
 /// head to send upstream into `uhead`.
-fn prepare_request(
+fn route(
     rbuf: &[u8],
     end: HeadEnd,
     limits: &HeadLimits,
@@ -326,69 +186,58 @@ pub async fn serve_downstream<R: Runtime>(
     let limits = listener.limits;
     loop {
         let head = read_request_head::<R>(&worker, &mut client, &mut bufs.rbuf, &listener, first);
-        let end = match head.await {
-            HeadRead::Ready(end) => end,
+        let head = head.await;
+        let started = Instant::now();
+        let view = worker.view();
+        // The request's head, routed; or the status that refuses it (and closes).
+        let routed = match head {
             HeadRead::Closed => return,
-            HeadRead::TimedOut => {
-                worker.view().unrouted.record(408);
-                Box::pin(send_error::<R>(&mut client, &mut bufs.out, 408, false, false)).await;
-                return;
-            }
-            HeadRead::Invalid(e) => {
-                debug!(client = %peer, reason = e.reason(), "refused request head");
-                worker.view().unrouted.record(e.status());
-                Box::pin(send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false))
-                    .await;
-                return;
+            HeadRead::TimedOut => Err(HeadError::TimedOut),
+            HeadRead::Invalid(e) => Err(e),
+            HeadRead::Ready(end) => {
+                first = false;
+                // Borrow the large buffers for this request; they go back when the connection
+                // idles.
+                for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
+                    if b.capacity() == 0 {
+                        *b = worker.buffers.take();
+                    }
+                }
+                let logged = worker.access.is_some().then_some(&mut bufs.logged);
+                route(&bufs.rbuf, end, &limits, &view, peer, &mut bufs.uhead, logged)
             }
         };
-        first = false;
-        // Borrow the large buffers for this request; they go back when the connection idles.
-        for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
-            if b.capacity() == 0 {
-                *b = worker.buffers.take();
+        let (info, plan) = match routed {
+            // Refused before reading any of the body; the lingering close bounds what we read.
+            Ok((info, _)) if body_over_limit(listener.max_request_body, info.framing, 0) => {
+                let refused = refuse(&worker, &view, &mut client, &mut bufs, peer, started, 413);
+                return Box::pin(refused).await;
             }
-        }
-        let view = worker.view();
-        let started = Instant::now();
-        let logged = worker.access.is_some().then_some(&mut bufs.logged);
-        let prepared =
-            prepare_request(&bufs.rbuf, end, &limits, &view, peer, &mut bufs.uhead, logged);
-        let (info, plan) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 debug!(client = %peer, reason = e.reason(), "refused request head");
-                view.unrouted.record(e.status());
-                Box::pin(send_error::<R>(&mut client, &mut bufs.out, e.status(), false, false))
-                    .await;
-                return;
+                bufs.logged.unparsed();
+                let refused =
+                    refuse(&worker, &view, &mut client, &mut bufs, peer, started, e.status());
+                return Box::pin(refused).await;
             }
         };
-        if let (Some(max), Framing::Length(n)) = (listener.max_request_body, info.framing) {
-            if n > max {
-                // Refused before reading any of it; the lingering close bounds what we read.
-                view.unrouted.record(413);
-                Box::pin(send_error::<R>(&mut client, &mut bufs.out, 413, false, false)).await;
-                return;
-            }
-        }
-        let (keep_open, status, bytes, upstream, route) = match plan {
+        let (served, route) = match plan {
             Plan::Forward(target) => {
-                let route = target.route;
-                let request = forward_request::<R>(
-                    &worker,
-                    &view,
+                let f = Forward {
+                    worker: &worker,
+                    view: &view,
+                    listener: &listener,
                     target,
-                    &mut client,
-                    &mut bufs,
-                    &info,
-                    &listener,
-                );
+                    info: &info,
+                    client: &mut client,
+                    bufs: &mut bufs,
+                };
                 // Boxed: the forwarding state machine is large, and unboxed it would be part of
                 // every idle connection's task (a future is as large as its largest await point).
-                let served = Box::pin(request).await;
-                view.route_stats[route].record(served.status);
-                (served.keep_open, served.status, served.body_bytes, served.upstream, Some(route))
+                let served = Box::pin(forward_request(f)).await;
+                view.route_stats[target.route].record(served.status);
+                (served, Some(target.route))
             }
             Plan::Respond(route) => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
@@ -403,8 +252,10 @@ pub async fn serve_downstream<R: Runtime>(
                 bufs.out.extend_from_slice(&bytes[..len]);
                 view.route_stats[route].record(direct.status);
                 let sent = flush(&mut client, &mut bufs.out).await && keep;
-                let body = if info.is_head { 0 } else { direct.body_len as u64 };
-                (sent, direct.status, body, None, Some(route))
+                let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
+                let served =
+                    Served { keep_open: sent, status: direct.status, body_bytes, upstream: None };
+                (served, Some(route))
             }
             Plan::NotFound => {
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
@@ -413,28 +264,11 @@ pub async fn serve_downstream<R: Runtime>(
                 view.unrouted.record(404);
                 let sent =
                     Box::pin(send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka)).await;
-                (sent, 404, 0, None, None)
+                (Served::generated(404, sent, None), None)
             }
         };
-        if let Some(log) = &worker.access {
-            let route = route.map(|i| view.snap.config.routes[i].name.as_str()).unwrap_or("");
-            let l = &bufs.logged;
-            log.record(&Entry {
-                time: SystemTime::now(),
-                client: peer,
-                method: &l.method,
-                target: &l.target,
-                version: l.version,
-                status,
-                bytes,
-                duration: started.elapsed(),
-                upstream,
-                route,
-                referer: &l.referer,
-                user_agent: &l.user_agent,
-            });
-        }
-        if !keep_open {
+        log_request(&worker, &view, peer, &bufs.logged, started, served, route);
+        if !served.keep_open {
             return;
         }
         // Going idle: give the large buffers back to the worker and wait with a small one.
@@ -445,4 +279,48 @@ pub async fn serve_downstream<R: Runtime>(
             worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
         }
     }
+}
+
+/// Refuses a request with `status` and closes the connection: counted as unrouted and logged.
+async fn refuse<R: Runtime>(
+    worker: &Worker<R>,
+    view: &WorkerView,
+    client: &mut R::Stream,
+    bufs: &mut Buffers,
+    peer: SocketAddr,
+    started: Instant,
+    status: u16,
+) {
+    view.unrouted.record(status);
+    send_error::<R>(client, &mut bufs.out, status, false, false).await;
+    let served = Served::generated(status, false, None);
+    log_request(worker, view, peer, &bufs.logged, started, served, None);
+}
+
+/// One access-log line for a request that ended, when the log is on.
+fn log_request<R: Runtime>(
+    worker: &Worker<R>,
+    view: &WorkerView,
+    peer: SocketAddr,
+    l: &Logged,
+    started: Instant,
+    served: Served,
+    route: Option<usize>,
+) {
+    let Some(log) = &worker.access else { return };
+    let route = route.map(|i| view.snap.config.routes[i].name.as_str()).unwrap_or("");
+    log.record(&Entry {
+        time: SystemTime::now(),
+        client: peer,
+        method: &l.method,
+        target: &l.target,
+        version: l.version,
+        status: served.status,
+        bytes: served.body_bytes,
+        duration: started.elapsed(),
+        upstream: served.upstream,
+        route,
+        referer: &l.referer,
+        user_agent: &l.user_agent,
+    });
 }

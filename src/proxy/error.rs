@@ -24,6 +24,19 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// A short fixed name of the failure, for logs and the per-worker log limiter's key.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::ConnectFailed(_) => "connect failed",
+            ProxyError::ConnectTimeout => "connect timed out",
+            ProxyError::ResponseTimeout => "no response head in time",
+            ProxyError::UpstreamClosed => "upstream closed before responding",
+            ProxyError::UpstreamWrite(_) => "writing the request failed",
+            ProxyError::BadResponse(_) => "bad response",
+            ProxyError::NoHealthyEndpoint => "no healthy endpoint",
+        }
+    }
+
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::ConnectFailed(_)

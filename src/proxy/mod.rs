@@ -4,32 +4,53 @@
 //! purpose (`Rc`, `RefCell`, `Cell`): it lives on one pinned thread and is never locked.
 
 pub mod buffers;
+pub mod conn;
 pub mod downstream;
 pub mod error;
+pub mod failure_log;
 pub mod forward;
 pub mod io;
 pub mod isolate;
 pub mod pool;
+pub mod relay;
+pub mod request;
 pub mod retry;
 pub mod wait;
 pub mod worker_tasks;
 
 use std::cell::{Cell, RefCell};
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::cache::Cache;
 
 use crate::access_log::WorkerLog;
-use crate::balance::Balancer;
-use crate::config::Action;
+use crate::balance::{hash64, Balancer};
+use crate::config::{Action, Listener};
 use crate::health::{HealthMap, SharedHealth};
 use crate::http::HeadLimits;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::stats::{ClusterStats, RouteStats, WorkerStats};
 use io::Runtime;
 use pool::Pool;
+use request::{Buffers, RequestInfo, Target};
 use wait::{Event, WakeList};
+
+/// One forwarded request's context, borrowed for its whole journey through `forward` and
+/// `relay`: the worker and view it is served from, its listener, where it goes, what its head
+/// said, the client connection and the connection's buffers.
+pub struct Forward<'a, R: Runtime> {
+    pub worker: &'a Worker<R>,
+    pub view: &'a WorkerView,
+    pub listener: &'a Listener,
+    pub target: Target,
+    pub info: &'a RequestInfo,
+    pub client: &'a mut R::Stream,
+    pub bufs: &'a mut Buffers,
+}
 
 /// What one worker serves from: the snapshot plus this worker's own per-snapshot state.
 pub struct WorkerView {
@@ -55,6 +76,8 @@ impl WorkerView {
 /// One worker thread's state.
 pub struct Worker<R: Runtime> {
     pub id: usize,
+    /// Seeds this worker's random balancing choices (different per worker and per process).
+    seed: u64,
     /// Reads the published snapshot with one atomic load and no write while it is unchanged.
     snapshots: RefCell<Cache<SharedSnapshot, Arc<Snapshot>>>,
     view: RefCell<Rc<WorkerView>>,
@@ -76,9 +99,15 @@ pub struct Worker<R: Runtime> {
     pub buffers: buffers::BufferPool,
     /// The health checker's verdicts, read like the config snapshot: no write while unchanged.
     health: RefCell<Cache<SharedHealth, Arc<HealthMap>>>,
-    /// Verdicts per cluster of the current view, rebuilt when either side changes.
-    health_view: RefCell<Option<(usize, usize, Rc<HealthView>)>>,
+    /// Verdicts per cluster of the current view, keyed by the generations of the health map
+    /// and the snapshot they were built from, rebuilt when either changes.
+    health_view: RefCell<Option<(Generations, Rc<HealthView>)>>,
+    /// Upstream failures logged at most once a second per upstream and reason.
+    pub failures: failure_log::FailureLog,
 }
+
+/// The generations of a health map and of a snapshot.
+type Generations = (u64, u64);
 
 /// Per cluster index of a view: each endpoint's active-health verdict (`None`: no health check).
 pub type HealthView = Vec<Option<Vec<bool>>>;
@@ -106,9 +135,11 @@ impl<R: Runtime> Worker<R> {
         let mut cache = Cache::new(shared);
         let snap = Arc::clone(cache.load());
         let stats = WorkerStats::default();
-        let view = Rc::new(Self::make_view(id, snap, &stats));
+        let seed = hash64((id, std::process::id(), std::time::SystemTime::now()));
+        let view = Rc::new(Self::make_view(id, seed, snap, &stats, None));
         Worker {
             id,
+            seed,
             snapshots: RefCell::new(cache),
             view: RefCell::new(view),
             pool: Pool::default(),
@@ -122,6 +153,15 @@ impl<R: Runtime> Worker<R> {
             buffers: buffers::BufferPool::default(),
             health: RefCell::new(Cache::new(health)),
             health_view: RefCell::new(None),
+            failures: failure_log::FailureLog::default(),
+        }
+    }
+
+    /// Logs an upstream failure, at most once a second per upstream and reason on this
+    /// worker; the rest are counted and reported by the housekeeping tick.
+    pub fn failure(&self, upstream: SocketAddr, reason: &'static str, detail: &dyn Display) {
+        if self.failures.admit(upstream, reason, Instant::now()) {
+            tracing::warn!(upstream = %upstream, reason, detail = %detail, "upstream request failed");
         }
     }
 
@@ -129,10 +169,12 @@ impl<R: Runtime> Worker<R> {
     pub fn health(&self, view: &WorkerView) -> Rc<HealthView> {
         let mut cache = self.health.borrow_mut();
         let map = cache.load();
-        let key = (Arc::as_ptr(map) as usize, Arc::as_ptr(&view.snap) as usize);
+        // Generations, not addresses: a new map or snapshot may be allocated where a freed one
+        // was, and must not be mistaken for it.
+        let key = (map.generation, view.snap.generation);
         let mut hv = self.health_view.borrow_mut();
-        if let Some((m, s, v)) = hv.as_ref() {
-            if (*m, *s) == key {
+        if let Some((k, v)) = hv.as_ref() {
+            if *k == key {
                 return Rc::clone(v);
             }
         }
@@ -153,8 +195,22 @@ impl<R: Runtime> Worker<R> {
             })
             .collect();
         let v = Rc::new(built);
-        *hv = Some((key.0, key.1, Rc::clone(&v)));
+        *hv = Some((key, Rc::clone(&v)));
         v
+    }
+
+    /// A copy of this worker's counters, for a scrape.
+    pub fn report(&self) -> crate::stats::StatsReport {
+        let mut r = self.stats.report(self.open_connections(), self.pool.idle_count());
+        r.access_log_dropped = self.access.as_ref().map_or(0, |l| l.dropped());
+        let view = self.view.borrow();
+        for (c, b) in view.snap.config.clusters.iter().zip(&view.balancers) {
+            for (i, addr) in b.addrs().iter().enumerate() {
+                let key = (c.name.clone(), addr.to_string());
+                r.ejected.insert(key, u64::from(b.is_ejected(i)));
+            }
+        }
+        r
     }
 
     /// Registers a newly accepted client connection.
@@ -180,9 +236,27 @@ impl<R: Runtime> Worker<R> {
         self.closed.wake_all();
     }
 
-    fn make_view(id: usize, snap: Arc<Snapshot>, stats: &WorkerStats) -> WorkerView {
+    /// Builds this worker's view of `snap`. Balancers of clusters `previous` also had (by
+    /// name) share their endpoints' state, so a reload keeps ejections and in-flight counts.
+    fn make_view(
+        id: usize,
+        seed: u64,
+        snap: Arc<Snapshot>,
+        stats: &WorkerStats,
+        previous: Option<&WorkerView>,
+    ) -> WorkerView {
         let config = &snap.config;
-        let balancers = config.clusters.iter().map(|c| Balancer::new(c, id)).collect();
+        let balancers = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let before = previous.and_then(|p| {
+                    let i = p.snap.config.clusters.iter().position(|o| o.name == c.name)?;
+                    Some(&p.balancers[i])
+                });
+                Balancer::new(c, id, seed ^ hash64(&c.name), before)
+            })
+            .collect();
         let listeners = config.listeners.iter().cloned().map(Rc::new).collect();
         let route_stats = config
             .routes
@@ -216,7 +290,9 @@ impl<R: Runtime> Worker<R> {
         let latest = cache.load();
         let mut view = self.view.borrow_mut();
         if !Arc::ptr_eq(latest, &view.snap) {
-            *view = Rc::new(Self::make_view(self.id, Arc::clone(latest), &self.stats));
+            let next =
+                Self::make_view(self.id, self.seed, Arc::clone(latest), &self.stats, Some(&view));
+            *view = Rc::new(next);
         }
         Rc::clone(&view)
     }

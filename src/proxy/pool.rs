@@ -66,6 +66,22 @@ impl<S: Stream> Pool<S> {
         stack.push(Idle { stream, since: Instant::now() });
     }
 
+    /// Housekeeping: closes idle connections older than `keep_for(addr)`, those the upstream
+    /// closed (or sent unrequested bytes on), and every one to an endpoint for which
+    /// `keep_for` is `None` (no cluster has it since a reload). Nothing is left in CLOSE_WAIT
+    /// waiting for the next checkout.
+    pub fn sweep(&self, now: Instant, keep_for: impl Fn(SocketAddr) -> Option<Duration>) {
+        self.idle.borrow_mut().retain(|addr, stack| {
+            match keep_for(*addr) {
+                None => stack.clear(),
+                Some(max) => {
+                    stack.retain(|c| now.duration_since(c.since) < max && !c.stream.is_stale())
+                }
+            }
+            !stack.is_empty()
+        });
+    }
+
     /// Idle connections held, over all endpoints.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum()

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -35,8 +35,8 @@ pub enum Control {
     AddListener(Listener, TcpListener),
     /// Stop accepting on a listener; its open connections carry on.
     RemoveListener(String),
-    /// Send a copy of this worker's counters.
-    Scrape(Sender<StatsReport>),
+    /// Send a copy of this worker's counters, with the worker's id.
+    Scrape(Sender<(usize, StatsReport)>),
 }
 
 /// The worker's accept loops by listener name, each with the event that stops it.
@@ -124,9 +124,7 @@ async fn control_task<R: Runtime>(
                     }
                 }
                 Control::Scrape(reply) => {
-                    let report =
-                        worker.stats.report(worker.open_connections(), worker.pool.idle_count());
-                    let _ = reply.send(report);
+                    let _ = reply.send((worker.id, worker.report()));
                 }
                 Control::RemoveListener(name) => {
                     if let Some(stop) = acceptors.stops.borrow_mut().remove(&name) {
@@ -199,7 +197,7 @@ pub async fn run<R: Runtime>(
     control: UnixStream,
     orders: Receiver<Control>,
     ready: Sender<Result<(), String>>,
-    access: Option<(Format, Sender<LogMessage>)>,
+    access: Option<(Format, SyncSender<LogMessage>)>,
     health: SharedHealth,
 ) {
     let access = access.map(|(format, tx)| WorkerLog::new(format, tx));
@@ -207,24 +205,48 @@ pub async fn run<R: Runtime>(
     if worker.access.is_some() {
         R::spawn(flush_access_log(Rc::clone(&worker)));
     }
-    R::spawn(sweep_idle_timers(Rc::clone(&worker)));
+    R::spawn(housekeeping(Rc::clone(&worker)));
     worker_main(Rc::clone(&worker), socks, control, orders, ready).await;
     if let Some(log) = &worker.access {
         log.flush();
     }
 }
 
-/// How often idle deadlines are checked: a keep-alive or first-request timeout fires at most
-/// this late.
-const IDLE_SWEEP: Duration = Duration::from_millis(100);
+/// The housekeeping tick: how often idle deadlines are checked (a keep-alive or
+/// first-request timeout fires at most this late).
+const TICK: Duration = Duration::from_millis(100);
+/// Every this many ticks (one second), the slower chores: the upstream pool's expired, stale
+/// and orphaned connections, and the count of suppressed failure logs.
+const SLOW_CHORES_EVERY: u32 = 10;
 
-/// Wakes idle connections whose deadline has passed, until the drain (which wakes them all).
-async fn sweep_idle_timers<R: Runtime>(worker: Rc<Worker<R>>) {
+/// The worker's one housekeeping task, until the drain (which wakes every idle connection
+/// itself): wakes idle connections whose deadline passed; once a second, closes pooled
+/// upstream connections that expired, that their upstream closed, or whose endpoint a reload
+/// removed, and reports failures the log limiter suppressed.
+async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
+    let mut ticks = 0u32;
     loop {
-        if let Either::Right(()) = race(R::sleep(IDLE_SWEEP), worker.drain.wait()).await {
+        if let Either::Right(()) = race(R::sleep(TICK), worker.drain.wait()).await {
             return;
         }
-        worker.idle.sweep(Instant::now());
+        let now = Instant::now();
+        worker.idle.sweep(now);
+        ticks += 1;
+        if ticks % SLOW_CHORES_EVERY == 0 {
+            let view = worker.view();
+            let clusters = &view.snap.config.clusters;
+            // The longest idle timeout of any cluster with the endpoint; `None`: no cluster has
+            // it any more. Checkout applies each cluster's own timeout.
+            let keep_for = |addr: std::net::SocketAddr| {
+                clusters
+                    .iter()
+                    .filter(|c| c.endpoints.contains(&addr))
+                    .map(|c| c.pool_idle_timeout)
+                    .max()
+            };
+            worker.pool.sweep(now, keep_for);
+            worker.failures.flush(now);
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use std::io;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::time::Duration;
 
 use ::monoio::time::TimeDriver;
 use ::monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
@@ -60,11 +61,19 @@ pub struct Server {
     pub workers: usize,
     controls: Vec<WorkerControl>,
     /// The access-log writer, for SIGUSR1's reopen.
-    pub access_log: Option<Sender<LogMessage>>,
+    pub access_log: Option<SyncSender<LogMessage>>,
     access_log_thread: Option<std::thread::JoinHandle<()>>,
+    /// The health checker's verdicts (for `/metrics`).
+    pub health: SharedHealth,
     /// Dropping it stops the health checker.
     _health_stop: Sender<()>,
+    /// Each worker's last counters: a scrape that a busy worker does not answer in time uses
+    /// them, so no counter ever goes backwards (Prometheus would read that as a reset).
+    last_reports: Vec<crate::stats::StatsReport>,
 }
+
+/// How long a scrape waits for each worker's counters.
+const SCRAPE_WAIT: Duration = Duration::from_secs(2);
 
 /// The control plane's line to one worker: orders go on the channel, a byte on the socket wakes
 /// the worker's runtime to read them.
@@ -88,6 +97,37 @@ impl Server {
         if let Some(t) = self.access_log_thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// Asks every worker for its counters and sums them, with the health checker's verdicts.
+    /// A worker that does not answer in time contributes its last report.
+    pub fn scrape(&mut self) -> crate::stats::StatsReport {
+        let (tx, rx) = mpsc::channel();
+        for w in 0..self.workers {
+            self.order(w, Control::Scrape(tx.clone()));
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + SCRAPE_WAIT;
+        for _ in 0..self.workers {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok((id, report)) => self.last_reports[id] = report,
+                Err(_) => break,
+            }
+        }
+        let mut total = crate::stats::StatsReport::default();
+        for r in &self.last_reports {
+            total.merge(r);
+        }
+        let snap = self.shared.load();
+        let verdicts = self.health.load();
+        for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()) {
+            let known = verdicts.clusters.get(&c.name);
+            for addr in &c.endpoints {
+                let ok = known.and_then(|v| v.get(addr)).copied().unwrap_or(true);
+                total.healthy.insert((c.name.clone(), addr.to_string()), u64::from(ok));
+            }
+        }
+        total
     }
 
     /// Tells every worker to drain: stop accepting, finish in-flight requests, close idle
@@ -194,7 +234,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
     let access_format = config.access_log.as_ref().map(|a| a.format);
     let (access_writer, access_thread) = match &config.access_log {
         Some(a) => {
-            let (tx, thread) = start_writer(&a.target).map_err(StartError::AccessLog)?;
+            let (tx, thread) = start_writer(&a.target, a.buffer).map_err(StartError::AccessLog)?;
             (Some(tx), Some(thread))
         }
         None => (None, None),
@@ -263,7 +303,9 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         controls,
         access_log: access_writer,
         access_log_thread: access_thread,
+        health,
         _health_stop: health_stop,
+        last_reports: vec![crate::stats::StatsReport::default(); count],
     })
 }
 
@@ -277,7 +319,7 @@ struct WorkerStart {
     control: StdUnixStream,
     orders: mpsc::Receiver<Control>,
     ready: mpsc::Sender<Result<(), String>>,
-    access: Option<(Format, Sender<LogMessage>)>,
+    access: Option<(Format, SyncSender<LogMessage>)>,
     health: SharedHealth,
 }
 

@@ -394,12 +394,39 @@ impl Wire {
         Ok(r)
     }
 
-    /// Whether the peer closed the connection (EOF) with no further bytes.
+    /// Whether the peer closes the connection (EOF, or a reset) within `PATIENCE`, with no
+    /// further bytes. A connection still open when the wait runs out is *not* closed: a read
+    /// timeout is the proof that the peer kept it open.
     pub fn is_closed(&mut self) -> bool {
+        self.closes_within(PATIENCE)
+    }
+
+    /// Whether the peer closes the connection within `wait` (EOF or reset) without sending
+    /// another byte; `false` if bytes arrive or `wait` runs out with the connection open.
+    pub fn closes_within(&mut self, wait: Duration) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        matches!(self.fill(), Ok(0) | Err(_))
+        self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1)))).unwrap();
+        let verdict = match self.fill() {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => false,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => true,
+                other => panic!("reading to see whether the peer closed: {other:?} ({e})"),
+            },
+        };
+        self.stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        verdict
+    }
+
+    /// Waits for the peer to close (as [`Wire::is_closed`]) and returns how long that took
+    /// from `since`; `None` if it stayed open for `PATIENCE`.
+    pub fn closed_after(&mut self, since: Instant) -> Option<Duration> {
+        self.is_closed().then(|| since.elapsed())
     }
 
     /// Sends a request and reads its response.
@@ -477,10 +504,28 @@ pub enum After {
 type Handler = dyn Fn(&Received, &mut Wire) -> After + Send + Sync;
 
 /// A fake upstream on 127.0.0.1:0 that counts accepted connections and records requests.
+///
+/// A panic in one of its threads (a handler's assertion, say) fails the test that owns it:
+/// the panic is caught in the thread, reported here, and raised again by [`Upstream::next`]
+/// and when the upstream is dropped (linkerd's `join_servers`), instead of surfacing later as
+/// a misleading "received no request".
 pub struct Upstream {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
     received: mpsc::Receiver<Received>,
+    /// Connections (by accept index) the proxy closed, in the order they were seen closing.
+    closes: mpsc::Receiver<usize>,
+    panics: mpsc::Receiver<String>,
+    /// The accept thread; it runs until the process ends (its listener is never closed).
+    _acceptor: std::thread::JoinHandle<()>,
+}
+
+/// The message of a caught panic.
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_string())
 }
 
 impl Upstream {
@@ -492,18 +537,36 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let accepts = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
+        let (close_tx, closes) = mpsc::channel();
+        let (panic_tx, panics) = mpsc::channel();
         let handler: Arc<Handler> = Arc::new(handler);
         let counter = accepts.clone();
-        std::thread::spawn(move || {
+        let acceptor = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let conn = counter.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 let tx = tx.clone();
-                std::thread::spawn(move || serve_fake(Wire::new(stream), conn, &*handler, tx));
+                let close_tx = close_tx.clone();
+                let panic_tx = panic_tx.clone();
+                std::thread::spawn(move || {
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        serve_fake(Wire::new(stream), conn, &*handler, tx, close_tx)
+                    }));
+                    if let Err(p) = served {
+                        let _ = panic_tx.send(panic_message(p));
+                    }
+                });
             }
         });
-        Upstream { addr, accepts, received: rx }
+        Upstream { addr, accepts, received: rx, closes, panics, _acceptor: acceptor }
+    }
+
+    /// Raises, in the test's thread, the first panic of this upstream's threads.
+    pub fn check(&self) {
+        if let Ok(msg) = self.panics.try_recv() {
+            panic!("a fake upstream thread panicked: {msg}");
+        }
     }
 
     /// Answers every request `200` with `body`, keeping connections open.
@@ -536,19 +599,50 @@ impl Upstream {
 
     /// The next request received, waiting for it.
     pub fn next(&self) -> Received {
-        self.received.recv_timeout(PATIENCE).expect("the upstream received no request")
+        let got = self.received.recv_timeout(PATIENCE);
+        self.check();
+        got.expect("the upstream received no request")
+    }
+
+    /// Waits until the proxy closes one of its connections to this upstream (EOF between
+    /// requests); returns that connection's accept index, or `None` after `PATIENCE`.
+    pub fn next_close(&self) -> Option<usize> {
+        let got = self.closes.recv_timeout(PATIENCE).ok();
+        self.check();
+        got
     }
 
     /// Requests received so far, without waiting.
     pub fn drain(&self) -> Vec<Received> {
+        self.check();
         self.received.try_iter().collect()
     }
 }
 
-fn serve_fake(mut w: Wire, conn: usize, handler: &Handler, tx: mpsc::Sender<Received>) {
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.check();
+        }
+    }
+}
+
+fn serve_fake(
+    mut w: Wire,
+    conn: usize,
+    handler: &Handler,
+    tx: mpsc::Sender<Received>,
+    closes: mpsc::Sender<usize>,
+) {
     for index in 0.. {
-        let Ok(Some(head)) = w.read_head() else {
-            return;
+        let head = match w.read_head() {
+            Ok(Some(head)) => head,
+            // The proxy closed the connection between requests.
+            Ok(None) => {
+                let _ = closes.send(conn);
+                return;
+            }
+            Err(_) => return,
         };
         let r = Response::parse(&format!("X 0 x\r\n{}", head.split_once("\r\n").unwrap().1));
         let body = if r.header("transfer-encoding").is_some() {
@@ -582,4 +676,49 @@ fn serve_fake(mut w: Wire, conn: usize, handler: &Handler, tx: mpsc::Sender<Rece
 pub fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// A listener whose accept queue is full and never drained: further SYNs are dropped, so a
+/// connect to it hangs until the client gives up. Keep the returned values alive.
+pub fn black_hole() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            fillers.push(c);
+        }
+    }
+    (s, fillers, addr)
+}
+
+// ---------------------------------------------------------------- the admin API
+
+/// Prepends an admin API on 127.0.0.1:0 to a config.
+pub fn with_admin(yaml: &str) -> String {
+    format!("admin: 127.0.0.1:0\n{yaml}")
+}
+
+/// The admin API's address, from its startup log line.
+pub fn admin_addr(apex: &mut Apex) -> SocketAddr {
+    let line = apex.wait_for_log(&["admin API listening"]).expect("admin API started");
+    field(&line, "address").unwrap().parse().unwrap()
+}
+
+/// One admin request.
+pub fn admin(addr: SocketAddr, method: &str, path: &str) -> Response {
+    Wire::connect(addr).request(&format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n"))
+}
+
+/// The value of a series (`name{labels}`) in a Prometheus text page.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// `GET /metrics` as text.
+pub fn metrics(admin_at: SocketAddr) -> String {
+    admin(admin_at, "GET", "/metrics").text()
 }

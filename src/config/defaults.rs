@@ -1,0 +1,57 @@
+//! Every default of the config file in one place, shared by the file, `apex proxy` and the
+//! README's table: change a default here and nowhere else.
+
+use std::time::Duration;
+
+use super::lb::RetryOn;
+
+/// Upstream TCP connect; an unreachable backend answers 504 after this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// From the request fully sent to the upstream's response head.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between two reads of a response body: a slow stream is not cut while bytes keep coming.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle pooled upstream connections per endpoint and worker.
+pub const POOL_MAX_IDLE: usize = 64;
+/// Shorter than common upstream keep-alive timeouts (Node.js and Apache: 5 s), or reuse
+/// races the upstream's close.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// A client must finish sending a request head within this (slowloris).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle keep-alive client connection is closed after this.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Between two reads of a request body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Open client connections per worker; at the cap a worker stops accepting until one closes.
+pub const WORKER_CONNECTIONS: usize = 10_000;
+/// After SIGTERM/SIGINT, in-flight requests get this long before the process exits anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Health checks: probe every endpoint this often, give each probe this long.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive probe results that flip an endpoint's verdict.
+pub const HEALTHY_THRESHOLD: u32 = 2;
+pub const UNHEALTHY_THRESHOLD: u32 = 2;
+
+/// Passive outlier ejection is on unless a cluster turns it off. One connect failure ejects
+/// (nginx's `max_fails=1 fail_timeout=10s`: nothing reached the endpoint, so trying it again
+/// at once only adds a failed attempt); 5xx answers need five in a row, since one failing
+/// request says little about the endpoint.
+pub const OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+pub const OUTLIER_CONSECUTIVE_CONNECT_FAILURES: u32 = 1;
+pub const OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(10);
+pub const OUTLIER_MAX_EJECTION: Duration = Duration::from_secs(300);
+pub const OUTLIER_MAX_EJECTION_PERCENT: u32 = 50;
+
+/// Every route retries unless told otherwise: a failed connect on another endpoint (nothing
+/// was sent, so any method) and a stale pooled connection once (replayable requests only).
+pub const RETRY_ATTEMPTS: u32 = 2;
+pub const RETRY_ON: [RetryOn; 2] = [RetryOn::ConnectFailure, RetryOn::StaleConnection];
+/// Retries after a request was sent are at most this fraction of the route's recent requests.
+pub const RETRY_BUDGET: f64 = 0.2;
+/// Retries always allowed per 10 s window, however little traffic there was.
+pub const RETRY_MIN_RETRIES: u32 = 3;
+
+/// Bytes of access-log lines that may wait for the writer thread; beyond this, lines are
+/// dropped and counted (`apex_access_log_dropped_total`) instead of blocking a worker.
+pub const ACCESS_LOG_BUFFER: u64 = 1 << 20;

@@ -1,0 +1,205 @@
+//! The validated configuration: what workers and the control plane run from. Nothing here can
+//! hold a bad state; [`super::validate`] builds it from the raw serde shape.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::defaults;
+use super::error::ConfigError;
+use super::lb;
+use crate::http::HeadLimits;
+
+/// How many worker threads to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One per core in this process's CPU affinity mask.
+    Auto,
+    Count(usize),
+}
+
+/// Which event driver a worker's runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// monoio on io_uring; falls back to `Epoll` when the kernel refuses io_uring.
+    IoUring,
+    /// monoio's legacy (epoll) driver.
+    Epoll,
+    /// The Tokio build: one current-thread Tokio runtime per core (for comparison).
+    Tokio,
+}
+
+impl RuntimeKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "io_uring" | "iouring" | "uring" => Some(Self::IoUring),
+            "epoll" | "legacy" => Some(Self::Epoll),
+            "tokio" => Some(Self::Tokio),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+            Self::Tokio => "tokio",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; `None` for `apex proxy`'s built config.
+    pub source: Option<PathBuf>,
+    pub workers: Workers,
+    pub runtime: RuntimeKind,
+    pub worker_connections: usize,
+    pub drain_timeout: Duration,
+    /// Where the admin API listens; `None`: no admin API.
+    pub admin: Option<SocketAddr>,
+    /// `None`: no access log.
+    pub access_log: Option<AccessLogConfig>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+    pub clusters: Vec<Cluster>,
+    /// Problems that do not stop the config from loading (a cluster no route uses).
+    pub warnings: Vec<ConfigError>,
+    /// Endpoints written as host names, with the address each resolved to when loaded.
+    pub resolved: Vec<Resolved>,
+}
+
+/// A host-name endpoint and the address it resolved to (once, at load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub cluster: String,
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// nginx's `combined`, plus `rt=`, `upstream=` and `route=`.
+    Combined,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub target: LogTarget,
+    pub format: LogFormat,
+    /// Most bytes of lines waiting for the writer thread; more are dropped and counted.
+    pub buffer: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub body_timeout: Duration,
+    /// Request line, head and field-count limits (414, 431).
+    pub limits: HeadLimits,
+    /// Larger request bodies get 413; `None`: no limit.
+    pub max_request_body: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The `name` key, or `routes[i]`: the label in metrics and access logs.
+    pub name: String,
+    pub retry: lb::RetryPolicy,
+    pub timeouts: lb::RouteTimeouts,
+    pub host: HostMatch,
+    pub path: PathMatch,
+    /// Upper-case method token; `None` matches every method.
+    pub method: Option<String>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    /// Lower-case host name without port.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: matches any name ending with it.
+    Suffix(String),
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    Exact(String),
+    /// Byte prefix, like nginx's `location /v1` and Envoy's `prefix`: `/v1` also matches `/v10`.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Index into `Config::clusters`.
+    Forward(usize),
+    Respond(DirectResponse),
+}
+
+#[derive(Debug, Clone)]
+pub struct DirectResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    /// Never empty: validation refuses a cluster with no endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// One per endpoint, at least 1.
+    pub weights: Vec<u32>,
+    pub policy: lb::Policy,
+    pub health_check: Option<lb::HealthCheck>,
+    pub outlier: Option<lb::Outlier>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub read_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+impl Cluster {
+    /// A cluster with every setting at its default.
+    pub fn with_defaults(name: &str, endpoints: Vec<SocketAddr>) -> Self {
+        Cluster {
+            name: name.to_string(),
+            weights: vec![1; endpoints.len()],
+            endpoints,
+            policy: lb::Policy::RoundRobin,
+            health_check: None,
+            outlier: Some(lb::Outlier::default()),
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            response_timeout: defaults::RESPONSE_TIMEOUT,
+            read_timeout: defaults::READ_TIMEOUT,
+            pool_max_idle: defaults::POOL_MAX_IDLE,
+            pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Listener {
+    pub fn with_defaults(name: &str, address: SocketAddr) -> Self {
+        Listener {
+            name: name.to_string(),
+            address,
+            header_timeout: defaults::HEADER_TIMEOUT,
+            keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
+            body_timeout: defaults::BODY_TIMEOUT,
+            limits: HeadLimits::default(),
+            max_request_body: None,
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Connection I/O shared by both sides of a request's journey: bounded reads, whole writes,
+//! Apex's own error answers and the lingering close. Written against the `io` seam, so every
+//! runtime shares it.
+
+use std::time::{Duration, Instant};
+
+use super::io::{Runtime, Stream};
+use crate::http::encode_error_response;
+
+/// Smallest free space offered to a read; reads never ask the kernel for less.
+pub const MIN_READ: usize = 4 * 1024;
+/// Read size while streaming request bodies: the bound on body bytes held per direction.
+pub const BODY_READ: usize = 16 * 1024;
+/// Read size while relaying a response body after its head: larger than request-side reads
+/// because big responses are common; still a fixed bound per connection.
+pub const RELAY_READ: usize = 64 * 1024;
+
+/// Reads from `s` into `buf`'s spare capacity, first making room for at least `min_spare`.
+pub async fn read_some<S: Stream>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    min_spare: usize,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < min_spare {
+        buf.reserve(min_spare);
+    }
+    let (res, b) = s.read(std::mem::take(buf)).await;
+    *buf = b;
+    res
+}
+
+/// Writes `buf` to `s` and clears it; `false` if the peer is gone.
+pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    let (res, mut b) = s.write_all(std::mem::take(buf)).await;
+    b.clear();
+    *buf = b;
+    res.is_ok()
+}
+
+/// Answers with an error status produced by Apex and reports whether the connection stays open.
+/// When it does not, the close lingers (see [`linger_close`]).
+pub async fn send_error<R: Runtime>(
+    client: &mut R::Stream,
+    out: &mut Vec<u8>,
+    status: u16,
+    keep_open: bool,
+    keep_alive_header: bool,
+) -> bool {
+    // Whatever was staged for the client (a body half re-framed) is abandoned.
+    out.clear();
+    encode_error_response(out, status, !keep_open, keep_alive_header);
+    let sent = flush(client, out).await;
+    if sent && !keep_open {
+        linger_close::<R>(client, out).await;
+    }
+    sent && keep_open
+}
+
+/// Longest a lingering close waits for the client to stop sending.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// Most bytes a lingering close reads and discards.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closing a socket with unread input makes the kernel send RST, which can destroy the error
+/// response we just wrote before the client reads it. So: send FIN, then read and discard what
+/// the client still sends, for a bounded time and byte count (nginx's lingering close).
+pub async fn linger_close<R: Runtime>(client: &mut R::Stream, scratch: &mut Vec<u8>) {
+    if client.shutdown_write().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        scratch.clear();
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match R::timeout(wait, read_some(client, scratch, MIN_READ)).await {
+            Some(Ok(n)) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
+    scratch.clear();
+}

@@ -1,0 +1,191 @@
+//! The response side of a forwarded request: read the upstream's response head, then relay
+//! the body to the client, re-framed where the two sides differ, one bounded read at a time.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::conn::{flush, read_some, BODY_READ, RELAY_READ};
+use super::error::ProxyError;
+use super::io::Runtime;
+use super::request::{Buffers, RequestInfo};
+use super::Forward;
+use crate::http::body::BodyRelay;
+use crate::http::response::{encode_downstream_head, parse_response_head};
+use crate::http::{Framing, HeadLimits, Status, Version};
+
+/// What the response head says, once it is out of the upstream buffer.
+pub struct ResponsePlan {
+    head_len: usize,
+    framing: Framing,
+    down_framing: Framing,
+    /// The upstream allows another request on this connection.
+    reusable: bool,
+    close_client: bool,
+    pub status: u16,
+}
+
+enum HeadParse {
+    Partial,
+    /// An interim (1xx) response of this many bytes: dropped, since Apex answers
+    /// `Expect: 100-continue` itself and strips `Upgrade`.
+    Interim(usize),
+    Final(ResponsePlan),
+}
+
+/// Parses the response head in `ubuf` and, when final, encodes the downstream head into `out`.
+fn prepare_response(
+    ubuf: &[u8],
+    info: &RequestInfo,
+    limits: &HeadLimits,
+    draining: bool,
+    out: &mut Vec<u8>,
+) -> Result<HeadParse, ProxyError> {
+    let mut fields = crate::http::fields();
+    let resp = match parse_response_head(ubuf, &mut fields, limits, info.is_head) {
+        Ok(Status::Complete(r)) => r,
+        Ok(Status::Partial) => return Ok(HeadParse::Partial),
+        Err(e) => return Err(ProxyError::BadResponse(e)),
+    };
+    if resp.status == 101 {
+        return Err(ProxyError::BadResponse("protocol switch was not requested"));
+    }
+    if resp.is_interim() {
+        return Ok(HeadParse::Interim(resp.len));
+    }
+    let down_framing = match resp.framing {
+        Framing::Chunked | Framing::UntilClose if info.version == Version::Http10 => {
+            Framing::UntilClose
+        }
+        Framing::Chunked | Framing::UntilClose => Framing::Chunked,
+        f => f,
+    };
+    let close_client = !info.keep_alive || down_framing == Framing::UntilClose || draining;
+    encode_downstream_head(out, &resp, down_framing, close_client, info.needs_keep_alive_header());
+    Ok(HeadParse::Final(ResponsePlan {
+        head_len: resp.len,
+        framing: resp.framing,
+        down_framing,
+        reusable: resp.reusable,
+        close_client,
+        status: resp.status,
+    }))
+}
+
+/// Why reading a response head failed, and whether any byte of it had arrived (a pooled
+/// connection that fails before any byte may be stale; after one, it answered).
+pub struct HeadFailure {
+    pub error: ProxyError,
+    pub got_bytes: bool,
+}
+
+/// Reads until a final response head is in `bufs.ubuf`, dropping interim responses; encodes
+/// the downstream head into `bufs.out`.
+pub async fn read_response_head<R: Runtime>(
+    up: &mut R::Stream,
+    bufs: &mut Buffers,
+    info: &RequestInfo,
+    limits: &HeadLimits,
+    timeout: Duration,
+    draining: &dyn Fn() -> bool,
+) -> Result<ResponsePlan, HeadFailure> {
+    let deadline = Instant::now() + timeout;
+    bufs.ubuf.clear();
+    let mut got_bytes = false;
+    let fail = |error, got_bytes| Err(HeadFailure { error, got_bytes });
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match R::timeout(wait, read_some(up, &mut bufs.ubuf, BODY_READ)).await {
+            None => return fail(ProxyError::ResponseTimeout, got_bytes),
+            Some(Ok(0)) | Some(Err(_)) => return fail(ProxyError::UpstreamClosed, got_bytes),
+            Some(Ok(_)) => got_bytes = true,
+        }
+        loop {
+            match prepare_response(&bufs.ubuf, info, limits, draining(), &mut bufs.out) {
+                Err(e) => return fail(e, true),
+                Ok(HeadParse::Partial) => break,
+                Ok(HeadParse::Interim(n)) => {
+                    bufs.ubuf.drain(..n);
+                }
+                Ok(HeadParse::Final(plan)) => return Ok(plan),
+            }
+        }
+    }
+}
+
+/// How relaying a response body ended.
+pub struct Relayed {
+    /// The client connection may carry another request.
+    pub keep_client: bool,
+    pub body_bytes: u64,
+}
+
+/// Sends the response head (already in `bufs.out`) and streams the body, re-framed, one read
+/// at a time. A connection that finished cleanly goes back to the worker's pool.
+pub async fn relay_response<R: Runtime>(
+    f: &mut Forward<'_, R>,
+    mut up: R::Stream,
+    addr: SocketAddr,
+    read_timeout: Duration,
+    plan: ResponsePlan,
+) -> Relayed {
+    let bufs = &mut *f.bufs;
+    let client = &mut *f.client;
+    let mut body = BodyRelay::new(plan.framing, plan.down_framing);
+    let cut = |body: &BodyRelay| Relayed { keep_client: false, body_bytes: body.body_bytes() };
+    let mut leftover = false;
+    let mut offset = plan.head_len;
+    loop {
+        match body.relay(&bufs.ubuf[offset..], &mut bufs.out) {
+            Ok(n) => leftover |= body.is_done() && offset + n < bufs.ubuf.len(),
+            Err(e) => {
+                f.worker.failure(addr, "bad response body", &e.reason());
+                return cut(&body);
+            }
+        }
+        bufs.ubuf.clear();
+        offset = 0;
+        // Each read is passed on at once: a slow stream reaches the client as it is produced.
+        if !flush(client, &mut bufs.out).await {
+            return cut(&body);
+        }
+        if body.is_done() {
+            break;
+        }
+        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
+            Some(Ok(n)) if n > 0 => {
+                // A body that passes through unchanged is written from the read buffer itself:
+                // no copy into the output buffer.
+                if let Some(n) = body.pass_through(bufs.ubuf.len()) {
+                    leftover |= n < bufs.ubuf.len();
+                    bufs.ubuf.truncate(n);
+                    if !flush(client, &mut bufs.ubuf).await {
+                        return cut(&body);
+                    }
+                    if body.is_done() {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            Some(Ok(_)) | Some(Err(_)) => {
+                if body.end_of_input(&mut bufs.out) {
+                    let sent = flush(client, &mut bufs.out).await;
+                    let keep_client = sent && !plan.close_client;
+                    return Relayed { keep_client, body_bytes: body.body_bytes() };
+                }
+                // Cut mid-body: the client must not mistake a short body for a whole one.
+                f.worker.failure(addr, "upstream closed mid-body", &plan.status);
+                return cut(&body);
+            }
+            None => {
+                f.worker.failure(addr, "upstream body read timed out", &plan.status);
+                return cut(&body);
+            }
+        }
+    }
+    if plan.reusable && !leftover {
+        let cluster = &f.view.snap.config.clusters[f.target.cluster];
+        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+    }
+    Relayed { keep_client: !plan.close_client, body_bytes: body.body_bytes() }
+}
