@@ -174,6 +174,23 @@ impl ClusterTotals {
     }
 }
 
+/// Sums the workers' reports for a scrape: `answers` are the `(worker, report)` pairs that came
+/// in time, `last` every worker's latest report (updated here). A worker that did not answer
+/// counts with its last report, so no counter ever goes backwards between scrapes.
+pub fn sum_reports(
+    last: &mut [StatsReport],
+    answers: impl IntoIterator<Item = (usize, StatsReport)>,
+) -> StatsReport {
+    for (id, report) in answers {
+        last[id] = report;
+    }
+    let mut total = StatsReport::default();
+    for r in last.iter() {
+        total.merge(r);
+    }
+    total
+}
+
 /// A per-cluster counter: its metric name, help text and how to read it.
 type CounterSeries = (&'static str, &'static str, fn(&ClusterTotals) -> u64);
 
@@ -310,6 +327,20 @@ impl StatsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_that_does_not_answer_counts_with_its_last_report() {
+        let w = WorkerStats::default();
+        let route = w.route("api", "backend");
+        let mut last = vec![StatsReport::default(), StatsReport::default()];
+        route.record(200);
+        let first = sum_reports(&mut last, [(0, w.report(0, 0)), (1, w.report(0, 0))]);
+        route.record(200);
+        // Worker 1 is busy this time: its counters must not drop out of the sum.
+        let second = sum_reports(&mut last, [(0, w.report(0, 0))]);
+        let count = |r: &StatsReport| r.requests[&("api".to_string(), "backend".to_string())][1];
+        assert_eq!((count(&first), count(&second)), (2, 3), "never backwards");
+    }
 
     #[test]
     fn reports_sum_over_workers_and_render() {

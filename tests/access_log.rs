@@ -87,4 +87,74 @@ fn combined_lines_and_reopen_on_sigusr1(rt: &str) {
     assert_eq!(home, 1, "the first request is logged once, in one of the files");
 }
 
-under_each_driver!(json_line_matches_the_request, combined_lines_and_reopen_on_sigusr1);
+/// Requests Apex refuses or answers itself are logged too, with the body bytes it sent.
+fn refused_and_generated_answers_are_logged_with_their_bytes(rt: &str) {
+    let dead = closed_port();
+    let dir = TempDir::new();
+    let (yaml, path) = logged_config(&dir, "combined", dead);
+    let mut apex = Apex::start(&yaml, rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request("GET /nowhere/else HTTP/1.1\r\nHost: a\r\n\r\n").status, 404);
+    assert_eq!(c.request("GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n").status, 502);
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\nBad Field: x\r\n\r\n");
+    assert_eq!(c.read_response(false).unwrap().status, 400);
+    drop(c);
+    apex.signal(libc::SIGTERM);
+    assert_eq!(apex.wait_exit(), Some(0));
+    let log = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    // "404 Not Found\n" and "502 Bad Gateway\n" are the bodies Apex sent.
+    assert!(lines[0].contains("\"GET /nowhere/else HTTP/1.1\" 404 14 "), "{}", lines[0]);
+    assert!(lines[1].contains("\"GET /api/x HTTP/1.1\" 502 16 "), "{}", lines[1]);
+    assert!(lines[1].contains(&format!("upstream={dead} route=api")), "{}", lines[1]);
+    assert!(lines[2].contains("\"- - -\" 400 16 "), "unparsed request: {}", lines[2]);
+}
+
+/// A writer that cannot keep up (here: a pipe nobody reads) never blocks a worker: lines are
+/// dropped and counted instead.
+fn a_stalled_log_writer_drops_and_counts_instead_of_blocking(rt: &str) {
+    let dir = TempDir::new();
+    let fifo = dir.0.join("stalled.log");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path and a mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A reader that never reads: opening it lets the writer's open succeed, then the pipe
+    // (64 KiB) fills and the writer thread blocks in write.
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let reader_path = fifo.clone();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(reader_path).unwrap();
+        opened_tx.send(()).unwrap();
+        // Held, unread, until the test process ends.
+        std::mem::forget(f);
+    });
+    let yaml = with_admin(&format!(
+        "access_log: {{ path: \"{}\", buffer: 32KiB }}\n{}",
+        fifo.display(),
+        config(
+            "  - { match: { path_prefix: \"/\" }, respond: { status: 200, body: \"x\" } }",
+            "  []"
+        )
+    ));
+    let mut apex = Apex::start(&yaml, rt);
+    opened.recv_timeout(PATIENCE).expect("the writer opened the pipe");
+    let admin_at = admin_addr(&mut apex);
+    let long = "a".repeat(2000);
+    let mut c = Wire::connect(apex.addr);
+    // ~2 KiB per line: 400 lines are ~800 KiB, far more than the pipe and the queue hold.
+    for i in 0..400 {
+        let r = c.request(&format!("GET /{long}/{i} HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert_eq!(r.status, 200, "request {i} was served");
+    }
+    let text = metrics(admin_at);
+    let dropped = metric(&text, "apex_access_log_dropped_total").unwrap();
+    assert!(dropped > 0, "{text}");
+}
+
+under_each_driver!(
+    json_line_matches_the_request,
+    combined_lines_and_reopen_on_sigusr1,
+    refused_and_generated_answers_are_logged_with_their_bytes,
+    a_stalled_log_writer_drops_and_counts_instead_of_blocking,
+);

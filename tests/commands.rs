@@ -135,6 +135,70 @@ fn check_names_unknown_keys_with_their_line() {
 }
 
 #[test]
+fn check_takes_the_file_as_an_argument_and_warns_about_unused_clusters() {
+    let dir = TempDir::new();
+    let path = dir.write(
+        "spare.yaml",
+        "listeners: [ { name: a, address: \"127.0.0.1:1\" } ]\nclusters:\n  - { name: spare, endpoints: [\"127.0.0.1:2\"] }\n",
+    );
+    let out = std::process::Command::new(apex_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: {}:3: clusters[0]: no route uses cluster `spare`",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_host_name_endpoint_logs_the_address_it_resolved_to() {
+    let up = Upstream::ok("named");
+    let yaml = proxy_config(&[up.addr], "")
+        .replace(&format!("\"{}\"", up.addr), &format!("\"localhost:{}\"", up.addr.port()));
+    let mut apex = Apex::start(&yaml, "epoll");
+    let line = apex.wait_for_log(&["endpoint resolved"]).expect("a log line");
+    assert!(line.contains(&format!("endpoint=localhost:{}", up.addr.port())), "{line}");
+    assert!(line.contains("address=127.0.0.1:") || line.contains("address=[::1]:"), "{line}");
+}
+
+#[test]
+fn apex_proxy_takes_a_policy_retries_and_a_health_check() {
+    let up = Upstream::start(|r, w| {
+        let status = if r.request_line().contains("/ready") { "503 No" } else { "200 OK" };
+        w.send(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        After::KeepOpen
+    });
+    let to = up.addr.to_string();
+    let args = [
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--to",
+        &to,
+        "--workers",
+        "1",
+        "--policy",
+        "least_request",
+        "--retries",
+        "3",
+        "--health-check",
+        "/ready",
+    ];
+    let mut apex = Apex::spawn(&args).unwrap_or_else(|l| panic!("{l}"));
+    apex.wait_for_log(&["endpoint unhealthy", &to]).expect("the health check probes /ready");
+    let bad =
+        Apex::spawn(&["proxy", "--listen", "127.0.0.1:0", "--to", &to, "--policy", "fastest"]);
+    let Err(logs) = bad else { panic!("an unknown policy must not start") };
+    assert!(logs.contains("--policy `fastest`"), "{logs}");
+}
+
+#[test]
 fn a_bad_config_refuses_to_start_and_says_why() {
     let dir = TempDir::new();
     let path = dir.write("bad.yaml", "listeners: []\n");

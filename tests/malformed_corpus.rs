@@ -166,4 +166,26 @@ fn every_malformed_request_is_refused_and_closed(rt: &str) {
     }
 }
 
-under_each_driver!(every_malformed_request_is_refused_and_closed);
+/// Requests two parties could read two ways, and how Apex makes the upstream read them its way.
+fn absolute_form_targets_reach_the_upstream_as_apex_routed_them(rt: &str) {
+    let up = Upstream::ok("fine");
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    // RFC 9112 §3.2.2: the target's authority wins over Host, and the upstream is told so.
+    let r = c.request("GET http://a.example:8080/x?y=1 HTTP/1.1\r\nHost: b.example\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let got = up.next();
+    assert_eq!(got.request_line(), "GET /x?y=1 HTTP/1.1");
+    assert_eq!(got.header("host").as_deref(), Some("a.example:8080"));
+    assert_eq!(got.head.matches("b.example").count(), 0, "{}", got.head);
+    // Userinfo in the authority is refused, never forwarded.
+    let r = c.request("GET http://user@a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert!(c.is_closed());
+    assert!(up.drain().is_empty());
+}
+
+under_each_driver!(
+    every_malformed_request_is_refused_and_closed,
+    absolute_form_targets_reach_the_upstream_as_apex_routed_them
+);

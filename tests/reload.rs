@@ -69,6 +69,23 @@ fn reload_opens_and_closes_listeners(rt: &str) {
     assert_eq!(Wire::connect(second).request(GET).text(), "second");
 }
 
+/// A listener moved to another address by one reload and back by the next: each time the new
+/// address serves and the old one is closed, and the reload says it moved.
+fn a_listener_moved_and_moved_back_follows_the_config(rt: &str) {
+    let mut apex = Apex::start(&respond("one"), rt);
+    let a = apex.addr;
+    let b = closed_port();
+    let at = |addr: std::net::SocketAddr| {
+        respond("one").replace("address: 127.0.0.1:0", &format!("address: {addr}"))
+    };
+    for (to, from) in [(b, a), (a, b)] {
+        let outcome = apex.reload_with(&at(to));
+        assert!(outcome.contains("(0 added, 0 removed, 1 moved)"), "{outcome}");
+        assert_eq!(Wire::connect(to).request(GET).text(), "one", "{to} serves");
+        assert!(std::net::TcpStream::connect(from).is_err(), "{from} is closed after the move");
+    }
+}
+
 fn pooled_connections_survive_a_reload(rt: &str) {
     let up = Upstream::ok("up");
     let mut apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
@@ -133,6 +150,7 @@ under_each_driver!(
     invalid_reload_keeps_the_old_config_and_names_the_problem,
     changing_workers_is_refused_as_needing_a_restart,
     reload_opens_and_closes_listeners,
+    a_listener_moved_and_moved_back_follows_the_config,
     pooled_connections_survive_a_reload,
     reload_under_load_drops_nothing,
 );

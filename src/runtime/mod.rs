@@ -108,16 +108,10 @@ impl Server {
         }
         drop(tx);
         let deadline = std::time::Instant::now() + SCRAPE_WAIT;
-        for _ in 0..self.workers {
-            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-                Ok((id, report)) => self.last_reports[id] = report,
-                Err(_) => break,
-            }
-        }
-        let mut total = crate::stats::StatsReport::default();
-        for r in &self.last_reports {
-            total.merge(r);
-        }
+        let answers = (0..self.workers).map_while(|_| {
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).ok()
+        });
+        let mut total = crate::stats::sum_reports(&mut self.last_reports, answers);
         let snap = self.shared.load();
         let verdicts = self.health.load();
         for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()) {

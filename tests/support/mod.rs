@@ -512,7 +512,8 @@ type Handler = dyn Fn(&Received, &mut Wire) -> After + Send + Sync;
 pub struct Upstream {
     pub addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
-    received: mpsc::Receiver<Received>,
+    /// Requests, and (as `Err`) a thread's panic, so that a waiting `next` fails at once.
+    received: mpsc::Receiver<Result<Received, String>>,
     /// Connections (by accept index) the proxy closed, in the order they were seen closing.
     closes: mpsc::Receiver<usize>,
     panics: mpsc::Receiver<String>,
@@ -550,11 +551,14 @@ impl Upstream {
                 let close_tx = close_tx.clone();
                 let panic_tx = panic_tx.clone();
                 std::thread::spawn(move || {
+                    let report = tx.clone();
                     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         serve_fake(Wire::new(stream), conn, &*handler, tx, close_tx)
                     }));
                     if let Err(p) = served {
-                        let _ = panic_tx.send(panic_message(p));
+                        let msg = panic_message(p);
+                        let _ = report.send(Err(msg.clone()));
+                        let _ = panic_tx.send(msg);
                     }
                 });
             }
@@ -599,9 +603,15 @@ impl Upstream {
 
     /// The next request received, waiting for it.
     pub fn next(&self) -> Received {
-        let got = self.received.recv_timeout(PATIENCE);
-        self.check();
-        got.expect("the upstream received no request")
+        match self.received.recv_timeout(PATIENCE) {
+            Ok(Ok(r)) => r,
+            Ok(Err(msg)) => {
+                // Raised here; the drop check need not raise it a second time.
+                while self.panics.try_recv().is_ok() {}
+                panic!("a fake upstream thread panicked: {msg}")
+            }
+            Err(_) => panic!("the upstream received no request"),
+        }
     }
 
     /// Waits until the proxy closes one of its connections to this upstream (EOF between
@@ -615,7 +625,10 @@ impl Upstream {
     /// Requests received so far, without waiting.
     pub fn drain(&self) -> Vec<Received> {
         self.check();
-        self.received.try_iter().collect()
+        self.received
+            .try_iter()
+            .map(|r| r.unwrap_or_else(|msg| panic!("a fake upstream thread panicked: {msg}")))
+            .collect()
     }
 }
 
@@ -631,7 +644,7 @@ fn serve_fake(
     mut w: Wire,
     conn: usize,
     handler: &Handler,
-    tx: mpsc::Sender<Received>,
+    tx: mpsc::Sender<Result<Received, String>>,
     closes: mpsc::Sender<usize>,
 ) {
     for index in 0.. {
@@ -665,7 +678,7 @@ fn serve_fake(
         if close {
             let _ = w.stream.shutdown(Shutdown::Both);
         }
-        let _ = tx.send(received);
+        let _ = tx.send(Ok(received));
         if close {
             return;
         }
