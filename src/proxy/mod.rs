@@ -297,3 +297,57 @@ impl<R: Runtime> Worker<R> {
         Rc::clone(&view)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::runtime::tokio::Tokio;
+    use arc_swap::ArcSwap;
+    use std::collections::HashMap;
+
+    fn snapshot(clusters: &[(&str, &[&str])]) -> Arc<Snapshot> {
+        let mut yaml =
+            String::from("listeners: [ { name: l, address: \"127.0.0.1:1\" } ]\nroutes:\n");
+        for (name, _) in clusters {
+            yaml += &format!("  - {{ match: {{ host: {name}.test }}, cluster: {name} }}\n");
+        }
+        yaml += "clusters:\n";
+        for (name, eps) in clusters {
+            let eps: Vec<String> = eps.iter().map(|e| format!("\"{e}\"")).collect();
+            yaml += &format!(
+                "  - {{ name: {name}, endpoints: [{}], health_check: {{ path: /h }} }}\n",
+                eps.join(", ")
+            );
+        }
+        Arc::new(Snapshot::new(Config::from_yaml(&yaml, "t.yaml").unwrap()))
+    }
+
+    /// Reloads free old snapshots, and the allocator hands their memory to new ones: the
+    /// worker's health view must follow the snapshot it serves, never an address. (Keyed on
+    /// addresses, this fails: the allocator does reuse the freed snapshot's memory.)
+    #[test]
+    fn the_health_view_follows_reloads_even_when_memory_is_reused() {
+        let shared = Arc::new(ArcSwap::new(snapshot(&[("a", &["127.0.0.1:10"])])));
+        let mut verdicts = HealthMap { generation: 1, ..HealthMap::default() };
+        let down: HashMap<_, _> = [("127.0.0.1:10".parse().unwrap(), false)].into();
+        verdicts.clusters.insert("a".into(), down);
+        let health = Arc::new(ArcSwap::from_pointee(verdicts));
+        let worker = Worker::<Tokio>::new(0, Arc::clone(&shared), None, health);
+        let view = worker.view();
+        assert_eq!(*worker.health(&view), vec![Some(vec![false])]);
+        drop(view);
+        for round in 0..50 {
+            // Two reloads: the first frees the snapshot above, the second may reuse its memory.
+            shared.store(snapshot(&[]));
+            drop(worker.view());
+            shared.store(snapshot(&[("b", &["127.0.0.1:20", "127.0.0.1:21"])]));
+            let view = worker.view();
+            assert_eq!(*worker.health(&view), vec![Some(vec![true, true])], "round {round}");
+            drop(view);
+            shared.store(snapshot(&[("a", &["127.0.0.1:10"])]));
+            let view = worker.view();
+            assert_eq!(*worker.health(&view), vec![Some(vec![false])], "round {round}");
+        }
+    }
+}
