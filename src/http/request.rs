@@ -178,10 +178,9 @@ pub fn parse_request_head_at<'b, 'h>(
         None => "",
     };
     if let Some((authority, _)) = absolute {
-        // The authority replaces Host upstream (RFC 9112 §3.2.2), so it must be one: no
-        // userinfo (RFC 9110 §4.2.4), nothing a Host field could not hold.
-        if authority.is_empty() || authority.contains('@') || !valid_authority(authority.as_bytes())
-        {
+        // The authority replaces Host upstream (RFC 9112 §3.2.2), so it must be one: nothing
+        // a Host field could not hold, which excludes userinfo (`@`, RFC 9110 §4.2.4).
+        if authority.is_empty() || !valid_authority(authority.as_bytes()) {
             return Err(HeadError::BadRequest("invalid authority in the request target"));
         }
     }
