@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # CPU per request of Apex against nginx and HAProxy as reverse proxies, same run, same machine.
-#
-#   scripts/bench.sh [ROUNDS] [SECONDS]        (defaults: 5 rounds of 5 s per mode and size)
-#   SIZES="64 4k 64k" MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy" scripts/bench.sh
+# Run with --help for the arguments and settings.
 #
 # Layout: an nginx backend (static bodies of 64 B, 4 KiB and 64 KiB) and wrk (1 thread, 64
 # keep-alive connections) share CPU 1; the proxy under test runs alone on CPU 0 with one worker.
@@ -10,33 +8,223 @@
 # that holds is the proxy's CPU time (utime+stime from /proc/PID/stat over the run) divided by
 # the requests wrk completed. Modes run interleaved, the order alternating every round; each
 # mode is compared with nginx-as-proxy measured in the same round. Writes a markdown table and
-# JSON to benches/results/, and stops everything it started.
+# JSON to benches/results/, and stops everything it started, by PID: it never signals a process
+# it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy"
+ALL_SIZES="64 4k 64k"
+
+usage() {
+    cat <<USAGE
+Usage: scripts/bench.sh [ROUNDS] [SECONDS]
+       scripts/bench.sh --help
+
+Measures the CPU time per request of Apex (io_uring, epoll and tokio runtimes) against nginx and
+HAProxy as reverse proxies in front of an nginx backend, on this machine (needs CPUs 0 and 1).
+
+Arguments:
+  ROUNDS    rounds; each runs every mode for every size, the mode order alternating between
+            rounds (integer 1-100, default 5)
+  SECONDS   length of each measured wrk run (integer 1-600, default 5)
+
+Environment:
+  SIZES         body sizes, any of: $ALL_SIZES (default: "$ALL_SIZES")
+  MODES         modes, any of: $ALL_MODES
+                (default: all of them; "direct" is wrk against the backend itself)
+  CONNS         wrk keep-alive connections (default 64)
+  IDLE_CONNS    idle keep-alive connections for the idle-memory figure (default 5000)
+  BACKEND_PORT  port of the nginx backend on 127.0.0.1 (default 18080)
+  PROXY_PORT    port of the proxy under test on 127.0.0.1 (default 18081)
+
+Installs wrk, nginx and haproxy with apt-get if missing (as root; packaged services are kept from
+starting during the install), builds target/release/apex if an apex mode is selected, and works
+in a temporary directory under /tmp that it removes at the end. Writes the report to
+benches/results/bench-<UTC time>.md and .json. Stops, by PID, only the processes it started.
+USAGE
+}
+
+die_usage() {
+    echo "bench.sh: $*" >&2
+    echo >&2
+    usage >&2
+    exit 2
+}
+
+# A decimal integer in [MIN, MAX]; NAME is for the message.
+check_int() {
+    local name=$1 value=$2 min=$3 max=$4
+    if ! [[ $value =~ ^[0-9]+$ ]] || [ ${#value} -gt 9 ] || ((10#$value < min || 10#$value > max)); then
+        die_usage "$name must be an integer from $min to $max, got '$value'"
+    fi
+}
+
+# Every word of LIST is one of ALLOWED, and LIST has at least one.
+check_words() {
+    local name=$1 list=$2 allowed=$3 w
+    [ -n "${list// /}" ] || die_usage "$name is empty; choose from: $allowed"
+    for w in $list; do
+        [[ " $allowed " == *" $w "* ]] || die_usage "unknown $name value '$w'; choose from: $allowed"
+    done
+}
+
+case ${1:-} in
+-h | --help) usage; exit 0 ;;
+-*) die_usage "unknown option '$1'" ;;
+esac
+[ $# -le 2 ] || die_usage "too many arguments: $*"
 
 ROUNDS=${1:-5}
 SECS=${2:-5}
-SIZES=${SIZES:-"64 4k 64k"}
-MODES=${MODES:-"direct apex-io_uring apex-epoll apex-tokio nginx haproxy"}
+SIZES=${SIZES:-$ALL_SIZES}
+MODES=${MODES:-$ALL_MODES}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-5000}
+BACKEND_PORT=${BACKEND_PORT:-18080}
+PROXY_PORT=${PROXY_PORT:-18081}
 
-BACKEND_PORT=18080
-PROXY_PORT=18081
+check_int ROUNDS "$ROUNDS" 1 100
+check_int SECONDS "$SECS" 1 600
+check_words MODES "$MODES" "$ALL_MODES"
+check_words SIZES "$SIZES" "$ALL_SIZES"
+check_int CONNS "$CONNS" 1 100000
+check_int IDLE_CONNS "$IDLE_CONNS" 1 1000000
+check_int BACKEND_PORT "$BACKEND_PORT" 1 65535
+check_int PROXY_PORT "$PROXY_PORT" 1 65535
+ROUNDS=$((10#$ROUNDS)) SECS=$((10#$SECS)) CONNS=$((10#$CONNS)) IDLE_CONNS=$((10#$IDLE_CONNS))
+BACKEND_PORT=$((10#$BACKEND_PORT)) PROXY_PORT=$((10#$PROXY_PORT))
+[ "$BACKEND_PORT" != "$PROXY_PORT" ] || die_usage "BACKEND_PORT and PROXY_PORT are both $PROXY_PORT"
+
+cd "$(dirname "$0")/.."
+
+# Fails unless nothing is bound to 127.0.0.1:PORT (the proxies bind with SO_REUSEADDR, so
+# connections left in TIME_WAIT by an earlier run do not count; a listener does).
+check_port_free() {
+    local var=$1 port=$2 err
+    if ! err=$(python3 - "$port" 2>&1 <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as e:
+    sys.exit(e.strerror)
+PY
+    ); then
+        echo "bench.sh: port $port on 127.0.0.1 is not free ($err); set $var to a free port" >&2
+        exit 1
+    fi
+}
+
+check_ports() {
+    check_port_free BACKEND_PORT "$BACKEND_PORT"
+    check_port_free PROXY_PORT "$PROXY_PORT"
+}
+check_ports
+
+WORK=""
+# Every process this script started and has not stopped yet, as PID:STARTTIME, so that a PID
+# the kernel has reused for someone else's process is never signalled.
+PIDS=()
+# Set when this script created /usr/sbin/policy-rc.d, so that it removes it.
+POLICY_RC_CREATED=0
+POLICY_RC=/usr/sbin/policy-rc.d
+
+# Field N of /proc/PID/stat counted from the state (field 3), so that the command name,
+# which may hold spaces, does not shift it: 1 is the state, 20 the start time.
+stat_field() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    echo "$s" | cut -d' ' -f"$2"
+}
+
+# Records PIDs (just started by this script) for stop_pids and cleanup.
+track() {
+    local p t
+    for p in "$@"; do
+        t=$(stat_field "$p" 20) && PIDS+=("$p:$t")
+    done
+}
+
+# True while the process recorded as ENTRY (PID:STARTTIME) runs; a zombie counts as stopped.
+running() {
+    local p=${1%%:*} t=${1#*:} state start
+    state=$(stat_field "$p" 1) || return 1
+    start=$(stat_field "$p" 20) || return 1
+    [ "$state" != Z ] && [ "$start" = "$t" ]
+}
+
+# Stops the given PIDs, which must have been recorded with track: SIGTERM, then SIGKILL for
+# any still running after 5 s; waits until they are gone and forgets them.
+stop_pids() {
+    local entries=() keep=() e p i
+    for e in ${PIDS[@]+"${PIDS[@]}"}; do
+        if [[ " $* " == *" ${e%%:*} "* ]]; then entries+=("$e"); else keep+=("$e"); fi
+    done
+    PIDS=(${keep[@]+"${keep[@]}"})
+    for e in ${entries[@]+"${entries[@]}"}; do
+        if running "$e"; then kill -TERM "${e%%:*}" 2>/dev/null || true; fi
+    done
+    for e in ${entries[@]+"${entries[@]}"}; do
+        for ((i = 0; i < 100; i++)); do
+            running "$e" || break
+            sleep 0.05
+        done
+        if running "$e"; then
+            echo "PID ${e%%:*} ignored SIGTERM; sending SIGKILL" >&2
+            kill -KILL "${e%%:*}" 2>/dev/null || true
+            for ((i = 0; i < 100; i++)); do
+                running "$e" || break
+                sleep 0.05
+            done
+        fi
+        # Reaps the direct children of this shell.
+        wait "${e%%:*}" 2>/dev/null || true
+    done
+    return 0
+}
+
+# The master PID in an nginx pid file under $WORK, if that process is still the nginx started
+# with a configuration from $WORK.
+nginx_pidfile_master() {
+    local f=$1 p
+    [ -f "$f" ] || return 1
+    p=$(tr -dc '0-9' <"$f")
+    [ -n "$p" ] || return 1
+    tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$WORK/" || return 1
+    echo "$p"
+}
+
+cleanup() {
+    set +e
+    # A second Ctrl-C must not cut the cleanup short.
+    trap '' INT TERM HUP
+    local all=() e f p
+    for e in ${PIDS[@]+"${PIDS[@]}"}; do all+=("${e%%:*}"); done
+    stop_pids ${all[@]+"${all[@]}"}
+    # An nginx master that got as far as writing its pid file but was not recorded yet.
+    if [ -n "$WORK" ]; then
+        for f in "$WORK/backend.pid" "$WORK/nginx-proxy.pid"; do
+            if p=$(nginx_pidfile_master "$f"); then
+                track "$p" $(pgrep -P "$p")
+                stop_pids "$p" $(pgrep -P "$p")
+            fi
+        done
+        rm -rf "$WORK"
+    fi
+    if [ "$POLICY_RC_CREATED" = 1 ]; then
+        rm -f "$POLICY_RC"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
 WORK=$(mktemp -d /tmp/apex-bench.XXXXXX)
 # nginx workers run as an unprivileged user and must read the bodies.
 chmod 755 "$WORK"
-PIDS=()
-
-cleanup() {
-    for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && kill "$p" 2>/dev/null || true
-    done
-    [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
-    sleep 0.2
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 need() {
     local missing=()
@@ -44,21 +232,64 @@ need() {
     command -v nginx >/dev/null || missing+=(nginx)
     command -v haproxy >/dev/null || missing+=(haproxy)
     if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+            echo "bench.sh: missing ${missing[*]}; install them, or run as root on Debian/Ubuntu" >&2
+            exit 1
+        fi
         echo "installing ${missing[*]}" >&2
+        # Keeps Debian's maintainer scripts from starting the packaged services (exit 101:
+        # action forbidden) during this install only; an existing policy-rc.d is left as it is.
+        if (set -C && printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC") 2>/dev/null; then
+            POLICY_RC_CREATED=1
+            chmod 755 "$POLICY_RC"
+        else
+            echo "note: keeping the existing $POLICY_RC; it decides whether packaged services start" >&2
+        fi
         apt-get update -q >/dev/null
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+        if [ "$POLICY_RC_CREATED" = 1 ]; then
+            rm -f "$POLICY_RC"
+            POLICY_RC_CREATED=0
+        fi
     fi
-    # Debian starts the packaged services where it can; they must not share the CPUs.
-    pkill -x nginx 2>/dev/null || true
-    pkill -x haproxy 2>/dev/null || true
+    # Other nginx or HAProxy processes (a user's own, a packaged service) are not ours to stop.
+    local name others
+    for name in nginx haproxy; do
+        others=$(pgrep -x "$name" | tr '\n' ' ' || true)
+        if [ -n "$others" ]; then
+            echo "warning: $name processes not started by this script are running (PIDs ${others% }); left alone, they may share CPUs 0 and 1 and skew the figures" >&2
+        fi
+    done
 }
 
+# Waits until something accepts connections on 127.0.0.1:PORT; with PID, fails at once if
+# that process has exited.
 wait_port() {
+    local port=$1 pid=${2:-}
     for _ in $(seq 1 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            echo "process $pid exited before listening on port $port (see the logs in $WORK)" >&2
+            return 1
+        fi
         sleep 0.05
     done
-    echo "nothing listens on port $1" >&2
+    echo "nothing listens on port $port" >&2
+    return 1
+}
+
+# Waits until PID has forked N children (an nginx master's workers); prints their PIDs.
+wait_children() {
+    local pid=$1 n=$2 kids
+    for _ in $(seq 1 100); do
+        kids=$(pgrep -P "$pid" | tr '\n' ' ' || true)
+        if [ "$(wc -w <<<"$kids")" -ge "$n" ]; then
+            echo "$kids"
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "process $pid did not start its $n worker(s)" >&2
     return 1
 }
 
@@ -77,15 +308,18 @@ CONF
 }
 
 start_backend() {
+    local pid kids
     mkdir -p "$WORK/www" "$WORK/backend"
     head -c 64 /dev/zero | tr '\0' 'a' >"$WORK/www/64"
     head -c 4096 /dev/zero | tr '\0' 'b' >"$WORK/www/4k"
     head -c 65536 /dev/zero | tr '\0' 'c' >"$WORK/www/64k"
+    # In the foreground of a background job rather than daemonised, so that its PID is known
+    # at once; the pid file stays as a second record for cleanup.
     cat >"$WORK/backend.conf" <<CONF
 worker_processes 1;
 pid $WORK/backend.pid;
 error_log $WORK/backend/error.log;
-daemon on;
+daemon off;
 events { worker_connections 4096; }
 http {
 $(nginx_http_common)
@@ -96,8 +330,12 @@ $(nginx_http_common)
     }
 }
 CONF
-    taskset -c 1 nginx -c "$WORK/backend.conf"
-    wait_port $BACKEND_PORT
+    taskset -c 1 nginx -c "$WORK/backend.conf" >"$WORK/backend.out" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait_port "$BACKEND_PORT" "$pid"
+    kids=$(wait_children "$pid" 1)
+    track $kids
 }
 
 write_proxy_configs() {
@@ -154,11 +392,15 @@ backend be
 CONF
 }
 
-# Starts the proxy for a mode on CPU 0; prints the PIDs whose CPU time counts.
+# Starts the proxy for a mode on CPU 0; sets PROXY_PIDS to the PIDs whose CPU time counts (the
+# master first, then its workers: nginx forks one). Not to be called in a subshell: the PIDs
+# must reach PIDS for cleanup.
+PROXY_PIDS=""
 start_proxy() {
-    local mode=$1 pid
+    local mode=$1 pid kids=""
+    PROXY_PIDS=""
     case $mode in
-    direct) echo ""; return ;;
+    direct) return ;;
     apex-io_uring | apex-epoll | apex-tokio)
         RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex.yaml" \
             --runtime "${mode#apex-}" >"$WORK/apex.log" 2>&1 &
@@ -170,20 +412,34 @@ start_proxy() {
         taskset -c 0 haproxy -f "$WORK/haproxy.cfg" >/dev/null 2>&1 &
         pid=$! ;;
     esac
-    PIDS+=("$pid")
-    wait_port $PROXY_PORT
-    # The master and its workers (nginx forks one).
-    echo "$pid $(pgrep -P "$pid" | tr '\n' ' ')"
+    track "$pid"
+    wait_port "$PROXY_PORT" "$pid"
+    # The master and its workers (nginx forks one, once it listens: wait for it).
+    if [ "$mode" = nginx ]; then
+        kids=$(wait_children "$pid" 1)
+    else
+        kids=$(pgrep -P "$pid" | tr '\n' ' ' || true)
+    fi
+    track $kids
+    PROXY_PIDS="$pid $kids"
 }
 
 stop_proxy() {
     local pids=$1
     [ -z "$pids" ] && return
-    kill $pids 2>/dev/null || true
-    for p in $pids; do
-        while kill -0 "$p" 2>/dev/null; do sleep 0.05; done
-    done
-    PIDS=()
+    stop_pids $pids
+}
+
+# Runs wrk on CPU 1 as a background job, so that cleanup can stop it by PID, and waits for it;
+# its standard output goes to $WORK/wrk.out.
+run_wrk() {
+    local pid rc=0
+    taskset -c 1 wrk "$@" >"$WORK/wrk.out" &
+    pid=$!
+    track "$pid"
+    wait "$pid" || rc=$?
+    stop_pids "$pid"
+    return $rc
 }
 
 cpu_ticks() {
@@ -201,11 +457,13 @@ run_one() {
     local mode=$1 size=$2 round=$3 port pids t0 t1 out
     port=$PROXY_PORT
     [ "$mode" = direct ] && port=$BACKEND_PORT
-    pids=$(start_proxy "$mode")
+    start_proxy "$mode"
+    pids=$PROXY_PIDS
     # Warm-up: fills pools and caches; not measured.
-    taskset -c 1 wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$port/$size" >/dev/null
+    run_wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$port/$size"
     t0=$(cpu_ticks "$pids")
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$port/$size")
+    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$port/$size"
+    out=$(cat "$WORK/wrk.out")
     t1=$(cpu_ticks "$pids")
     stop_proxy "$pids"
     python3 - "$mode" "$size" "$round" "$((t1 - t0))" "$(getconf CLK_TCK)" <<PY >>"$WORK/results.jsonl"
@@ -230,11 +488,26 @@ PY
     tail -1 "$WORK/results.jsonl" >&2
 }
 
+# RSS growth per idle connection of the proxy whose master is PID; sets IDLE_LINE to
+# idle_memory.py's line, or "failed". A background job, so that cleanup can stop it by PID;
+# not to be called in a subshell.
+IDLE_LINE=""
+idle_memory() {
+    local first=$1 pid
+    python3 scripts/idle_memory.py "$PROXY_PORT" "$first" "$IDLE_CONNS" >"$WORK/idle.out" &
+    pid=$!
+    track "$pid"
+    if wait "$pid"; then IDLE_LINE=$(cat "$WORK/idle.out"); else IDLE_LINE="failed"; fi
+    stop_pids "$pid"
+}
+
 main() {
     need
     if [[ " $MODES " == *" apex-"* ]]; then
         cargo build --release -q
     fi
+    # Again: the install and the build take a while.
+    check_ports
     start_backend
     write_proxy_configs
     : >"$WORK/results.jsonl"
@@ -256,11 +529,13 @@ main() {
     for mode in "${modes[@]}"; do
         [ "$mode" = direct ] && continue
         local pids first
-        pids=$(start_proxy "$mode")
+        start_proxy "$mode"
+        pids=$PROXY_PIDS
         first=${pids%% *}
-        taskset -c 1 wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$PROXY_PORT/64" >/dev/null
+        run_wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$PROXY_PORT/64"
         local line
-        line=$(python3 scripts/idle_memory.py $PROXY_PORT "$first" "$IDLE_CONNS" || echo "failed")
+        idle_memory "$first"
+        line=$IDLE_LINE
         stop_proxy "$pids"
         echo "idle $mode: $line" >&2
         python3 -c 'import json,sys; kv=dict(x.split("=") for x in sys.argv[2].split()) if "=" in sys.argv[2] else {}; print(json.dumps({"mode": sys.argv[1], **kv}))' "$mode" "$line" >>"$WORK/idle.jsonl"
