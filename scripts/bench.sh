@@ -12,7 +12,7 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring"
 ALL_SIZES="64 4k 64k"
 
 usage() {
@@ -31,6 +31,7 @@ Arguments:
 Environment:
   SIZES         body sizes, any of: $ALL_SIZES (default: "$ALL_SIZES")
   MODES         modes, any of: $ALL_MODES
+                (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
                 (default: all of them; "direct" is wrk against the backend itself)
   CONNS         wrk keep-alive connections (default 64)
   IDLE_CONNS    idle keep-alive connections for the idle-memory figure (default 5000)
@@ -86,6 +87,15 @@ PROXY_PORT=${PROXY_PORT:-18081}
 check_int ROUNDS "$ROUNDS" 1 100
 check_int SECONDS "$SECS" 1 600
 check_words MODES "$MODES" "$ALL_MODES"
+# Another Apex binary (an older commit's, say) measured in the same run as mode baseline-io_uring.
+BASELINE_BIN=${BASELINE_BIN:-}
+case " $MODES " in
+*" baseline-io_uring "*)
+    if [ -z "$BASELINE_BIN" ] || [ ! -x "$BASELINE_BIN" ]; then
+        echo "mode baseline-io_uring needs BASELINE_BIN=/path/to/an/apex/binary (executable)" >&2
+        exit 2
+    fi ;;
+esac
 check_words SIZES "$SIZES" "$ALL_SIZES"
 check_int CONNS "$CONNS" 1 100000
 check_int IDLE_CONNS "$IDLE_CONNS" 1 1000000
@@ -404,6 +414,10 @@ start_proxy() {
     apex-io_uring | apex-epoll | apex-tokio)
         RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex.yaml" \
             --runtime "${mode#apex-}" >"$WORK/apex.log" 2>&1 &
+        pid=$! ;;
+    baseline-io_uring)
+        RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex.yaml" \
+            --runtime io_uring >"$WORK/baseline.log" 2>&1 &
         pid=$! ;;
     nginx)
         taskset -c 0 nginx -c "$WORK/nginx-proxy.conf" >/dev/null 2>&1 &
