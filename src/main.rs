@@ -194,6 +194,8 @@ fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
         routes: vec![Route {
             name: "proxy".into(),
             retry,
+            upgrade: config::defaults::UPGRADE.iter().map(|u| u.to_string()).collect(),
+            tunnel_idle_timeout: config::defaults::TUNNEL_IDLE_TIMEOUT,
             timeouts: Default::default(),
             host: config::HostMatch::Any,
             path: PathMatch::Prefix("/".into()),

@@ -83,6 +83,9 @@ pub struct WorkerStats {
     /// `(route, cluster)` → counters; cluster is empty for direct responses and no-route.
     routes: RefCell<HashMap<(String, String), Rc<RouteStats>>>,
     clusters: RefCell<HashMap<String, Rc<ClusterStats>>>,
+    /// Tunnels (after a `101`) open now, and bytes moved through tunnels in both directions.
+    pub tunnels_open: Cell<u64>,
+    pub tunnel_bytes: Cell<u64>,
 }
 
 impl WorkerStats {
@@ -98,6 +101,8 @@ impl WorkerStats {
     /// Copies the counters out, for the control plane to sum.
     pub fn report(&self, open_connections: usize, idle_pooled: usize) -> StatsReport {
         let mut r = StatsReport { open_connections, idle_pooled, ..StatsReport::default() };
+        r.tunnels_open = self.tunnels_open.get();
+        r.tunnel_bytes = self.tunnel_bytes.get();
         for ((route, cluster), s) in self.routes.borrow().iter() {
             let e = r.requests.entry((route.clone(), cluster.clone())).or_default();
             for (i, c) in s.by_class.iter().enumerate() {
@@ -120,6 +125,8 @@ pub struct StatsReport {
     pub open_connections: usize,
     pub idle_pooled: usize,
     pub access_log_dropped: u64,
+    pub tunnels_open: u64,
+    pub tunnel_bytes: u64,
     /// `(cluster, endpoint)` → workers that have the endpoint ejected now.
     pub ejected: BTreeMap<(String, String), u64>,
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
@@ -208,6 +215,8 @@ impl StatsReport {
         self.open_connections += o.open_connections;
         self.idle_pooled += o.idle_pooled;
         self.access_log_dropped += o.access_log_dropped;
+        self.tunnels_open += o.tunnels_open;
+        self.tunnel_bytes += o.tunnel_bytes;
         for (k, v) in &o.ejected {
             *self.ejected.entry(k.clone()).or_default() += v;
         }
@@ -296,6 +305,16 @@ impl StatsReport {
             o,
             "# HELP apex_access_log_dropped_total Access-log lines dropped because the writer fell behind.\n# TYPE apex_access_log_dropped_total counter\napex_access_log_dropped_total {}",
             self.access_log_dropped
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_tunnels_open Tunnels (upgraded connections, e.g. WebSocket) open now.\n# TYPE apex_tunnels_open gauge\napex_tunnels_open {}",
+            self.tunnels_open
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_tunnel_bytes_total Bytes moved through tunnels, both directions.\n# TYPE apex_tunnel_bytes_total counter\napex_tunnel_bytes_total {}",
+            self.tunnel_bytes
         );
         let gauges = [
             (

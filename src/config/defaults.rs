@@ -55,3 +55,10 @@ pub const RETRY_MIN_RETRIES: u32 = 3;
 /// Bytes of access-log lines that may wait for the writer thread; beyond this, lines are
 /// dropped and counted (`apex_access_log_dropped_total`) instead of blocking a worker.
 pub const ACCESS_LOG_BUFFER: u64 = 1 << 20;
+
+/// Upgrades a route forwards when it does not say: WebSocket only (an `h2c` upgrade, say, is
+/// refused unless a route allows it).
+pub const UPGRADE: [&str; 1] = ["websocket"];
+/// A tunnel (after a `101 Switching Protocols`) with no byte in either direction for this long
+/// is closed.
+pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);

@@ -60,6 +60,7 @@ pub enum Problem {
     BadStatus(u16),
     BadHeader(String),
     DuplicateRoute(usize),
+    BadUpgrade(String),
 }
 
 impl fmt::Display for Problem {
@@ -130,6 +131,7 @@ impl fmt::Display for Problem {
             Problem::BadMethod(m) => write!(f, "`{m}` is not an HTTP method token"),
             Problem::BadStatus(s) => write!(f, "status {s} is not between 200 and 599"),
             Problem::BadHeader(h) => write!(f, "`{h}` is not a valid header name or value"),
+            Problem::BadUpgrade(u) => write!(f, "`{u}` is not an upgrade token (e.g. websocket)"),
             Problem::DuplicateRoute(i) => {
                 write!(f, "matches exactly the same requests as routes[{i}]")
             }

@@ -116,6 +116,10 @@ pub struct Route {
     /// The `name` key, or `routes[i]`: the label in metrics and access logs.
     pub name: String,
     pub retry: lb::RetryPolicy,
+    /// Lower-case `Upgrade` tokens this route forwards (a `101` then becomes a tunnel).
+    pub upgrade: Vec<String>,
+    /// A tunnel idle in both directions for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     pub timeouts: lb::RouteTimeouts,
     pub host: HostMatch,
     pub path: PathMatch,
@@ -187,6 +191,15 @@ impl Cluster {
             pool_max_idle: defaults::POOL_MAX_IDLE,
             pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
         }
+    }
+}
+
+impl Route {
+    /// Whether this route forwards an upgrade to `protocol` (an `Upgrade` field value: a
+    /// token, optionally `/version`), compared without case.
+    pub fn allows_upgrade(&self, protocol: &[u8]) -> bool {
+        let name = protocol.split(|&b| b == b'/').next().unwrap_or_default();
+        self.upgrade.iter().any(|u| u.as_bytes().eq_ignore_ascii_case(name))
     }
 }
 

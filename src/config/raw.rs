@@ -184,6 +184,11 @@ pub struct RawRoute {
     pub retry: Option<RawRetry>,
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
+    /// Upgrade tokens forwarded (`[websocket]` by default; `[]` refuses every upgrade).
+    #[serde(default)]
+    pub upgrade: Option<Vec<String>>,
+    #[serde(default)]
+    pub tunnel_idle_timeout: Option<String>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     #[serde(default)]

@@ -385,7 +385,36 @@ impl<'a> Validator<'a> {
                 read: self.opt_duration(format!("{p}.timeouts.read"), &t.read),
             },
         };
-        Some(Route { name, retry, timeouts, host, path, method, action: action? })
+        let upgrade = match &r.upgrade {
+            None => defaults::UPGRADE.iter().map(|u| u.to_string()).collect(),
+            Some(list) => {
+                let mut tokens = Vec::new();
+                for (j, u) in list.iter().enumerate() {
+                    if is_token(u) {
+                        tokens.push(u.to_ascii_lowercase());
+                    } else {
+                        self.err(format!("{p}.upgrade[{j}]"), Problem::BadUpgrade(u.clone()));
+                    }
+                }
+                tokens
+            }
+        };
+        let tunnel_idle_timeout = self.duration(
+            format!("{p}.tunnel_idle_timeout"),
+            &r.tunnel_idle_timeout,
+            defaults::TUNNEL_IDLE_TIMEOUT,
+        );
+        Some(Route {
+            name,
+            retry,
+            upgrade,
+            tunnel_idle_timeout,
+            timeouts,
+            host,
+            path,
+            method,
+            action: action?,
+        })
     }
 
     fn opt_duration(&mut self, key: String, raw: &Option<String>) -> Option<Duration> {

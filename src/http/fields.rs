@@ -149,6 +149,11 @@ impl<'b> ConnectionTokens<'b> {
         self.tokens[..self.len].iter().any(|e| e.eq_ignore_ascii_case(token.as_bytes()))
     }
 
+    /// Whether the `Connection` fields list `token`, however many tokens they hold.
+    pub fn lists(&self, headers: &[Header<'_>], token: &str) -> bool {
+        self.has(token) || (self.overflow && connection_has(headers, token))
+    }
+
     /// Whether the field `name` must be dropped: hop-by-hop, or named by `Connection`.
     pub fn must_drop(&self, headers: &[Header<'_>], name: &str) -> bool {
         is_hop_by_hop(name)

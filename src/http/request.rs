@@ -29,7 +29,7 @@ pub struct RequestHead<'b, 'h> {
     pub expect_continue: bool,
 }
 
-impl RequestHead<'_, '_> {
+impl<'b> RequestHead<'b, '_> {
     /// The path of the target, without query, for routing.
     pub fn path(&self) -> &str {
         let t = self.target;
@@ -53,6 +53,30 @@ impl RequestHead<'_, '_> {
     pub fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
+
+    /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with exactly
+    /// one `Upgrade` field, and no body, since the body would precede the switch), or `None`.
+    pub fn upgrade(&self) -> Option<&'b [u8]> {
+        if self.version != Version::Http11
+            || self.framing != Framing::None
+            || !self.conn.lists(self.headers, "upgrade")
+        {
+            return None;
+        }
+        let mut fields = self.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("upgrade"));
+        let value = fields::trim_ows(fields.next()?.value);
+        (fields.next().is_none() && !value.is_empty()).then_some(value)
+    }
+}
+
+/// Adds the fields of a forwarded upgrade to a head [`encode_upstream_head`] just wrote (before
+/// its final empty line): `Connection: upgrade` and the `Upgrade` the route allowed.
+pub fn add_upgrade(out: &mut Vec<u8>, protocol: &[u8]) {
+    debug_assert!(out.ends_with(b"\r\n\r\n"));
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
+    out.extend_from_slice(protocol);
+    out.extend_from_slice(b"\r\n\r\n");
 }
 
 /// `http://host:port/path` → (`host:port`, `/path`). Compares bytes: the target may hold

@@ -147,6 +147,30 @@ pub fn encode_downstream_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// The `Upgrade` protocol a `101 Switching Protocols` response switches to, if it names one.
+pub fn switched_to<'b>(resp: &ResponseHead<'b, '_>) -> Option<&'b [u8]> {
+    let mut fields = resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    let value = fields::trim_ows(fields.next()?.value);
+    (fields.next().is_none() && !value.is_empty()).then_some(value)
+}
+
+/// Appends the `101 Switching Protocols` head sent to the client: the upstream's end-to-end
+/// fields, then `Connection: upgrade` and the `Upgrade` it switched to. After it, the
+/// connection is a tunnel.
+pub fn encode_switching_head(out: &mut Vec<u8>, resp: &ResponseHead<'_, '_>, protocol: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 101 ");
+    out.extend_from_slice(resp.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers {
+        if !resp.conn.must_drop(resp.headers, h.name) {
+            fields::encode_field(out, h);
+        }
+    }
+    out.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
+    out.extend_from_slice(protocol);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ use super::conn::{flush, read_some, send_error, MIN_READ};
 use super::forward::forward_request;
 use super::io::Runtime;
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
+use super::tunnel::tunnel;
 use super::wait::{race, Either};
 use super::{ConnGuard, Forward, Worker, WorkerView};
 use crate::access_log::Entry;
@@ -21,7 +22,7 @@ use crate::config::lb::{HashOn, Policy};
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
 use crate::http::request::RequestHead;
-use crate::http::request::{encode_upstream_head, parse_request_head_at};
+use crate::http::request::{add_upgrade, encode_upstream_head, parse_request_head_at};
 use crate::http::scan::{HeadEnd, HeadScanner};
 use crate::http::{Framing, HeadError, HeadLimits};
 
@@ -109,7 +110,7 @@ fn route(
     if let Some(l) = logged {
         l.capture(&head);
     }
-    let info = RequestInfo {
+    let mut info = RequestInfo {
         head_len: head.len,
         framing: head.framing,
         version: head.version,
@@ -117,6 +118,7 @@ fn route(
         expect_continue: head.expect_continue,
         idempotent: head.is_idempotent(),
         is_head: head.is_head(),
+        upgrade: false,
     };
     let snap = &view.snap;
     let plan = match snap.router.route(head.host, head.path(), head.method) {
@@ -127,6 +129,13 @@ fn route(
                 uhead.clear();
                 let default_host = snap.config.clusters[*c].endpoints[0];
                 encode_upstream_head(uhead, &head, peer.ip(), &default_host);
+                // An upgrade the route forwards keeps its fields; any other is dropped, like
+                // every hop-by-hop field, and the request goes on as plain HTTP.
+                let route = &snap.config.routes[i];
+                if let Some(protocol) = head.upgrade().filter(|p| route.allows_upgrade(p)) {
+                    add_upgrade(uhead, protocol);
+                    info.upgrade = true;
+                }
                 let hash_key = match &snap.config.clusters[*c].policy {
                     Policy::ConsistentHash(on) => hash_key(&head, on, peer),
                     _ => None,
@@ -224,7 +233,7 @@ pub async fn serve_downstream<R: Runtime>(
         };
         let (served, route) = match plan {
             Plan::Forward(target) => {
-                let f = Forward {
+                let mut f = Forward {
                     worker: &worker,
                     view: &view,
                     listener: &listener,
@@ -232,11 +241,29 @@ pub async fn serve_downstream<R: Runtime>(
                     info: &info,
                     client: &mut client,
                     bufs: &mut bufs,
+                    tunnel: None,
                 };
                 // Boxed: the forwarding state machine is large, and unboxed it would be part of
                 // every idle connection's task (a future is as large as its largest await point).
-                let served = Box::pin(forward_request(f)).await;
+                let served = Box::pin(forward_request(&mut f)).await;
+                let upgraded = f.tunnel.take();
                 view.route_stats[target.route].record(served.status);
+                if let Some(up) = upgraded {
+                    // The connection is a tunnel now, to its end; logged when it ends.
+                    let idle = view.snap.config.routes[target.route].tunnel_idle_timeout;
+                    let end = Box::pin(tunnel::<R>(&worker, client, up, &mut bufs, idle)).await;
+                    let served = Served { body_bytes: end.to_client, ..served };
+                    log_request(
+                        &worker,
+                        &view,
+                        peer,
+                        &bufs.logged,
+                        started,
+                        served,
+                        Some(target.route),
+                    );
+                    return;
+                }
                 (served, Some(target.route))
             }
             Plan::Respond(route) => {

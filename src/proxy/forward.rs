@@ -22,9 +22,9 @@ const MAX_ATTEMPTS: usize = 10;
 /// Forwards the request whose head is at the start of `bufs.rbuf` (already encoded into
 /// `bufs.uhead`) and relays the response, retrying on another endpoint where the route's retry
 /// policy allows.
-pub async fn forward_request<R: Runtime>(mut f: Forward<'_, R>) -> Served {
+pub async fn forward_request<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
     let started = Instant::now();
-    let served = forward(&mut f).await;
+    let served = forward(f).await;
     f.view.cluster_stats[f.target.cluster].record(served.status, started.elapsed());
     served
 }
@@ -303,8 +303,9 @@ async fn attempt<R: Runtime>(
         let worker = f.worker;
         let draining = || worker.is_draining();
         let limits = &worker.response_limits;
-        let head =
-            read_response_head::<R>(&mut up, f.bufs, f.info, limits, timeouts.response, &draining);
+        let route = &f.view.snap.config.routes[f.target.route];
+        let (bufs, info, wait) = (&mut *f.bufs, f.info, timeouts.response);
+        let head = read_response_head::<R>(&mut up, bufs, info, route, limits, wait, &draining);
         match head.await {
             Ok(plan) => return Attempt::Response(up, plan),
             Err(h)

@@ -26,6 +26,27 @@ pub trait Stream: Sized + 'static {
     /// Without blocking: whether the peer has closed or sent bytes nobody asked for. An idle
     /// pooled upstream connection for which this is true must not be reused.
     fn is_stale(&self) -> bool;
+
+    /// The stream's two directions, usable at the same time: a tunnel reads from one side
+    /// while it writes to the other, and neither operation may be dropped mid-flight (an
+    /// io_uring read dropped after the kernel filled it would lose bytes).
+    type Read: ReadHalf;
+    type Write: WriteHalf;
+    fn into_split(self) -> (Self::Read, Self::Write);
+}
+
+/// The reading direction of a split stream; `read` as [`Stream::read`].
+#[allow(async_fn_in_trait)]
+pub trait ReadHalf: 'static {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+}
+
+/// The writing direction of a split stream.
+#[allow(async_fn_in_trait)]
+pub trait WriteHalf: 'static {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
+    /// Sends FIN: the peer reads end-of-stream; the other direction stays open.
+    async fn shutdown_write(&mut self) -> io::Result<()>;
 }
 
 /// The worker's runtime.

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod relay;
 pub mod request;
 pub mod retry;
+pub mod tunnel;
 pub mod wait;
 pub mod worker_tasks;
 
@@ -50,6 +51,8 @@ pub struct Forward<'a, R: Runtime> {
     pub info: &'a RequestInfo,
     pub client: &'a mut R::Stream,
     pub bufs: &'a mut Buffers,
+    /// After a `101`: the upstream connection that becomes a tunnel with the client.
+    pub tunnel: Option<R::Stream>,
 }
 
 /// What one worker serves from: the snapshot plus this worker's own per-snapshot state.

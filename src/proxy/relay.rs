@@ -9,8 +9,11 @@ use super::error::ProxyError;
 use super::io::Runtime;
 use super::request::{Buffers, RequestInfo};
 use super::Forward;
+use crate::config::Route;
 use crate::http::body::BodyRelay;
-use crate::http::response::{encode_downstream_head, parse_response_head};
+use crate::http::response::{
+    encode_downstream_head, encode_switching_head, parse_response_head, switched_to,
+};
 use crate::http::{Framing, HeadLimits, Status, Version};
 
 /// What the response head says, once it is out of the upstream buffer.
@@ -22,6 +25,8 @@ pub struct ResponsePlan {
     reusable: bool,
     close_client: bool,
     pub status: u16,
+    /// A `101` to an upgrade the request asked for: the connection becomes a tunnel.
+    upgraded: bool,
 }
 
 enum HeadParse {
@@ -36,6 +41,7 @@ enum HeadParse {
 fn prepare_response(
     ubuf: &[u8],
     info: &RequestInfo,
+    route: &Route,
     limits: &HeadLimits,
     draining: bool,
     out: &mut Vec<u8>,
@@ -47,7 +53,23 @@ fn prepare_response(
         Err(e) => return Err(ProxyError::BadResponse(e)),
     };
     if resp.status == 101 {
-        return Err(ProxyError::BadResponse("protocol switch was not requested"));
+        if !info.upgrade {
+            return Err(ProxyError::BadResponse("protocol switch was not requested"));
+        }
+        // The upstream may only switch to a protocol this route forwards.
+        let protocol = switched_to(&resp)
+            .filter(|p| route.allows_upgrade(p))
+            .ok_or(ProxyError::BadResponse("switch to a protocol the route does not allow"))?;
+        encode_switching_head(out, &resp, protocol);
+        return Ok(HeadParse::Final(ResponsePlan {
+            head_len: resp.len,
+            framing: Framing::None,
+            down_framing: Framing::None,
+            reusable: false,
+            close_client: false,
+            status: 101,
+            upgraded: true,
+        }));
     }
     if resp.is_interim() {
         return Ok(HeadParse::Interim(resp.len));
@@ -68,6 +90,7 @@ fn prepare_response(
         reusable: resp.reusable,
         close_client,
         status: resp.status,
+        upgraded: false,
     }))
 }
 
@@ -84,6 +107,7 @@ pub async fn read_response_head<R: Runtime>(
     up: &mut R::Stream,
     bufs: &mut Buffers,
     info: &RequestInfo,
+    route: &Route,
     limits: &HeadLimits,
     timeout: Duration,
     draining: &dyn Fn() -> bool,
@@ -100,7 +124,7 @@ pub async fn read_response_head<R: Runtime>(
             Some(Ok(_)) => got_bytes = true,
         }
         loop {
-            match prepare_response(&bufs.ubuf, info, limits, draining(), &mut bufs.out) {
+            match prepare_response(&bufs.ubuf, info, route, limits, draining(), &mut bufs.out) {
                 Err(e) => return fail(e, true),
                 Ok(HeadParse::Partial) => break,
                 Ok(HeadParse::Interim(n)) => {
@@ -130,6 +154,15 @@ pub async fn relay_response<R: Runtime>(
 ) -> Relayed {
     let bufs = &mut *f.bufs;
     let client = &mut *f.client;
+    if plan.upgraded {
+        // The 101 goes out; what the upstream sent after it is the tunnel's first bytes.
+        bufs.ubuf.drain(..plan.head_len);
+        let sent = flush(client, &mut bufs.out).await;
+        if sent {
+            f.tunnel = Some(up);
+        }
+        return Relayed { keep_client: false, body_bytes: 0 };
+    }
     let mut body = BodyRelay::new(plan.framing, plan.down_framing);
     let cut = |body: &BodyRelay| Relayed { keep_client: false, body_bytes: body.body_bytes() };
     let mut leftover = false;

@@ -80,6 +80,8 @@ pub struct RequestInfo {
     pub expect_continue: bool,
     pub idempotent: bool,
     pub is_head: bool,
+    /// The request asks to switch protocols and its route forwards that upgrade.
+    pub upgrade: bool,
 }
 
 impl RequestInfo {

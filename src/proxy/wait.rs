@@ -200,6 +200,41 @@ pub async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Outp
     .await
 }
 
+/// Polls both fallible futures to the end, neither dropped before it finishes, unless one
+/// fails: then the other is dropped at once. (A tunnel: both directions run until both closed,
+/// or one broke.)
+pub async fn join_both<A, B>(a: A, b: B)
+where
+    A: Future<Output = Result<(), ()>>,
+    B: Future<Output = Result<(), ()>>,
+{
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut a_done, mut b_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !a_done {
+            match a.as_mut().poll(cx) {
+                Poll::Ready(Err(())) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => a_done = true,
+                Poll::Pending => {}
+            }
+        }
+        if !b_done {
+            match b.as_mut().poll(cx) {
+                Poll::Ready(Err(())) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => b_done = true,
+                Poll::Pending => {}
+            }
+        }
+        if a_done && b_done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

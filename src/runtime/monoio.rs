@@ -7,10 +7,12 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
 use monoio::net::TcpStream;
 
-use crate::proxy::io::{socket_is_stale, stop_listening, Runtime, Stream};
+use crate::proxy::io::{socket_is_stale, stop_listening, ReadHalf, Runtime, Stream, WriteHalf};
 
 /// Marker type for the monoio runtime (either driver: the driver is chosen when the worker's
 /// runtime is built, and the same futures run on both).
@@ -37,6 +39,37 @@ impl Stream for MonoioStream {
 
     fn is_stale(&self) -> bool {
         socket_is_stale(self.0.as_raw_fd())
+    }
+
+    type Read = MonoioRead;
+    type Write = MonoioWrite;
+    fn into_split(self) -> (MonoioRead, MonoioWrite) {
+        // monoio's split shares the socket through an `Rc`: both halves stay on this worker.
+        let (r, w) = self.0.into_split();
+        (MonoioRead(r), MonoioWrite(w))
+    }
+}
+
+pub struct MonoioRead(OwnedReadHalf<TcpStream>);
+pub struct MonoioWrite(OwnedWriteHalf<TcpStream>);
+
+impl ReadHalf for MonoioRead {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let len = buf.len();
+        let cap = buf.capacity();
+        let (res, slice) = self.0.read(buf.slice_mut(len..cap)).await;
+        (res, slice.into_inner())
+    }
+}
+
+impl WriteHalf for MonoioWrite {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let (res, buf) = AsyncWriteRentExt::write_all(&mut self.0, buf).await;
+        (res.map(|_| ()), buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        AsyncWriteRent::shutdown(&mut self.0).await
     }
 }
 

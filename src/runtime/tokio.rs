@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
-use crate::proxy::io::{socket_is_stale, stop_listening, Runtime, Stream};
+use crate::proxy::io::{socket_is_stale, stop_listening, ReadHalf, Runtime, Stream, WriteHalf};
 
 /// Marker type for the Tokio runtime; tasks are spawned on the worker's `LocalSet`.
 pub struct Tokio;
@@ -35,6 +35,34 @@ impl Stream for TokioStream {
 
     fn is_stale(&self) -> bool {
         socket_is_stale(self.0.as_raw_fd())
+    }
+
+    type Read = TokioRead;
+    type Write = TokioWrite;
+    fn into_split(self) -> (TokioRead, TokioWrite) {
+        let (r, w) = self.0.into_split();
+        (TokioRead(r), TokioWrite(w))
+    }
+}
+
+pub struct TokioRead(tokio::net::tcp::OwnedReadHalf);
+pub struct TokioWrite(tokio::net::tcp::OwnedWriteHalf);
+
+impl ReadHalf for TokioRead {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let res = self.0.read_buf(&mut buf).await;
+        (res, buf)
+    }
+}
+
+impl WriteHalf for TokioWrite {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let res = self.0.write_all(&buf).await;
+        (res, buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
     }
 }
 
