@@ -43,6 +43,8 @@ pub struct Entry<'a> {
     pub route: &'a str,
     pub referer: &'a str,
     pub user_agent: &'a str,
+    /// Empty when the listener and route use no request ids.
+    pub request_id: &'a str,
 }
 
 /// Appends `s` with quotes, backslashes and control or non-ASCII bytes escaped as `\xHH`.
@@ -85,11 +87,16 @@ pub fn format_entry(out: &mut String, format: Format, e: &Entry<'_>) {
             push_escaped(out, if e.referer.is_empty() { "-" } else { e.referer });
             out.push_str("\" \"");
             push_escaped(out, if e.user_agent.is_empty() { "-" } else { e.user_agent });
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "\" rt={:.3} upstream={upstream} route={route}",
                 e.duration.as_secs_f64()
             );
+            if !e.request_id.is_empty() {
+                out.push_str(" request_id=");
+                push_escaped(out, e.request_id);
+            }
+            out.push('\n');
         }
         Format::Json => {
             let _ = write!(
@@ -114,6 +121,10 @@ pub fn format_entry(out: &mut String, format: Format, e: &Entry<'_>) {
             push_json(out, e.referer);
             out.push_str("\",\"user_agent\":\"");
             push_json(out, e.user_agent);
+            if !e.request_id.is_empty() {
+                out.push_str("\",\"request_id\":\"");
+                push_json(out, e.request_id);
+            }
             out.push_str("\"}\n");
         }
     }
@@ -239,6 +250,7 @@ mod tests {
             route: "api",
             referer: "",
             user_agent: "curl/8",
+            request_id: "",
         }
     }
 

@@ -177,7 +177,7 @@ impl Reloader {
             resolved.address = bound;
             info!(listener = %l.name, address = %bound, "listening");
             for (w, s) in socks.into_iter().enumerate() {
-                server.order(w, Control::AddListener(resolved.clone(), s));
+                server.order(w, Control::AddListener(Box::new(resolved.clone()), s));
             }
             server.listeners.push((l.name.clone(), bound));
         }

@@ -1,7 +1,9 @@
 //! Property: a request head that parses, re-encoded and parsed again, is unchanged; and the
 //! head Apex sends upstream parses back to the same request.
 
-use apex::http::request::{encode_request_head, encode_upstream_head, parse_request_head};
+use apex::http::request::{
+    encode_request_head, encode_upstream_head, parse_request_head, Forwarding,
+};
 use apex::http::{HeadLimits, Status};
 use proptest::prelude::*;
 
@@ -87,7 +89,7 @@ proptest! {
             panic!("valid")
         };
         let mut up = Vec::new();
-        encode_upstream_head(&mut up, &req, "192.0.2.1".parse().unwrap(), &"backend:80");
+        encode_upstream_head(&mut up, &req, &Forwarding::plain("192.0.2.1".parse().unwrap(), &"backend:80"));
         let sent = parse(&up).expect("the upstream head is valid HTTP/1.1");
         prop_assert_eq!(&sent.method, req.method);
         prop_assert_eq!(&sent.target, req.target);

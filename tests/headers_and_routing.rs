@@ -49,7 +49,10 @@ Proxy-Authorization: Basic Zm9vOmJhcg==\r\nTrailer: X-T\r\nX-End: kept\r\n\r\n",
     assert_eq!(r.header("x-end"), Some("kept"));
 }
 
-fn forwarded_for_is_appended_and_proto_is_set(rt: &str) {
+/// A client's own X-Forwarded-For is replaced (it could forge the chain's start), unless the
+/// client is a trusted proxy, whose chain is extended.
+fn forwarded_for_is_replaced_unless_the_client_is_a_trusted_proxy(rt: &str) {
+    let forged = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n";
     let up = Upstream::ok("ok");
     let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut c = Wire::connect(apex.addr);
@@ -57,14 +60,34 @@ fn forwarded_for_is_appended_and_proto_is_set(rt: &str) {
     let got = up.next();
     assert_eq!(got.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(got.header("x-forwarded-proto").as_deref(), Some("http"));
-    c.request("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n");
+    c.request(forged);
     let got = up.next();
-    assert_eq!(got.header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(got.header("x-forwarded-for").as_deref(), Some("127.0.0.1"), "replaced");
     assert_eq!(
         got.header("x-forwarded-proto").as_deref(),
         Some("http"),
         "a client cannot claim https"
     );
+    let trusted = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    trusted_proxies: [127.0.0.0/8]",
+    );
+    let apex = Apex::start(&trusted, rt);
+    Wire::connect(apex.addr).request(forged);
+    let got = up.next();
+    assert_eq!(got.header("x-forwarded-for").as_deref(), Some("203.0.113.7, 127.0.0.1"));
+}
+
+/// `forwarded_headers: forwarded` sends RFC 7239's field instead of X-Forwarded-*.
+fn forwarded_style_sends_rfc_7239(rt: &str) {
+    let up = Upstream::ok("ok");
+    let yaml = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    forwarded_headers: forwarded");
+    let apex = Apex::start(&yaml, rt);
+    Wire::connect(apex.addr).request("GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=6.6.6.6\r\n\r\n");
+    let got = up.next();
+    assert_eq!(got.header("forwarded").as_deref(), Some("for=127.0.0.1;proto=http"));
+    assert_eq!(got.header("x-forwarded-for"), None);
 }
 
 fn routes_choose_by_host_path_and_method(rt: &str) {
@@ -125,7 +148,8 @@ fn clusters_balance_round_robin_per_request(rt: &str) {
 under_each_driver!(
     target_and_host_are_forwarded_unchanged,
     hop_by_hop_fields_are_removed_in_both_directions,
-    forwarded_for_is_appended_and_proto_is_set,
+    forwarded_for_is_replaced_unless_the_client_is_a_trusted_proxy,
+    forwarded_style_sends_rfc_7239,
     routes_choose_by_host_path_and_method,
     clusters_balance_round_robin_per_request,
 );

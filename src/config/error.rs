@@ -61,6 +61,14 @@ pub enum Problem {
     BadHeader(String),
     DuplicateRoute(usize),
     BadUpgrade(String),
+    BadNetwork(String),
+    BadProxyVersion(String),
+    NoTrustedSources,
+    BadForwardedStyle(String),
+    BadRate,
+    ManagedField(String),
+    BadVariable(String),
+    StripAndReplace,
 }
 
 impl fmt::Display for Problem {
@@ -131,6 +139,27 @@ impl fmt::Display for Problem {
             Problem::BadMethod(m) => write!(f, "`{m}` is not an HTTP method token"),
             Problem::BadStatus(s) => write!(f, "status {s} is not between 200 and 599"),
             Problem::BadHeader(h) => write!(f, "`{h}` is not a valid header name or value"),
+            Problem::BadNetwork(n) => {
+                write!(f, "`{n}` is not a network: write an address or address/prefix, e.g. 10.0.0.0/8")
+            }
+            Problem::BadProxyVersion(v) => write!(f, "unknown PROXY protocol version `{v}`: use v1 or v2"),
+            Problem::NoTrustedSources => write!(
+                f,
+                "list the networks allowed to send PROXY headers (an empty list would trust nobody)"
+            ),
+            Problem::BadForwardedStyle(s) => {
+                write!(f, "unknown `{s}`: use x_forwarded or forwarded")
+            }
+            Problem::BadRate => write!(f, "must be a number of requests per second above 0"),
+            Problem::ManagedField(n) => write!(
+                f,
+                "`{n}` cannot be rewritten: it is not a field name, or it is hop-by-hop or framing, which Apex manages (use host_rewrite for Host)"
+            ),
+            Problem::BadVariable(v) => write!(
+                f,
+                "unknown variable `{v}`: use ${{client_ip}}, ${{request_id}} or ${{host}}"
+            ),
+            Problem::StripAndReplace => write!(f, "use strip_prefix or replace_prefix, not both"),
             Problem::BadUpgrade(u) => write!(f, "`{u}` is not an upgrade token (e.g. websocket)"),
             Problem::DuplicateRoute(i) => {
                 write!(f, "matches exactly the same requests as routes[{i}]")

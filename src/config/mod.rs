@@ -21,6 +21,7 @@ pub mod raw;
 pub mod units;
 mod unknown;
 mod validate;
+mod validate_edge;
 mod validate_lb;
 
 pub use error::{ConfigError, ConfigErrors, Problem};

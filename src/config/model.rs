@@ -8,6 +8,8 @@ use std::time::Duration;
 use super::defaults;
 use super::error::ConfigError;
 use super::lb;
+use crate::http::request::ForwardedStyle;
+use crate::http::rewrite::{Cidr, PathEdit};
 use crate::http::HeadLimits;
 
 /// How many worker threads to run.
@@ -109,6 +111,102 @@ pub struct Listener {
     pub limits: HeadLimits,
     /// Larger request bodies get 413; `None`: no limit.
     pub max_request_body: Option<u64>,
+    /// Take the client's address from a PROXY protocol header (from trusted sources).
+    pub proxy_protocol: Option<ProxyProtocolIn>,
+    /// Clients whose forwarding fields are kept and extended; everyone else's are replaced.
+    pub trusted_proxies: Vec<Cidr>,
+    pub forwarded: ForwardedStyle,
+    /// Keep a valid `X-Request-Id` or make one; forward it and log it.
+    pub request_id: bool,
+    /// Open connections per client address, this worker's share (refused beyond it).
+    pub max_connections_per_client: Option<u32>,
+    /// Requests per client address, a token bucket, this worker's share (429 beyond it).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A listener's PROXY protocol settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocolIn {
+    pub v1: bool,
+    pub v2: bool,
+    /// Sources allowed to send a header; a header from anyone else closes the connection.
+    pub trusted: Vec<Cidr>,
+    /// A trusted source must send a header (a connection without one is closed).
+    pub required: bool,
+}
+
+/// A token bucket: `per_second` tokens refill per second, up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// A field value that may use `${client_ip}`, `${request_id}` and `${host}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(pub Vec<TemplatePart>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Text(String),
+    ClientIp,
+    RequestId,
+    Host,
+}
+
+/// What a template's variables stand for in one request.
+pub struct TemplateVars<'a> {
+    pub client_ip: std::net::IpAddr,
+    pub request_id: &'a str,
+    pub host: &'a str,
+}
+
+impl Template {
+    pub fn uses_request_id(&self) -> bool {
+        self.0.contains(&TemplatePart::RequestId)
+    }
+
+    pub fn render(&self, vars: &TemplateVars<'_>) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        for part in &self.0 {
+            match part {
+                TemplatePart::Text(t) => s.push_str(t),
+                TemplatePart::ClientIp => {
+                    let _ = write!(s, "{}", vars.client_ip);
+                }
+                TemplatePart::RequestId => s.push_str(vars.request_id),
+                TemplatePart::Host => s.push_str(vars.host),
+            }
+        }
+        s
+    }
+}
+
+/// A route's field edits, with values as templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteEdits {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, Template)>,
+    pub add: Vec<(String, Template)>,
+}
+
+impl RouteEdits {
+    pub fn uses_request_id(&self) -> bool {
+        self.set.iter().chain(&self.add).any(|(_, t)| t.uses_request_id())
+    }
+
+    /// The edits with values rendered for one request.
+    pub fn render(&self, vars: &TemplateVars<'_>) -> crate::http::rewrite::FieldEdits {
+        let render = |l: &[(String, Template)]| {
+            l.iter().map(|(n, t)| (n.clone(), t.render(vars))).collect::<Vec<_>>()
+        };
+        crate::http::rewrite::FieldEdits {
+            remove: self.remove.clone(),
+            set: render(&self.set),
+            add: render(&self.add),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +218,13 @@ pub struct Route {
     pub upgrade: Vec<String>,
     /// A tunnel idle in both directions for this long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// Client networks allowed (empty: everyone) and denied (checked first): others get 403.
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    pub request_edits: Option<RouteEdits>,
+    pub response_edits: Option<RouteEdits>,
+    pub path_edit: Option<PathEdit>,
+    pub host_rewrite: Option<Template>,
     pub timeouts: lb::RouteTimeouts,
     pub host: HostMatch,
     pub path: PathMatch,
@@ -173,6 +278,9 @@ pub struct Cluster {
     pub read_timeout: Duration,
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
+    /// Send a PROXY protocol v2 header on every upstream connection (such connections carry
+    /// one client's address, so they are never pooled).
+    pub send_proxy_protocol: bool,
 }
 
 impl Cluster {
@@ -190,11 +298,26 @@ impl Cluster {
             read_timeout: defaults::READ_TIMEOUT,
             pool_max_idle: defaults::POOL_MAX_IDLE,
             pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
+            send_proxy_protocol: false,
         }
     }
 }
 
 impl Route {
+    /// Whether a client at `ip` may use this route.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        use crate::http::rewrite::any_contains;
+        !any_contains(&self.deny, ip) && (self.allow.is_empty() || any_contains(&self.allow, ip))
+    }
+
+    /// Whether a request on this route needs a request id for its templates.
+    pub fn needs_request_id(&self) -> bool {
+        [&self.request_edits, &self.response_edits]
+            .iter()
+            .any(|e| e.as_ref().is_some_and(|e| e.uses_request_id()))
+            || self.host_rewrite.as_ref().is_some_and(|t| t.uses_request_id())
+    }
+
     /// Whether this route forwards an upgrade to `protocol` (an `Upgrade` field value: a
     /// token, optionally `/version`), compared without case.
     pub fn allows_upgrade(&self, protocol: &[u8]) -> bool {
@@ -213,6 +336,12 @@ impl Listener {
             body_timeout: defaults::BODY_TIMEOUT,
             limits: HeadLimits::default(),
             max_request_body: None,
+            proxy_protocol: None,
+            trusted_proxies: Vec::new(),
+            forwarded: ForwardedStyle::XForwarded,
+            request_id: false,
+            max_connections_per_client: None,
+            rate_limit: None,
         }
     }
 }

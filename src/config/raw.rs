@@ -166,6 +166,53 @@ pub struct RawListener {
     pub max_header_fields: Option<i64>,
     #[serde(default)]
     pub max_request_body: Option<RawSize>,
+    #[serde(default)]
+    pub proxy_protocol: Option<RawProxyProtocol>,
+    /// Networks whose `X-Forwarded-For`/`Forwarded` is kept and extended.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// `x_forwarded` (default) or `forwarded` (RFC 7239).
+    #[serde(default)]
+    pub forwarded_headers: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<bool>,
+    #[serde(default)]
+    pub max_connections_per_client: Option<i64>,
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawProxyProtocol {
+    #[serde(default)]
+    pub accept: Vec<String>,
+    #[serde(default)]
+    pub trusted: Vec<String>,
+    #[serde(default)]
+    pub required: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawRateLimit {
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawHeaderEdits {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawReplacePrefix {
+    pub from: String,
+    pub to: String,
 }
 
 /// A byte size: `65536`, or a number with a unit, `64KiB`, `8k`, `10MiB`, `1g`.
@@ -189,6 +236,21 @@ pub struct RawRoute {
     pub upgrade: Option<Vec<String>>,
     #[serde(default)]
     pub tunnel_idle_timeout: Option<String>,
+    /// Client networks allowed (empty: all) and denied; the rest get 403.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    #[serde(default)]
+    pub request_headers: Option<RawHeaderEdits>,
+    #[serde(default)]
+    pub response_headers: Option<RawHeaderEdits>,
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    #[serde(default)]
+    pub replace_prefix: Option<RawReplacePrefix>,
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     #[serde(default)]
@@ -241,4 +303,7 @@ pub struct RawCluster {
     pub pool_max_idle: Option<i64>,
     #[serde(default)]
     pub pool_idle_timeout: Option<String>,
+    /// `v2`: send a PROXY protocol v2 header on every upstream connection.
+    #[serde(default)]
+    pub proxy_protocol: Option<String>,
 }

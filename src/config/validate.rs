@@ -226,6 +226,14 @@ impl<'a> Validator<'a> {
             Some(_) => self.err(format!("{p}.max_header_fields"), Problem::BadFieldCount),
         }
         let max_request_body = self.size(format!("{p}.max_request_body"), &l.max_request_body);
+        let proxy_protocol = self.proxy_protocol_in(&p, &l.proxy_protocol);
+        let trusted_proxies = self.cidrs(&format!("{p}.trusted_proxies"), &l.trusted_proxies);
+        let forwarded = self.forwarded_style(&p, &l.forwarded_headers);
+        let max_connections_per_client = l.max_connections_per_client.map(|n| {
+            let key = format!("{p}.max_connections_per_client");
+            self.count(key, Some(n), 1, 1, 1_000_000, "from 1 to 1000000")
+        });
+        let rate_limit = self.rate_limit(&p, &l.rate_limit);
         Some(Listener {
             name: l.name.clone(),
             address: address?,
@@ -234,6 +242,12 @@ impl<'a> Validator<'a> {
             body_timeout,
             limits,
             max_request_body,
+            proxy_protocol,
+            trusted_proxies,
+            forwarded,
+            request_id: l.request_id.unwrap_or(false),
+            max_connections_per_client,
+            rate_limit,
         })
     }
 
@@ -283,7 +297,16 @@ impl<'a> Validator<'a> {
                 defaults::POOL_MAX_IDLE
             }
         };
+        let send_proxy_protocol = match c.proxy_protocol.as_deref() {
+            None => false,
+            Some("v2") => true,
+            Some(other) => {
+                self.err(format!("{p}.proxy_protocol"), Problem::BadProxyVersion(other.into()));
+                false
+            }
+        };
         Cluster {
+            send_proxy_protocol,
             name: c.name.clone(),
             endpoints,
             weights,
@@ -404,11 +427,38 @@ impl<'a> Validator<'a> {
             &r.tunnel_idle_timeout,
             defaults::TUNNEL_IDLE_TIMEOUT,
         );
+        let allow = self.cidrs(&format!("{p}.allow"), &r.allow);
+        let deny = self.cidrs(&format!("{p}.deny"), &r.deny);
+        let request_edits = self.edits(&format!("{p}.request_headers"), &r.request_headers);
+        let response_edits = self.edits(&format!("{p}.response_headers"), &r.response_headers);
+        let path_edit = self.path_edit(&p, &r.strip_prefix, &r.replace_prefix);
+        let host_rewrite = r.host_rewrite.as_ref().and_then(|h| {
+            let key = format!("{p}.host_rewrite");
+            let t = self.template(&key, h)?;
+            // Literal text must be something a Host field can hold.
+            let literal_ok = t.0.iter().all(|part| match part {
+                TemplatePart::Text(s) => s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)),
+                _ => true,
+            });
+            if !literal_ok {
+                self.err(key, Problem::BadHost(h.clone()));
+                return None;
+            }
+            Some(t)
+        });
         Some(Route {
             name,
             retry,
             upgrade,
             tunnel_idle_timeout,
+            allow,
+            deny,
+            request_edits,
+            response_edits,
+            path_edit,
+            host_rewrite,
             timeouts,
             host,
             path,

@@ -7,6 +7,7 @@ pub mod chunked;
 pub mod fields;
 pub mod request;
 pub mod response;
+pub mod rewrite;
 pub mod scan;
 
 /// Result of parsing something that may not have fully arrived yet.
@@ -127,6 +128,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        429 => "Too Many Requests",
         _ => "",
     }
 }
@@ -167,6 +169,17 @@ pub fn error_body_len(status: u16) -> u64 {
 
 /// Appends a short plain-text error response produced by Apex itself.
 pub fn encode_error_response(out: &mut Vec<u8>, status: u16, close: bool, keep_alive_header: bool) {
+    encode_error_response_with(out, status, close, keep_alive_header, b"");
+}
+
+/// [`encode_error_response`] with extra field lines (each ending in CRLF), e.g. `Retry-After`.
+pub fn encode_error_response_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    close: bool,
+    keep_alive_header: bool,
+    extra: &[u8],
+) {
     use std::io::Write;
     let reason = reason_phrase(status);
     let body_len = error_body_len(status);
@@ -179,5 +192,6 @@ pub fn encode_error_response(out: &mut Vec<u8>, status: u16, close: bool, keep_a
     } else if keep_alive_header {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
+    out.extend_from_slice(extra);
     let _ = write!(out, "\r\n{status} {reason}\n");
 }

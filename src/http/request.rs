@@ -274,53 +274,107 @@ pub fn encode_request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends the head Apex sends upstream: same method, target and `Host`, HTTP/1.1, hop-by-hop
-/// fields removed, `X-Forwarded-For` extended with `client`, `X-Forwarded-Proto` set, and framing
-/// re-created from `req.framing`. `default_host` fills `Host` for HTTP/1.0 requests without one.
+/// Which forwarding fields tell the upstream who the client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedStyle {
+    /// `X-Forwarded-For` and `X-Forwarded-Proto`.
+    #[default]
+    XForwarded,
+    /// RFC 7239 `Forwarded: for=…;proto=…`.
+    Forwarded,
+}
+
+/// How a request is forwarded: what Apex tells the upstream about the client, and the route's
+/// edits.
+pub struct Forwarding<'a> {
+    /// The client's address (the PROXY protocol's, when the listener takes it).
+    pub client: IpAddr,
+    /// Fills `Host` for an HTTP/1.0 request without one.
+    pub default_host: &'a dyn std::fmt::Display,
+    /// The client is a trusted proxy: its forwarding fields are kept and extended. Anyone
+    /// else's are replaced, so a client cannot forge the start of the chain.
+    pub trusted: bool,
+    pub style: ForwardedStyle,
+    /// `http` or `https`: the scheme the client used.
+    pub proto: &'static str,
+    /// The route's field edits, rendered for this request.
+    pub edits: Option<&'a super::rewrite::FieldEdits>,
+    pub path: Option<&'a super::rewrite::PathEdit>,
+    /// Replaces `Host`.
+    pub host: Option<&'a str>,
+    /// `X-Request-Id` to send (the client's, kept, or one Apex made).
+    pub request_id: Option<&'a str>,
+}
+
+impl<'a> Forwarding<'a> {
+    /// Forwarding with no edits: `X-Forwarded-*` over plain HTTP, the client untrusted.
+    pub fn plain(client: IpAddr, default_host: &'a dyn std::fmt::Display) -> Self {
+        Forwarding {
+            client,
+            default_host,
+            trusted: false,
+            style: ForwardedStyle::XForwarded,
+            proto: "http",
+            edits: None,
+            path: None,
+            host: None,
+            request_id: None,
+        }
+    }
+}
+
+/// Appends the head Apex sends upstream: same method and target (an edited path, if the route
+/// says so), HTTP/1.1, hop-by-hop fields removed, the forwarding fields written as `fwd` says,
+/// the route's field edits applied, and framing re-created from `req.framing`.
 ///
 /// An absolute-form target (`GET http://a.example/x`) is sent in origin form (`/x`) with
 /// `Host: a.example`, replacing the client's `Host` (RFC 9112 §3.2.2): Apex routed on that
 /// authority, so the upstream must see the same host.
-pub fn encode_upstream_head(
-    out: &mut Vec<u8>,
-    req: &RequestHead<'_, '_>,
-    client: IpAddr,
-    default_host: &dyn std::fmt::Display,
-) {
+pub fn encode_upstream_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, fwd: &Forwarding<'_>) {
     let absolute = absolute_form_rest(req.target);
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
-    match absolute {
-        Some((_, rest)) => {
-            if !rest.starts_with('/') {
-                out.push(b'/');
-            }
-            out.extend_from_slice(rest.as_bytes());
-        }
-        None => out.extend_from_slice(req.target.as_bytes()),
+    let target = match absolute {
+        Some((_, "")) => "/",
+        Some((_, rest)) => rest,
+        None => req.target,
+    };
+    if target.starts_with('?') {
+        out.push(b'/');
+    }
+    match fwd.path {
+        Some(edit) if target.starts_with('/') => edit.apply(target, out),
+        _ => out.extend_from_slice(target.as_bytes()),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some((authority, _)) = absolute {
+    let host = fwd.host.or(absolute.map(|(authority, _)| authority));
+    if let Some(host) = host {
         out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(authority.as_bytes());
+        out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let mut has_host = absolute.is_some();
-    let mut xff_seen = false;
+    let mut has_host = host.is_some();
+    let chain_field = match fwd.style {
+        ForwardedStyle::XForwarded => "x-forwarded-for",
+        ForwardedStyle::Forwarded => "forwarded",
+    };
+    let mut chain_seen = false;
     for h in req.headers {
         let name = h.name;
         if req.conn.must_drop(req.headers, name)
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("x-forwarded-proto")
+            || (fwd.request_id.is_some() && name.eq_ignore_ascii_case("x-request-id"))
+            || fwd.edits.is_some_and(|e| e.drops(name))
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            xff_seen = true;
+        if name.eq_ignore_ascii_case("x-forwarded-for") || name.eq_ignore_ascii_case("forwarded") {
+            chain_seen |= name.eq_ignore_ascii_case(chain_field);
             continue;
         }
         if name.eq_ignore_ascii_case("host") {
-            if absolute.is_some() {
+            if host.is_some() {
                 continue;
             }
             has_host = true;
@@ -328,19 +382,49 @@ pub fn encode_upstream_head(
         fields::encode_field(out, h);
     }
     if !has_host {
-        let _ = write!(out, "Host: {default_host}\r\n");
+        let _ = write!(out, "Host: {}\r\n", fwd.default_host);
     }
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    if xff_seen {
-        for h in req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for")) {
-            let v = fields::trim_ows(h.value);
-            if !v.is_empty() {
+    if let Some(edits) = fwd.edits {
+        edits.encode(out);
+    }
+    if let Some(id) = fwd.request_id {
+        out.extend_from_slice(b"X-Request-Id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // The chain so far, only from a trusted client; then this hop.
+    let earlier = req
+        .headers
+        .iter()
+        .filter(|h| fwd.trusted && chain_seen && h.name.eq_ignore_ascii_case(chain_field))
+        .map(|h| fields::trim_ows(h.value))
+        .filter(|v| !v.is_empty());
+    match fwd.style {
+        ForwardedStyle::XForwarded => {
+            out.extend_from_slice(b"X-Forwarded-For: ");
+            for v in earlier {
                 out.extend_from_slice(v);
                 out.extend_from_slice(b", ");
             }
+            let _ = write!(out, "{}\r\nX-Forwarded-Proto: {}\r\n", fwd.client, fwd.proto);
+        }
+        ForwardedStyle::Forwarded => {
+            out.extend_from_slice(b"Forwarded: ");
+            for v in earlier {
+                out.extend_from_slice(v);
+                out.extend_from_slice(b", ");
+            }
+            // RFC 7239 §6: an IPv6 node is quoted and bracketed.
+            match fwd.client {
+                IpAddr::V4(a) => {
+                    let _ = write!(out, "for={a};proto={}\r\n", fwd.proto);
+                }
+                IpAddr::V6(a) => {
+                    let _ = write!(out, "for=\"[{a}]\";proto={}\r\n", fwd.proto);
+                }
+            }
         }
     }
-    let _ = write!(out, "{client}\r\nX-Forwarded-Proto: http\r\n");
     match req.framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
@@ -433,11 +517,50 @@ X-Forwarded-Proto: https\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r
         };
         assert!(h.expect_continue);
         let mut out = Vec::new();
-        encode_upstream_head(&mut out, &h, "10.0.0.9".parse().unwrap(), &"up");
+        let untrusted = Forwarding::plain("10.0.0.9".parse().unwrap(), &"up");
+        encode_upstream_head(&mut out, &h, &untrusted);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /p HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n\
-X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "POST /p HTTP/1.1\r\nHost: h\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.9\r\n\
+X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "an untrusted client's chain is replaced"
+        );
+        let mut out = Vec::new();
+        let trusted = Forwarding { trusted: true, ..untrusted };
+        encode_upstream_head(&mut out, &h, &trusted);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("X-Forwarded-For: 1.1.1.1, 10.0.0.9\r\n"), "{text}");
+    }
+
+    #[test]
+    fn forwarded_style_writes_rfc_7239_and_edits_apply() {
+        let raw = b"GET /api/x?q=1 HTTP/1.1\r\nHost: h\r\nForwarded: for=1.1.1.1\r\nX-Drop: 1\r\nX-Keep: 2\r\nX-Set: old\r\n\r\n";
+        let mut f = crate::http::fields();
+        let Status::Complete(h) = parse_request_head(raw, &mut f, &HeadLimits::default()).unwrap()
+        else {
+            panic!("partial")
+        };
+        let edits = super::super::rewrite::FieldEdits {
+            remove: vec!["x-drop".into()],
+            set: vec![("x-set".into(), "new".into())],
+            add: vec![("x-added".into(), "yes".into())],
+        };
+        let path = super::super::rewrite::PathEdit::Strip("/api".into());
+        let fwd = Forwarding {
+            trusted: true,
+            style: ForwardedStyle::Forwarded,
+            edits: Some(&edits),
+            path: Some(&path),
+            host: Some("backend.internal"),
+            request_id: Some("abc"),
+            ..Forwarding::plain("2001:db8::1".parse().unwrap(), &"up")
+        };
+        let mut out = Vec::new();
+        encode_upstream_head(&mut out, &h, &fwd);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /x?q=1 HTTP/1.1\r\nHost: backend.internal\r\nX-Keep: 2\r\nx-set: new\r\nx-added: yes\r\n\
+X-Request-Id: abc\r\nForwarded: for=1.1.1.1, for=\"[2001:db8::1]\";proto=http\r\n\r\n"
         );
     }
 
@@ -479,7 +602,11 @@ X-Forwarded-Proto: http\r\nTransfer-Encoding: chunked\r\n\r\n"
                 panic!("partial")
             };
             let mut out = Vec::new();
-            encode_upstream_head(&mut out, &h, "10.0.0.1".parse().unwrap(), &"unused");
+            encode_upstream_head(
+                &mut out,
+                &h,
+                &Forwarding::plain("10.0.0.1".parse().unwrap(), &"unused"),
+            );
             let text = String::from_utf8(out).unwrap();
             assert!(text.starts_with(&format!("{line}\r\n")), "{text}");
             assert_eq!(text.matches("Host:").count() + text.matches("host:").count(), 1, "{text}");

@@ -109,6 +109,7 @@ pub fn encode_downstream_head(
     framing: Framing,
     close: bool,
     keep_alive_header: bool,
+    edits: Option<&super::rewrite::FieldEdits>,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     fields::push_decimal(out, u64::from(resp.status));
@@ -116,10 +117,13 @@ pub fn encode_downstream_head(
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers {
-        if resp.conn.must_drop(resp.headers, h.name) {
+        if resp.conn.must_drop(resp.headers, h.name) || edits.is_some_and(|e| e.drops(h.name)) {
             continue;
         }
         fields::encode_field(out, h);
+    }
+    if let Some(e) = edits {
+        e.encode(out);
     }
     match framing {
         Framing::Length(n) => {
@@ -230,7 +234,7 @@ mod tests {
             panic!()
         };
         let mut out = Vec::new();
-        encode_downstream_head(&mut out, &r, Framing::UntilClose, true, false);
+        encode_downstream_head(&mut out, &r, Framing::UntilClose, true, false, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\nServer: x\r\nConnection: close\r\n\r\n"

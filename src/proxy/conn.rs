@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::io::{Runtime, Stream};
-use crate::http::encode_error_response;
+use crate::http::encode_error_response_with;
 
 /// Smallest free space offered to a read; reads never ask the kernel for less.
 pub const MIN_READ: usize = 4 * 1024;
@@ -49,9 +49,21 @@ pub async fn send_error<R: Runtime>(
     keep_open: bool,
     keep_alive_header: bool,
 ) -> bool {
+    send_error_with::<R>(client, out, status, keep_open, keep_alive_header, b"").await
+}
+
+/// [`send_error`] with extra field lines (`Retry-After: 1\r\n`).
+pub async fn send_error_with<R: Runtime>(
+    client: &mut R::Stream,
+    out: &mut Vec<u8>,
+    status: u16,
+    keep_open: bool,
+    keep_alive_header: bool,
+    extra: &[u8],
+) -> bool {
     // Whatever was staged for the client (a body half re-framed) is abandoned.
     out.clear();
-    encode_error_response(out, status, !keep_open, keep_alive_header);
+    encode_error_response_with(out, status, !keep_open, keep_alive_header, extra);
     let sent = flush(client, out).await;
     if sent && !keep_open {
         linger_close::<R>(client, out).await;

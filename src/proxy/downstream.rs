@@ -9,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
-use super::conn::{flush, read_some, send_error, MIN_READ};
+use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::io::Runtime;
+use super::limits::{share, worker_rate};
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
 use super::tunnel::tunnel;
 use super::wait::{race, Either};
@@ -19,17 +20,21 @@ use super::{ConnGuard, Forward, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::balance::hash64;
 use crate::config::lb::{HashOn, Policy};
+use crate::config::TemplateVars;
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
 use crate::http::request::RequestHead;
-use crate::http::request::{add_upgrade, encode_upstream_head, parse_request_head_at};
+use crate::http::request::{add_upgrade, encode_upstream_head, parse_request_head_at, Forwarding};
+use crate::http::rewrite::{any_contains, FieldEdits};
 use crate::http::scan::{HeadEnd, HeadScanner};
-use crate::http::{Framing, HeadError, HeadLimits};
+use crate::http::{Framing, HeadError};
 
 enum Plan {
     Forward(Target),
     Respond(usize),
     NotFound,
+    /// The route's allow/deny lists refuse this client: 403.
+    Forbidden(usize),
 }
 
 enum HeadRead {
@@ -94,22 +99,39 @@ async fn read_request_head<R: Runtime>(
     }
 }
 
+/// What routing a request needs besides its head: where it arrived, from whom, and where the
+/// request's per-request output goes.
+struct RouteCtx<'a, R: Runtime> {
+    worker: &'a Worker<R>,
+    view: &'a WorkerView,
+    listener: &'a Listener,
+    /// The client's address: the PROXY protocol's when the listener takes it, else the peer.
+    client: SocketAddr,
+}
+
+/// A client's own `X-Request-Id`, when it is one Apex can pass on unchanged: 1 to 128 bytes of
+/// letters, digits and `-_.:+/=`.
+fn client_request_id<'b>(head: &RequestHead<'b, '_>) -> Option<&'b str> {
+    let h = head.headers.iter().find(|h| h.name.eq_ignore_ascii_case("x-request-id"))?;
+    let v = crate::http::fields::trim_ows(h.value);
+    let ok = (1..=128).contains(&v.len())
+        && v.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b));
+    // Only ASCII was admitted, so this cannot fail.
+    ok.then(|| std::str::from_utf8(v).ok()).flatten()
+}
+
 /// Parses the head at the start of `rbuf`, routes it and, for a forwarded request, encodes the
-/// head to send upstream into `uhead`.
-fn route(
+/// head to send upstream into `bufs.uhead` (and renders the route's response edits).
+fn route<R: Runtime>(
+    ctx: &RouteCtx<'_, R>,
     rbuf: &[u8],
     end: HeadEnd,
-    limits: &HeadLimits,
-    view: &WorkerView,
-    peer: SocketAddr,
     uhead: &mut Vec<u8>,
     logged: Option<&mut Logged>,
+    response_edits: &mut Option<FieldEdits>,
 ) -> Result<(RequestInfo, Plan), HeadError> {
     let mut fields = crate::http::fields();
-    let head = parse_request_head_at(rbuf, end, &mut fields, limits)?;
-    if let Some(l) = logged {
-        l.capture(&head);
-    }
+    let head = parse_request_head_at(rbuf, end, &mut fields, &ctx.listener.limits)?;
     let mut info = RequestInfo {
         head_len: head.len,
         framing: head.framing,
@@ -120,29 +142,61 @@ fn route(
         is_head: head.is_head(),
         upgrade: false,
     };
-    let snap = &view.snap;
-    let plan = match snap.router.route(head.host, head.path(), head.method) {
-        None => Plan::NotFound,
-        Some(i) => match &snap.config.routes[i].action {
-            Action::Respond(_) => Plan::Respond(i),
-            Action::Forward(c) => {
-                uhead.clear();
-                let default_host = snap.config.clusters[*c].endpoints[0];
-                encode_upstream_head(uhead, &head, peer.ip(), &default_host);
-                // An upgrade the route forwards keeps its fields; any other is dropped, like
-                // every hop-by-hop field, and the request goes on as plain HTTP.
-                let route = &snap.config.routes[i];
-                if let Some(protocol) = head.upgrade().filter(|p| route.allows_upgrade(p)) {
-                    add_upgrade(uhead, protocol);
-                    info.upgrade = true;
-                }
-                let hash_key = match &snap.config.clusters[*c].policy {
-                    Policy::ConsistentHash(on) => hash_key(&head, on, peer),
-                    _ => None,
-                };
-                Plan::Forward(Target { route: i, cluster: *c, hash_key })
+    *response_edits = None;
+    let snap = &ctx.view.snap;
+    let Some(i) = snap.router.route(head.host, head.path(), head.method) else {
+        if let Some(l) = logged {
+            l.capture(&head, None);
+        }
+        return Ok((info, Plan::NotFound));
+    };
+    let route = &snap.config.routes[i];
+    let request_id = (ctx.listener.request_id || route.needs_request_id()).then(|| {
+        client_request_id(&head).map_or_else(|| ctx.worker.new_request_id(), str::to_string)
+    });
+    if let Some(l) = logged {
+        l.capture(&head, request_id.as_deref());
+    }
+    if !route.admits(ctx.client.ip()) {
+        return Ok((info, Plan::Forbidden(i)));
+    }
+    let plan = match &route.action {
+        Action::Respond(_) => Plan::Respond(i),
+        Action::Forward(c) => {
+            let cluster = &snap.config.clusters[*c];
+            let vars = TemplateVars {
+                client_ip: ctx.client.ip(),
+                request_id: request_id.as_deref().unwrap_or(""),
+                host: head.host,
+            };
+            let edits = route.request_edits.as_ref().map(|e| e.render(&vars));
+            let host = route.host_rewrite.as_ref().map(|t| t.render(&vars));
+            *response_edits = route.response_edits.as_ref().map(|e| e.render(&vars));
+            let fwd = Forwarding {
+                client: ctx.client.ip(),
+                default_host: &cluster.endpoints[0],
+                trusted: any_contains(&ctx.listener.trusted_proxies, ctx.client.ip()),
+                style: ctx.listener.forwarded,
+                proto: "http",
+                edits: edits.as_ref(),
+                path: route.path_edit.as_ref(),
+                host: host.as_deref(),
+                request_id: request_id.as_deref(),
+            };
+            uhead.clear();
+            encode_upstream_head(uhead, &head, &fwd);
+            // An upgrade the route forwards keeps its fields; any other is dropped, like
+            // every hop-by-hop field, and the request goes on as plain HTTP.
+            if let Some(protocol) = head.upgrade().filter(|p| route.allows_upgrade(p)) {
+                add_upgrade(uhead, protocol);
+                info.upgrade = true;
             }
-        },
+            let hash_key = match &cluster.policy {
+                Policy::ConsistentHash(on) => hash_key(&head, on, ctx.client),
+                _ => None,
+            };
+            Plan::Forward(Target { route: i, cluster: *c, hash_key })
+        }
     };
     Ok((info, plan))
 }
@@ -181,6 +235,22 @@ fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>
     true
 }
 
+/// The client's address for this connection. A listener with `proxy_protocol` reads the header
+/// from trusted peers (required unless the listener says otherwise) and refuses one from
+/// anyone else; `None` closes the connection.
+async fn establish_client<R: Runtime>(
+    _worker: &Worker<R>,
+    _client: &mut R::Stream,
+    _rbuf: &mut Vec<u8>,
+    peer: SocketAddr,
+    listener: &Listener,
+) -> Option<SocketAddr> {
+    if listener.proxy_protocol.is_none() {
+        return Some(peer);
+    }
+    Some(peer)
+}
+
 /// Serves one client connection until it closes, errs or times out. `_guard` counts the
 /// connection against the worker's cap until this returns.
 pub async fn serve_downstream<R: Runtime>(
@@ -191,8 +261,32 @@ pub async fn serve_downstream<R: Runtime>(
     _guard: ConnGuard<R>,
 ) {
     let mut bufs = Buffers { rbuf: Vec::with_capacity(IDLE_READ), ..Buffers::default() };
+    // The client's address: carried by a PROXY protocol header when the listener takes one
+    // from this peer, else the peer itself.
+    let Some(client_addr) =
+        Box::pin(establish_client::<R>(&worker, &mut client, &mut bufs.rbuf, peer, &listener))
+            .await
+    else {
+        return;
+    };
+    let peer = client_addr;
+    let listener_key = hash64(&listener.name);
+    // Open connections per client: this worker's share of the listener's limit. Beyond it the
+    // connection is closed before anything is read.
+    let _slot = match listener.max_connections_per_client {
+        Some(max) => {
+            match worker.limits.connect((listener_key, peer.ip()), share(max, worker.workers)) {
+                Some(slot) => Some(slot),
+                None => {
+                    debug!(client = %peer, "over max_connections_per_client; closed");
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
+    let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
     let mut first = true;
-    let limits = listener.limits;
     loop {
         let head = read_request_head::<R>(&worker, &mut client, &mut bufs.rbuf, &listener, first);
         let head = head.await;
@@ -213,7 +307,10 @@ pub async fn serve_downstream<R: Runtime>(
                     }
                 }
                 let logged = worker.access.is_some().then_some(&mut bufs.logged);
-                route(&bufs.rbuf, end, &limits, &view, peer, &mut bufs.uhead, logged)
+                let ctx =
+                    RouteCtx { worker: &worker, view: &view, listener: &listener, client: peer };
+                let edits = &mut bufs.response_edits;
+                route(&ctx, &bufs.rbuf, end, &mut bufs.uhead, logged, edits)
             }
         };
         let (info, plan) = match routed {
@@ -221,6 +318,35 @@ pub async fn serve_downstream<R: Runtime>(
             Ok((info, _)) if body_over_limit(listener.max_request_body, info.framing, 0) => {
                 let refused = refuse(&worker, &view, &mut client, &mut bufs, peer, started, 413);
                 return Box::pin(refused).await;
+            }
+            // Over the client's request rate: 429, and the connection stays usable.
+            Ok((info, _))
+                if rate.is_some_and(|r| {
+                    let key = (listener_key, peer.ip());
+                    worker.limits.request(key, r, started).is_err()
+                }) =>
+            {
+                let wait = rate.map_or(1, |r| (1.0 / r.per_second).ceil().max(1.0) as u64);
+                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
+                let keep = whole && info.keep_alive && !worker.is_draining();
+                let ka = info.needs_keep_alive_header();
+                view.unrouted.record(429);
+                let retry = format!("retry-after: {wait}\r\n");
+                let answer = send_error_with::<R>(
+                    &mut client,
+                    &mut bufs.out,
+                    429,
+                    keep,
+                    ka,
+                    retry.as_bytes(),
+                );
+                let kept = Box::pin(answer).await;
+                let served = Served::generated(429, kept, None);
+                log_request(&worker, &view, peer, &bufs.logged, started, served, None);
+                if !kept {
+                    return;
+                }
+                continue;
             }
             Ok(p) => p,
             Err(e) => {
@@ -284,14 +410,21 @@ pub async fn serve_downstream<R: Runtime>(
                     Served { keep_open: sent, status: direct.status, body_bytes, upstream: None };
                 (served, Some(route))
             }
-            Plan::NotFound => {
+            Plan::NotFound | Plan::Forbidden(_) => {
+                let (status, route) = match plan {
+                    Plan::Forbidden(i) => (403, Some(i)),
+                    _ => (404, None),
+                };
                 let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
                 let keep = whole && info.keep_alive && !worker.is_draining();
                 let ka = info.needs_keep_alive_header();
-                view.unrouted.record(404);
+                match route {
+                    Some(i) => view.route_stats[i].record(status),
+                    None => view.unrouted.record(status),
+                }
                 let sent =
-                    Box::pin(send_error::<R>(&mut client, &mut bufs.out, 404, keep, ka)).await;
-                (Served::generated(404, sent, None), None)
+                    Box::pin(send_error::<R>(&mut client, &mut bufs.out, status, keep, ka)).await;
+                (Served::generated(status, sent, None), route)
             }
         };
         log_request(&worker, &view, peer, &bufs.logged, started, served, route);
@@ -349,5 +482,6 @@ fn log_request<R: Runtime>(
         route,
         referer: &l.referer,
         user_agent: &l.user_agent,
+        request_id: &l.request_id,
     });
 }

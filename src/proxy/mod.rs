@@ -11,6 +11,7 @@ pub mod failure_log;
 pub mod forward;
 pub mod io;
 pub mod isolate;
+pub mod limits;
 pub mod pool;
 pub mod relay;
 pub mod request;
@@ -107,6 +108,11 @@ pub struct Worker<R: Runtime> {
     health_view: RefCell<Option<(Generations, Rc<HealthView>)>>,
     /// Upstream failures logged at most once a second per upstream and reason.
     pub failures: failure_log::FailureLog,
+    /// Worker threads in the process: each enforces its share of per-client limits.
+    pub workers: usize,
+    pub limits: Rc<limits::ClientLimits>,
+    /// Request ids made on this worker so far (the id is the worker's seed and this count).
+    ids: Cell<u64>,
 }
 
 /// The generations of a health map and of a snapshot.
@@ -131,6 +137,7 @@ impl<R: Runtime> Drop for ConnGuard<R> {
 impl<R: Runtime> Worker<R> {
     pub fn new(
         id: usize,
+        workers: usize,
         shared: SharedSnapshot,
         access: Option<WorkerLog>,
         health: SharedHealth,
@@ -157,7 +164,18 @@ impl<R: Runtime> Worker<R> {
             health: RefCell::new(Cache::new(health)),
             health_view: RefCell::new(None),
             failures: failure_log::FailureLog::default(),
+            workers,
+            limits: Rc::default(),
+            ids: Cell::new(0),
         }
+    }
+
+    /// A new request id: unique per worker and process (the worker's seed, then a count), 32
+    /// hex digits. Not a secret: it only has to tell requests apart in logs.
+    pub fn new_request_id(&self) -> String {
+        let n = self.ids.get() + 1;
+        self.ids.set(n);
+        format!("{:016x}{n:016x}", self.seed)
     }
 
     /// Logs an upstream failure, at most once a second per upstream and reason on this
@@ -336,7 +354,7 @@ mod tests {
         let down: HashMap<_, _> = [("127.0.0.1:10".parse().unwrap(), false)].into();
         verdicts.clusters.insert("a".into(), down);
         let health = Arc::new(ArcSwap::from_pointee(verdicts));
-        let worker = Worker::<Tokio>::new(0, Arc::clone(&shared), None, health);
+        let worker = Worker::<Tokio>::new(0, 1, Arc::clone(&shared), None, health);
         let view = worker.view();
         assert_eq!(*worker.health(&view), vec![Some(vec![false])]);
         drop(view);

@@ -14,6 +14,7 @@ use crate::http::body::BodyRelay;
 use crate::http::response::{
     encode_downstream_head, encode_switching_head, parse_response_head, switched_to,
 };
+use crate::http::rewrite::FieldEdits;
 use crate::http::{Framing, HeadLimits, Status, Version};
 
 /// What the response head says, once it is out of the upstream buffer.
@@ -45,6 +46,7 @@ fn prepare_response(
     limits: &HeadLimits,
     draining: bool,
     out: &mut Vec<u8>,
+    edits: Option<&FieldEdits>,
 ) -> Result<HeadParse, ProxyError> {
     let mut fields = crate::http::fields();
     let resp = match parse_response_head(ubuf, &mut fields, limits, info.is_head) {
@@ -82,7 +84,8 @@ fn prepare_response(
         f => f,
     };
     let close_client = !info.keep_alive || down_framing == Framing::UntilClose || draining;
-    encode_downstream_head(out, &resp, down_framing, close_client, info.needs_keep_alive_header());
+    let ka = info.needs_keep_alive_header();
+    encode_downstream_head(out, &resp, down_framing, close_client, ka, edits);
     Ok(HeadParse::Final(ResponsePlan {
         head_len: resp.len,
         framing: resp.framing,
@@ -124,7 +127,16 @@ pub async fn read_response_head<R: Runtime>(
             Some(Ok(_)) => got_bytes = true,
         }
         loop {
-            match prepare_response(&bufs.ubuf, info, route, limits, draining(), &mut bufs.out) {
+            let edits = bufs.response_edits.as_ref();
+            match prepare_response(
+                &bufs.ubuf,
+                info,
+                route,
+                limits,
+                draining(),
+                &mut bufs.out,
+                edits,
+            ) {
                 Err(e) => return fail(e, true),
                 Ok(HeadParse::Partial) => break,
                 Ok(HeadParse::Interim(n)) => {

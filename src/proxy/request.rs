@@ -22,6 +22,8 @@ pub struct Buffers {
     pub uhead: Vec<u8>,
     /// The request's fields the access log needs, copied out of the head (only when logging).
     pub logged: Logged,
+    /// The route's response field edits, rendered for this request.
+    pub response_edits: Option<crate::http::rewrite::FieldEdits>,
 }
 
 /// Request fields kept for the access log; the strings are reused from request to request.
@@ -32,10 +34,14 @@ pub struct Logged {
     pub version: &'static str,
     pub referer: String,
     pub user_agent: String,
+    /// The request id Apex forwarded, when the listener or route uses them.
+    pub request_id: String,
 }
 
 impl Logged {
-    pub fn capture(&mut self, head: &RequestHead<'_, '_>) {
+    pub fn capture(&mut self, head: &RequestHead<'_, '_>, request_id: Option<&str>) {
+        self.request_id.clear();
+        self.request_id.push_str(request_id.unwrap_or(""));
         self.method.clear();
         self.method.push_str(head.method);
         self.target.clear();
@@ -61,7 +67,13 @@ impl Logged {
     /// A request refused before its head could be parsed: logged with `-` fields, as nginx
     /// logs a 400.
     pub fn unparsed(&mut self) {
-        for s in [&mut self.method, &mut self.target, &mut self.referer, &mut self.user_agent] {
+        for s in [
+            &mut self.method,
+            &mut self.target,
+            &mut self.referer,
+            &mut self.user_agent,
+            &mut self.request_id,
+        ] {
             s.clear();
         }
         self.method.push('-');

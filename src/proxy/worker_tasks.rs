@@ -32,7 +32,8 @@ pub enum Control {
     /// Stop accepting, close idle connections, finish in-flight requests, then exit.
     Drain,
     /// Start accepting on a new listener (bound by the control plane, one socket per worker).
-    AddListener(Listener, TcpListener),
+    /// (Boxed: a listener's settings are large, and every order would be as large.)
+    AddListener(Box<Listener>, TcpListener),
     /// Stop accepting on a listener; its open connections carry on.
     RemoveListener(String),
     /// Send a copy of this worker's counters, with the worker's id.
@@ -118,7 +119,7 @@ async fn control_task<R: Runtime>(
                 Control::Drain => worker.start_drain(),
                 Control::AddListener(cfg, sock) => {
                     let name = cfg.name.clone();
-                    match start_acceptor(&worker, &acceptors, cfg, sock) {
+                    match start_acceptor(&worker, &acceptors, *cfg, sock) {
                         Ok(()) => debug!(worker = worker.id, listener = %name, "listener added"),
                         Err(e) => error!(worker = worker.id, error = %e, "cannot add listener"),
                     }
@@ -192,6 +193,7 @@ async fn accept_loop<R: Runtime>(
 #[allow(clippy::too_many_arguments)] // one call site: the worker thread's entry
 pub async fn run<R: Runtime>(
     id: usize,
+    workers: usize,
     shared: SharedSnapshot,
     socks: Vec<(Listener, TcpListener)>,
     control: UnixStream,
@@ -201,7 +203,7 @@ pub async fn run<R: Runtime>(
     health: SharedHealth,
 ) {
     let access = access.map(|(format, tx)| WorkerLog::new(format, tx));
-    let worker = Rc::new(Worker::<R>::new(id, shared, access, health));
+    let worker = Rc::new(Worker::<R>::new(id, workers, shared, access, health));
     if worker.access.is_some() {
         R::spawn(flush_access_log(Rc::clone(&worker)));
     }
@@ -246,6 +248,14 @@ async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
             };
             worker.pool.sweep(now, keep_for);
             worker.failures.flush(now);
+            let rate_of = |listener: u64| {
+                view.listeners
+                    .iter()
+                    .find(|l| crate::balance::hash64(&l.name) == listener)
+                    .and_then(|l| l.rate_limit)
+                    .map(|r| crate::proxy::limits::worker_rate(r, worker.workers))
+            };
+            worker.limits.sweep(now, rate_of);
         }
     }
 }

@@ -254,6 +254,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         let health = health.clone();
         let w = WorkerStart {
             id,
+            workers: count,
             core,
             kind,
             socks,
@@ -306,6 +307,8 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
 /// What a worker thread starts with.
 struct WorkerStart {
     id: usize,
+    /// Worker threads in all.
+    workers: usize,
     core: Option<core_affinity::CoreId>,
     kind: RuntimeKind,
     socks: Vec<(Listener, TcpListener)>,
@@ -318,7 +321,19 @@ struct WorkerStart {
 }
 
 fn run_worker(w: WorkerStart) {
-    let WorkerStart { id, core, kind, socks, shared, control, orders, ready, access, health } = w;
+    let WorkerStart {
+        id,
+        workers,
+        core,
+        kind,
+        socks,
+        shared,
+        control,
+        orders,
+        ready,
+        access,
+        health,
+    } = w;
     let pinned = core.map(|c| (c.id, core_affinity::set_for_current(c)));
     let pin = match pinned {
         Some((cpu, true)) => format!("cpu {cpu}"),
@@ -331,7 +346,7 @@ fn run_worker(w: WorkerStart) {
             Ok(rt) => self::tokio::block_on(
                 &rt,
                 worker_tasks::run::<Tokio>(
-                    id, shared, socks, control, orders, ready, access, health,
+                    id, workers, shared, socks, control, orders, ready, access, health,
                 ),
             ),
             Err(e) => {
@@ -363,6 +378,7 @@ fn run_worker(w: WorkerStart) {
     }
     let main = worker_tasks::run::<Monoio>(
         id,
+        workers,
         shared,
         socks,
         control,

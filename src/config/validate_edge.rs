@@ -1,0 +1,190 @@
+//! Validation of the edge settings: client networks (PROXY protocol, trusted proxies, allow
+//! and deny), forwarding fields, client limits, and the header and path edits of routes.
+
+use super::error::Problem;
+use super::model::{ProxyProtocolIn, RateLimit, RouteEdits, Template, TemplatePart};
+use super::raw::{RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix};
+use super::units::is_token;
+use super::validate::Validator;
+use crate::http::request::ForwardedStyle;
+use crate::http::rewrite::{Cidr, PathEdit};
+
+/// Fields a route may never set, add or remove: they describe one hop or the message's framing,
+/// which Apex itself manages (or, for `host`, `host_rewrite` does).
+const MANAGED_FIELDS: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authorization",
+    "content-length",
+    "host",
+    "expect",
+];
+
+impl Validator<'_> {
+    /// A list of networks (`10.0.0.0/8`, `::1`).
+    pub(super) fn cidrs(&mut self, key: &str, raw: &[String]) -> Vec<Cidr> {
+        let mut nets = Vec::new();
+        for (i, n) in raw.iter().enumerate() {
+            match Cidr::parse(n) {
+                Some(c) => nets.push(c),
+                None => self.err(format!("{key}[{i}]"), Problem::BadNetwork(n.clone())),
+            }
+        }
+        nets
+    }
+
+    pub(super) fn proxy_protocol_in(
+        &mut self,
+        p: &str,
+        raw: &Option<RawProxyProtocol>,
+    ) -> Option<ProxyProtocolIn> {
+        let r = raw.as_ref()?;
+        let p = format!("{p}.proxy_protocol");
+        let (mut v1, mut v2) = (false, false);
+        for (i, v) in r.accept.iter().enumerate() {
+            match v.as_str() {
+                "v1" => v1 = true,
+                "v2" => v2 = true,
+                other => {
+                    self.err(format!("{p}.accept[{i}]"), Problem::BadProxyVersion(other.into()))
+                }
+            }
+        }
+        if r.accept.is_empty() {
+            (v1, v2) = (true, true);
+        }
+        let trusted = self.cidrs(&format!("{p}.trusted"), &r.trusted);
+        if r.trusted.is_empty() {
+            self.err(format!("{p}.trusted"), Problem::NoTrustedSources);
+        }
+        Some(ProxyProtocolIn { v1, v2, trusted, required: r.required.unwrap_or(true) })
+    }
+
+    pub(super) fn forwarded_style(&mut self, p: &str, raw: &Option<String>) -> ForwardedStyle {
+        match raw.as_deref() {
+            None | Some("x_forwarded") => ForwardedStyle::XForwarded,
+            Some("forwarded") => ForwardedStyle::Forwarded,
+            Some(other) => {
+                self.err(
+                    format!("{p}.forwarded_headers"),
+                    Problem::BadForwardedStyle(other.into()),
+                );
+                ForwardedStyle::XForwarded
+            }
+        }
+    }
+
+    pub(super) fn rate_limit(&mut self, p: &str, raw: &Option<RawRateLimit>) -> Option<RateLimit> {
+        let r = raw.as_ref()?;
+        let p = format!("{p}.rate_limit");
+        if !(r.requests_per_second > 0.0 && r.requests_per_second <= 1e6) {
+            self.err(format!("{p}.requests_per_second"), Problem::BadRate);
+            return None;
+        }
+        // A burst of one second's worth by default, at least one request.
+        let default_burst = (r.requests_per_second.ceil() as u32).max(1);
+        let burst = self.count(
+            format!("{p}.burst"),
+            r.burst,
+            default_burst,
+            1,
+            1_000_000,
+            "from 1 to 1000000",
+        );
+        Some(RateLimit { per_second: r.requests_per_second, burst })
+    }
+
+    /// `set`/`add`/`remove` of a route's request or response fields.
+    pub(super) fn edits(&mut self, key: &str, raw: &Option<RawHeaderEdits>) -> Option<RouteEdits> {
+        let r = raw.as_ref()?;
+        let mut edits = RouteEdits::default();
+        let name_ok = |v: &mut Self, k: String, name: &str| {
+            let lower = name.to_ascii_lowercase();
+            if !is_token(name) || MANAGED_FIELDS.contains(&lower.as_str()) {
+                v.err(k, Problem::ManagedField(name.to_string()));
+                return None;
+            }
+            Some(lower)
+        };
+        for (i, name) in r.remove.iter().enumerate() {
+            if let Some(n) = name_ok(self, format!("{key}.remove[{i}]"), name) {
+                edits.remove.push(n);
+            }
+        }
+        for (section, list, out) in
+            [("set", &r.set, &mut edits.set), ("add", &r.add, &mut edits.add)]
+        {
+            for (name, value) in list {
+                let k = format!("{key}.{section}.{name}");
+                let n = name_ok(self, k.clone(), name);
+                if let (Some(n), Some(t)) = (n, self.template(&k, value)) {
+                    out.push((n, t));
+                }
+            }
+        }
+        Some(edits)
+    }
+
+    /// A field value with `${client_ip}`, `${request_id}`, `${host}`; nothing a field value
+    /// may not hold.
+    pub(super) fn template(&mut self, key: &str, raw: &str) -> Option<Template> {
+        if raw.bytes().any(|b| b != b'\t' && (b < b' ' || b == 0x7f)) {
+            self.err(key.to_string(), Problem::BadHeader(raw.to_string()));
+            return None;
+        }
+        let mut parts = Vec::new();
+        let mut rest = raw;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(TemplatePart::Text(rest[..start].to_string()));
+            }
+            let Some(end) = rest[start..].find('}') else {
+                self.err(key.to_string(), Problem::BadVariable(rest[start..].to_string()));
+                return None;
+            };
+            let part = match &rest[start + 2..start + end] {
+                "client_ip" => TemplatePart::ClientIp,
+                "request_id" => TemplatePart::RequestId,
+                "host" => TemplatePart::Host,
+                other => {
+                    self.err(key.to_string(), Problem::BadVariable(other.to_string()));
+                    return None;
+                }
+            };
+            parts.push(part);
+            rest = &rest[start + end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Text(rest.to_string()));
+        }
+        Some(Template(parts))
+    }
+
+    pub(super) fn path_edit(
+        &mut self,
+        p: &str,
+        strip: &Option<String>,
+        replace: &Option<RawReplacePrefix>,
+    ) -> Option<PathEdit> {
+        match (strip, replace) {
+            (Some(_), Some(_)) => {
+                self.err(p.to_string(), Problem::StripAndReplace);
+                None
+            }
+            (Some(s), None) => {
+                self.check_path(format!("{p}.strip_prefix"), s).then(|| PathEdit::Strip(s.clone()))
+            }
+            (None, Some(r)) => {
+                let from = self.check_path(format!("{p}.replace_prefix.from"), &r.from);
+                let to = self.check_path(format!("{p}.replace_prefix.to"), &r.to);
+                (from && to).then(|| PathEdit::Replace { from: r.from.clone(), to: r.to.clone() })
+            }
+            (None, None) => None,
+        }
+    }
+}
