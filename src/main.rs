@@ -202,6 +202,7 @@ fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
             response_edits: None,
             path_edit: None,
             host_rewrite: None,
+            compression: None,
             timeouts: Default::default(),
             host: config::HostMatch::Any,
             path: PathMatch::Prefix("/".into()),

@@ -62,3 +62,25 @@ pub const UPGRADE: [&str; 1] = ["websocket"];
 /// A tunnel (after a `101 Switching Protocols`) with no byte in either direction for this long
 /// is closed.
 pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Compression (off unless a route has a `compression` block): encodings in order of
+/// preference, levels, the smallest body worth it, and the media types compressed.
+pub const COMPRESSION_ENCODINGS: [crate::http::encoding::Encoding; 2] =
+    [crate::http::encoding::Encoding::Brotli, crate::http::encoding::Encoding::Gzip];
+pub const GZIP_LEVEL: u32 = 6;
+pub const BROTLI_QUALITY: u32 = 4;
+/// Bodies shorter than this (when their length is known) are sent as they are: the encoding's
+/// overhead would eat the gain.
+pub const COMPRESSION_MIN_SIZE: u64 = 256;
+pub const COMPRESSION_TYPES: [&str; 10] = [
+    "text/html",
+    "text/css",
+    "text/plain",
+    "text/xml",
+    "text/javascript",
+    "application/javascript",
+    "application/json",
+    "application/xml",
+    "application/wasm",
+    "image/svg+xml",
+];

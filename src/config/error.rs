@@ -69,6 +69,8 @@ pub enum Problem {
     ManagedField(String),
     BadVariable(String),
     StripAndReplace,
+    BadEncoding(String),
+    BadMediaType(String),
 }
 
 impl fmt::Display for Problem {
@@ -159,6 +161,8 @@ impl fmt::Display for Problem {
                 f,
                 "unknown variable `{v}`: use ${{client_ip}}, ${{request_id}} or ${{host}}"
             ),
+            Problem::BadEncoding(e) => write!(f, "`{e}` is not an encoding Apex produces (br, gzip), or is listed twice"),
+            Problem::BadMediaType(t) => write!(f, "`{t}` is not a media type like text/html or text/*"),
             Problem::StripAndReplace => write!(f, "use strip_prefix or replace_prefix, not both"),
             Problem::BadUpgrade(u) => write!(f, "`{u}` is not an upgrade token (e.g. websocket)"),
             Problem::DuplicateRoute(i) => {

@@ -135,6 +135,40 @@ pub struct ProxyProtocolIn {
     pub required: bool,
 }
 
+/// A route's response compression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    pub encodings: Vec<crate::http::encoding::Encoding>,
+    pub gzip_level: u32,
+    pub brotli_quality: u32,
+    pub min_size: u64,
+    /// Lower-case media types; `text/*` matches a whole top-level type.
+    pub types: Vec<String>,
+}
+
+impl Compression {
+    /// Whether a `Content-Type` value names a type this route compresses.
+    pub fn compresses(&self, content_type: &[u8]) -> bool {
+        let media = content_type.split(|&b| b == b';').next().unwrap_or_default();
+        let media = crate::http::fields::trim_ows(media);
+        self.types.iter().any(|t| match t.strip_suffix("/*") {
+            Some(top) => {
+                media.len() > top.len()
+                    && media[..top.len()].eq_ignore_ascii_case(top.as_bytes())
+                    && media[top.len()] == b'/'
+            }
+            None => media.eq_ignore_ascii_case(t.as_bytes()),
+        })
+    }
+
+    pub fn level(&self, e: crate::http::encoding::Encoding) -> u32 {
+        match e {
+            crate::http::encoding::Encoding::Gzip => self.gzip_level,
+            crate::http::encoding::Encoding::Brotli => self.brotli_quality,
+        }
+    }
+}
+
 /// A token bucket: `per_second` tokens refill per second, up to `burst`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
@@ -225,6 +259,7 @@ pub struct Route {
     pub response_edits: Option<RouteEdits>,
     pub path_edit: Option<PathEdit>,
     pub host_rewrite: Option<Template>,
+    pub compression: Option<Compression>,
     pub timeouts: lb::RouteTimeouts,
     pub host: HostMatch,
     pub path: PathMatch,

@@ -210,6 +210,22 @@ pub struct RawHeaderEdits {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct RawCompression {
+    /// In order of preference: `br`, `gzip`.
+    #[serde(default)]
+    pub encodings: Option<Vec<String>>,
+    #[serde(default)]
+    pub gzip_level: Option<i64>,
+    #[serde(default)]
+    pub brotli_quality: Option<i64>,
+    #[serde(default)]
+    pub min_size: Option<RawSize>,
+    /// Media types compressed (`text/html`, or `text/*`).
+    #[serde(default)]
+    pub types: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct RawReplacePrefix {
     pub from: String,
     pub to: String,
@@ -251,6 +267,8 @@ pub struct RawRoute {
     pub replace_prefix: Option<RawReplacePrefix>,
     #[serde(default)]
     pub host_rewrite: Option<String>,
+    #[serde(default)]
+    pub compression: Option<RawCompression>,
     #[serde(rename = "match", default)]
     pub matcher: RawMatch,
     #[serde(default)]

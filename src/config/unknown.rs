@@ -64,6 +64,7 @@ fn known_keys(parent: &str) -> &'static [&'static str] {
         "routes.respond" => fields_of::<raw::RawRespond>(),
         "routes.request_headers" | "routes.response_headers" => fields_of::<raw::RawHeaderEdits>(),
         "routes.replace_prefix" => fields_of::<raw::RawReplacePrefix>(),
+        "routes.compression" => fields_of::<raw::RawCompression>(),
         "listeners.proxy_protocol" => fields_of::<raw::RawProxyProtocol>(),
         "listeners.rate_limit" => fields_of::<raw::RawRateLimit>(),
         "clusters" => fields_of::<raw::RawCluster>(),

@@ -51,7 +51,7 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn size(&mut self, key: String, raw: &Option<RawSize>) -> Option<u64> {
+    pub(super) fn size(&mut self, key: String, raw: &Option<RawSize>) -> Option<u64> {
         let parsed = match raw.as_ref()? {
             RawSize::Bytes(n) if *n > 0 => Some(*n as u64),
             RawSize::Bytes(n) => {
@@ -448,7 +448,9 @@ impl<'a> Validator<'a> {
             }
             Some(t)
         });
+        let compression = self.compression(&p, &r.compression);
         Some(Route {
+            compression,
             name,
             retry,
             upgrade,

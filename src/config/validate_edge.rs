@@ -1,11 +1,16 @@
 //! Validation of the edge settings: client networks (PROXY protocol, trusted proxies, allow
 //! and deny), forwarding fields, client limits, and the header and path edits of routes.
 
+use super::defaults;
 use super::error::Problem;
+use super::model::Compression;
 use super::model::{ProxyProtocolIn, RateLimit, RouteEdits, Template, TemplatePart};
-use super::raw::{RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix};
+use super::raw::{
+    RawCompression, RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix,
+};
 use super::units::is_token;
 use super::validate::Validator;
+use crate::http::encoding::Encoding;
 use crate::http::request::ForwardedStyle;
 use crate::http::rewrite::{Cidr, PathEdit};
 
@@ -163,6 +168,70 @@ impl Validator<'_> {
             parts.push(TemplatePart::Text(rest.to_string()));
         }
         Some(Template(parts))
+    }
+
+    pub(super) fn compression(
+        &mut self,
+        p: &str,
+        raw: &Option<RawCompression>,
+    ) -> Option<Compression> {
+        let r = raw.as_ref()?;
+        let p = format!("{p}.compression");
+        let encodings = match &r.encodings {
+            None => defaults::COMPRESSION_ENCODINGS.to_vec(),
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, e) in list.iter().enumerate() {
+                    match Encoding::parse(e) {
+                        Some(e) if !out.contains(&e) => out.push(e),
+                        _ => {
+                            self.err(format!("{p}.encodings[{i}]"), Problem::BadEncoding(e.clone()))
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let types = match &r.types {
+            None => defaults::COMPRESSION_TYPES.iter().map(|t| t.to_string()).collect(),
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, t) in list.iter().enumerate() {
+                    let valid = t
+                        .split_once('/')
+                        .is_some_and(|(a, b)| is_token(a) && (b == "*" || is_token(b)));
+                    if valid {
+                        out.push(t.to_ascii_lowercase());
+                    } else {
+                        self.err(format!("{p}.types[{i}]"), Problem::BadMediaType(t.clone()));
+                    }
+                }
+                out
+            }
+        };
+        Some(Compression {
+            encodings,
+            gzip_level: self.count(
+                format!("{p}.gzip_level"),
+                r.gzip_level,
+                defaults::GZIP_LEVEL,
+                1,
+                9,
+                "from 1 to 9",
+            ),
+            brotli_quality: self.count(
+                format!("{p}.brotli_quality"),
+                r.brotli_quality,
+                defaults::BROTLI_QUALITY,
+                0,
+                11,
+                "from 0 to 11",
+            ),
+            min_size: self
+                .size(format!("{p}.min_size"), &r.min_size)
+                .unwrap_or(defaults::COMPRESSION_MIN_SIZE),
+            types,
+        })
     }
 
     pub(super) fn path_edit(

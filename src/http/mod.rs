@@ -4,6 +4,7 @@
 //! runtime adapters share it and fuzzers can drive it directly.
 
 pub mod chunked;
+pub mod encoding;
 pub mod fields;
 pub mod request;
 pub mod response;

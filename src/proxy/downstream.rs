@@ -23,6 +23,7 @@ use crate::config::lb::{HashOn, Policy};
 use crate::config::TemplateVars;
 use crate::config::{Action, Listener};
 use crate::http::body::BodyRelay;
+use crate::http::encoding::negotiate;
 use crate::http::request::RequestHead;
 use crate::http::request::{add_upgrade, encode_upstream_head, parse_request_head_at, Forwarding};
 use crate::http::rewrite::{any_contains, FieldEdits};
@@ -141,6 +142,7 @@ fn route<R: Runtime>(
         idempotent: head.is_idempotent(),
         is_head: head.is_head(),
         upgrade: false,
+        accept: None,
     };
     *response_edits = None;
     let snap = &ctx.view.snap;
@@ -190,6 +192,14 @@ fn route<R: Runtime>(
             if let Some(protocol) = head.upgrade().filter(|p| route.allows_upgrade(p)) {
                 add_upgrade(uhead, protocol);
                 info.upgrade = true;
+            }
+            if let Some(c) = route.compression.as_ref().filter(|_| !info.is_head) {
+                let accept = head
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("accept-encoding"))
+                    .map(|h| h.value);
+                info.accept = negotiate(accept, &c.encodings);
             }
             let hash_key = match &cluster.policy {
                 Policy::ConsistentHash(on) => hash_key(&head, on, ctx.client),

@@ -9,10 +9,12 @@ use super::error::ProxyError;
 use super::io::Runtime;
 use super::request::{Buffers, RequestInfo};
 use super::Forward;
-use crate::config::Route;
+use crate::config::{Compression, Route};
 use crate::http::body::BodyRelay;
+use crate::http::encoding::{Compressor, Encoding};
+use crate::http::fields;
 use crate::http::response::{
-    encode_downstream_head, encode_switching_head, parse_response_head, switched_to,
+    encode_downstream_head, encode_switching_head, parse_response_head, switched_to, ResponseHead,
 };
 use crate::http::rewrite::FieldEdits;
 use crate::http::{Framing, HeadLimits, Status, Version};
@@ -28,6 +30,61 @@ pub struct ResponsePlan {
     pub status: u16,
     /// A `101` to an upgrade the request asked for: the connection becomes a tunnel.
     upgraded: bool,
+    /// The body is compressed on its way to the client.
+    compress: Option<Encoding>,
+}
+
+/// Whether a response may be compressed: a 2xx with a body (not 204 or 206), not encoded
+/// already, no range, no `Cache-Control: no-transform`, a media type the route compresses, and
+/// not known to be shorter than the route's minimum.
+fn compressible(resp: &ResponseHead<'_, '_>, c: &Compression) -> bool {
+    if !(200..300).contains(&resp.status) || matches!(resp.status, 204 | 206) {
+        return false;
+    }
+    if matches!(resp.framing, Framing::None) || resp.content_length.is_some_and(|n| n < c.min_size)
+    {
+        return false;
+    }
+    let mut typed = false;
+    for h in resp.headers {
+        let (name, value) = (h.name, fields::trim_ows(h.value));
+        if name.eq_ignore_ascii_case("content-encoding") && !value.eq_ignore_ascii_case(b"identity")
+            || name.eq_ignore_ascii_case("content-range")
+            || name.eq_ignore_ascii_case("cache-control")
+                && fields::list_elements(value).any(|e| e.eq_ignore_ascii_case(b"no-transform"))
+        {
+            return false;
+        }
+        typed |= name.eq_ignore_ascii_case("content-type") && c.compresses(value);
+    }
+    typed
+}
+
+/// The fields a compressed response changes: `Content-Encoding`, `Vary` (extended with
+/// `Accept-Encoding`), and a strong `ETag` made weak (the bytes differ from the upstream's).
+fn compression_edits(
+    resp: &ResponseHead<'_, '_>,
+    e: Encoding,
+    route: Option<&FieldEdits>,
+) -> FieldEdits {
+    let mut edits = route.cloned().unwrap_or_default();
+    let field = |name: &str| {
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(fields::trim_ows(h.value)).into_owned())
+    };
+    edits.set.push(("content-encoding".into(), e.token().into()));
+    let vary = match field("vary") {
+        Some(v) if v.trim() == "*" || v.to_ascii_lowercase().contains("accept-encoding") => v,
+        Some(v) if !v.is_empty() => format!("{v}, Accept-Encoding"),
+        _ => "Accept-Encoding".into(),
+    };
+    edits.set.push(("vary".into(), vary));
+    if let Some(tag) = field("etag").filter(|t| t.starts_with('"')) {
+        edits.set.push(("etag".into(), format!("W/{tag}")));
+    }
+    edits
 }
 
 enum HeadParse {
@@ -71,12 +128,22 @@ fn prepare_response(
             close_client: false,
             status: 101,
             upgraded: true,
+            compress: None,
         }));
     }
     if resp.is_interim() {
         return Ok(HeadParse::Interim(resp.len));
     }
+    let compress = info
+        .accept
+        .zip(route.compression.as_ref())
+        .filter(|(_, c)| compressible(&resp, c))
+        .map(|(e, _)| e);
+    // A compressed body's length is not known ahead: it goes chunked (close-delimited to an
+    // HTTP/1.0 client).
     let down_framing = match resp.framing {
+        _ if compress.is_some() && info.version == Version::Http10 => Framing::UntilClose,
+        _ if compress.is_some() => Framing::Chunked,
         Framing::Chunked | Framing::UntilClose if info.version == Version::Http10 => {
             Framing::UntilClose
         }
@@ -85,7 +152,13 @@ fn prepare_response(
     };
     let close_client = !info.keep_alive || down_framing == Framing::UntilClose || draining;
     let ka = info.needs_keep_alive_header();
-    encode_downstream_head(out, &resp, down_framing, close_client, ka, edits);
+    match compress {
+        Some(e) => {
+            let edits = compression_edits(&resp, e, edits);
+            encode_downstream_head(out, &resp, down_framing, close_client, ka, Some(&edits));
+        }
+        None => encode_downstream_head(out, &resp, down_framing, close_client, ka, edits),
+    }
     Ok(HeadParse::Final(ResponsePlan {
         head_len: resp.len,
         framing: resp.framing,
@@ -94,6 +167,7 @@ fn prepare_response(
         close_client,
         status: resp.status,
         upgraded: false,
+        compress,
     }))
 }
 
@@ -175,6 +249,13 @@ pub async fn relay_response<R: Runtime>(
         }
         return Relayed { keep_client: false, body_bytes: 0 };
     }
+    if let Some(e) = plan.compress {
+        let level = f.view.snap.config.routes[f.target.route]
+            .compression
+            .as_ref()
+            .map_or(1, |c| c.level(e));
+        return relay_compressed(f, up, addr, read_timeout, plan, Compressor::new(e, level)).await;
+    }
     let mut body = BodyRelay::new(plan.framing, plan.down_framing);
     let cut = |body: &BodyRelay| Relayed { keep_client: false, body_bytes: body.body_bytes() };
     let mut leftover = false;
@@ -233,4 +314,78 @@ pub async fn relay_response<R: Runtime>(
         f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
     }
     Relayed { keep_client: !plan.close_client, body_bytes: body.body_bytes() }
+}
+
+/// [`relay_response`] for a body compressed on its way: each read is decoded from the
+/// upstream's framing, compressed (and flushed), and framed for the client; the last read ends
+/// the compressed stream. Memory: one read buffer, the encoder's window, one output buffer.
+async fn relay_compressed<R: Runtime>(
+    f: &mut Forward<'_, R>,
+    mut up: R::Stream,
+    addr: SocketAddr,
+    read_timeout: Duration,
+    plan: ResponsePlan,
+    mut encoder: Compressor,
+) -> Relayed {
+    let bufs = &mut *f.bufs;
+    let client = &mut *f.client;
+    let mut decode = BodyRelay::new(plan.framing, Framing::UntilClose);
+    let mut frame = BodyRelay::new(Framing::UntilClose, plan.down_framing);
+    let (mut raw, mut packed) = (Vec::new(), Vec::new());
+    let mut sent: u64 = 0;
+    let mut leftover = false;
+    let mut offset = plan.head_len;
+    loop {
+        raw.clear();
+        match decode.relay(&bufs.ubuf[offset..], &mut raw) {
+            Ok(n) => leftover |= decode.is_done() && offset + n < bufs.ubuf.len(),
+            Err(e) => {
+                f.worker.failure(addr, "bad response body", &e.reason());
+                return Relayed { keep_client: false, body_bytes: sent };
+            }
+        }
+        bufs.ubuf.clear();
+        offset = 0;
+        packed.clear();
+        encoder.feed(&raw, &mut packed);
+        let done = decode.is_done();
+        if !packed.is_empty() {
+            sent += packed.len() as u64;
+            let _ = frame.relay(&packed, &mut bufs.out);
+        }
+        if done {
+            break;
+        }
+        if !flush(client, &mut bufs.out).await {
+            return Relayed { keep_client: false, body_bytes: sent };
+        }
+        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
+            Some(Ok(n)) if n > 0 => {}
+            Some(Ok(_)) | Some(Err(_)) => {
+                raw.clear();
+                if !decode.end_of_input(&mut raw) {
+                    f.worker.failure(addr, "upstream closed mid-body", &plan.status);
+                    return Relayed { keep_client: false, body_bytes: sent };
+                }
+                break;
+            }
+            None => {
+                f.worker.failure(addr, "upstream body read timed out", &plan.status);
+                return Relayed { keep_client: false, body_bytes: sent };
+            }
+        }
+    }
+    packed.clear();
+    encoder.finish(&mut packed);
+    sent += packed.len() as u64;
+    let _ = frame.relay(&packed, &mut bufs.out);
+    frame.end_of_input(&mut bufs.out);
+    if !flush(client, &mut bufs.out).await {
+        return Relayed { keep_client: false, body_bytes: sent };
+    }
+    if plan.reusable && !leftover {
+        let cluster = &f.view.snap.config.clusters[f.target.cluster];
+        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+    }
+    Relayed { keep_client: !plan.close_client, body_bytes: sent }
 }

@@ -94,6 +94,9 @@ pub struct RequestInfo {
     pub is_head: bool,
     /// The request asks to switch protocols and its route forwards that upgrade.
     pub upgrade: bool,
+    /// The encoding the response may be compressed with (the route compresses, the client
+    /// accepts it).
+    pub accept: Option<crate::http::encoding::Encoding>,
 }
 
 impl RequestInfo {
