@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use apex::config::Config;
-use apex::http::request::{encode_upstream_head, parse_request_head};
+use apex::http::request::{encode_upstream_head, parse_request_head, Forwarding};
 use apex::http::{HeadLimits, Status};
 use apex::routing::Router;
 
@@ -60,7 +60,11 @@ fn main() {
             unreachable!()
         };
         out.clear();
-        encode_upstream_head(&mut out, &h, "10.0.0.1".parse().unwrap(), &"backend:80");
+        encode_upstream_head(
+            &mut out,
+            &h,
+            &Forwarding::plain("10.0.0.1".parse().unwrap(), &"backend:80"),
+        );
         black_box(&out);
     });
     for n in [10, 100, 1000] {
