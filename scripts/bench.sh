@@ -13,7 +13,7 @@
 set -euo pipefail
 
 ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring"
-ALL_SIZES="64 4k 64k"
+ALL_SIZES="64 4k 64k 16k-gzip"
 
 usage() {
     cat <<USAGE
@@ -29,7 +29,8 @@ Arguments:
   SECONDS   length of each measured wrk run (integer 1-600, default 5)
 
 Environment:
-  SIZES         body sizes, any of: $ALL_SIZES (default: "$ALL_SIZES")
+  SIZES         body sizes, any of: $ALL_SIZES (default: "64 4k 64k")
+                (16k-gzip: a 16 KiB HTML page each proxy compresses at gzip level 1)
   MODES         modes, any of: $ALL_MODES
                 (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
                 (default: all of them; "direct" is wrk against the backend itself)
@@ -77,7 +78,7 @@ esac
 
 ROUNDS=${1:-5}
 SECS=${2:-5}
-SIZES=${SIZES:-$ALL_SIZES}
+SIZES=${SIZES:-64 4k 64k}
 MODES=${MODES:-$ALL_MODES}
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-5000}
@@ -323,6 +324,12 @@ start_backend() {
     head -c 64 /dev/zero | tr '\0' 'a' >"$WORK/www/64"
     head -c 4096 /dev/zero | tr '\0' 'b' >"$WORK/www/4k"
     head -c 65536 /dev/zero | tr '\0' 'c' >"$WORK/www/64k"
+    # 16k-gzip: a 16 KiB HTML page, requested with Accept-Encoding: gzip; every proxy
+    # compresses it at gzip level 1 (nginx's and HAProxy's default level).
+    mkdir -p "$WORK/www/gz"
+    for i in $(seq 1 400); do echo "<p>line $i of a page that proxies compress</p>"; done \
+        >"$WORK/www/gz/page"
+    head -c 16384 "$WORK/www/gz/page" >"$WORK/www/gz/16k-gzip"
     # In the foreground of a background job rather than daemonised, so that its PID is known
     # at once; the pid file stays as a second record for cleanup.
     cat >"$WORK/backend.conf" <<CONF
@@ -337,6 +344,7 @@ $(nginx_http_common)
         listen 127.0.0.1:$BACKEND_PORT backlog=4096;
         root $WORK/www;
         default_type application/octet-stream;
+        location /gz/ { default_type text/html; }
     }
 }
 CONF
@@ -357,6 +365,9 @@ listeners:
 routes:
   - match: { path_prefix: "/" }
     cluster: backend
+  - match: { path_prefix: "/gz/" }
+    cluster: backend
+    compression: { encodings: [gzip], gzip_level: 1, min_size: 1, types: [text/html] }
 clusters:
   - name: backend
     endpoints: [ "127.0.0.1:$BACKEND_PORT" ]
@@ -374,6 +385,18 @@ $(nginx_http_common)
     upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 256; }
     server {
         listen 127.0.0.1:$PROXY_PORT backlog=4096;
+        location /gz/ {
+            gzip on;
+            gzip_comp_level 1;
+            gzip_min_length 0;
+            gzip_proxied any;
+            gzip_types text/html;
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffer_size 16k;
+            proxy_buffers 4 16k;
+        }
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -396,6 +419,8 @@ defaults
     http-reuse always
 frontend bench
     bind 127.0.0.1:$PROXY_PORT
+    compression algo gzip
+    compression type text/html
     default_backend be
 backend be
     server b1 127.0.0.1:$BACKEND_PORT
@@ -473,10 +498,16 @@ run_one() {
     [ "$mode" = direct ] && port=$BACKEND_PORT
     start_proxy "$mode"
     pids=$PROXY_PIDS
+    # The compressed size is asked for with Accept-Encoding, under /gz/.
+    local path=$size header=()
+    if [ "$size" = 16k-gzip ]; then
+        path=gz/$size
+        header=(-H "Accept-Encoding: gzip")
+    fi
     # Warm-up: fills pools and caches; not measured.
-    run_wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$port/$size"
+    run_wrk -t1 -c"$CONNS" -d1s "${header[@]}" "http://127.0.0.1:$port/$path"
     t0=$(cpu_ticks "$pids")
-    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$port/$size"
+    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${header[@]}" "http://127.0.0.1:$port/$path"
     out=$(cat "$WORK/wrk.out")
     t1=$(cpu_ticks "$pids")
     stop_proxy "$pids"
