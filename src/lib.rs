@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod log_writer;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod routing;
 pub mod runtime;

@@ -20,8 +20,8 @@ use super::{ConnGuard, Forward, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::balance::hash64;
 use crate::config::lb::{HashOn, Policy};
-use crate::config::TemplateVars;
 use crate::config::{Action, Listener};
+use crate::config::{ProxyProtocolIn, TemplateVars};
 use crate::http::body::BodyRelay;
 use crate::http::encoding::negotiate;
 use crate::http::request::RequestHead;
@@ -29,6 +29,7 @@ use crate::http::request::{add_upgrade, encode_upstream_head, parse_request_head
 use crate::http::rewrite::{any_contains, FieldEdits};
 use crate::http::scan::{HeadEnd, HeadScanner};
 use crate::http::{Framing, HeadError};
+use crate::proxy_protocol::{self, Header, Parsed};
 
 enum Plan {
     Forward(Target),
@@ -245,20 +246,52 @@ fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>
     true
 }
 
-/// The client's address for this connection. A listener with `proxy_protocol` reads the header
-/// from trusted peers (required unless the listener says otherwise) and refuses one from
-/// anyone else; `None` closes the connection.
+/// The client's address on a listener with `proxy_protocol`: a header from a trusted peer
+/// names it (one is required unless the listener says otherwise); a header from anyone else,
+/// a malformed one, or none within the header timeout where one is required closes the
+/// connection (`None`). Bytes after the header stay in `rbuf`: the first request.
 async fn establish_client<R: Runtime>(
-    _worker: &Worker<R>,
-    _client: &mut R::Stream,
-    _rbuf: &mut Vec<u8>,
+    client: &mut R::Stream,
+    rbuf: &mut Vec<u8>,
     peer: SocketAddr,
     listener: &Listener,
+    pp: &ProxyProtocolIn,
 ) -> Option<SocketAddr> {
-    if listener.proxy_protocol.is_none() {
-        return Some(peer);
+    let trusted = any_contains(&pp.trusted, peer.ip());
+    let accept = proxy_protocol::Accept { v1: pp.v1, v2: pp.v2 };
+    let deadline = Instant::now() + listener.header_timeout;
+    loop {
+        if !rbuf.is_empty() {
+            match proxy_protocol::parse(rbuf, accept) {
+                Ok(Parsed::Complete { header, len }) => {
+                    if !trusted {
+                        debug!(client = %peer, "PROXY header from an untrusted peer; closed");
+                        return None;
+                    }
+                    rbuf.drain(..len);
+                    return Some(match header {
+                        Header::Proxied { source, .. } => source,
+                        Header::Local => peer,
+                    });
+                }
+                Ok(Parsed::Absent) if trusted && pp.required => {
+                    debug!(client = %peer, "no PROXY header from a trusted peer; closed");
+                    return None;
+                }
+                Ok(Parsed::Absent) => return Some(peer),
+                Ok(Parsed::Partial) => {}
+                Err(e) => {
+                    debug!(client = %peer, reason = e.reason(), "bad PROXY header; closed");
+                    return None;
+                }
+            }
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match R::timeout(wait, read_some(client, rbuf, IDLE_READ)).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
     }
-    Some(peer)
 }
 
 /// Serves one client connection until it closes, errs or times out. `_guard` counts the
@@ -273,13 +306,17 @@ pub async fn serve_downstream<R: Runtime>(
     let mut bufs = Buffers { rbuf: Vec::with_capacity(IDLE_READ), ..Buffers::default() };
     // The client's address: carried by a PROXY protocol header when the listener takes one
     // from this peer, else the peer itself.
-    let Some(client_addr) =
-        Box::pin(establish_client::<R>(&worker, &mut client, &mut bufs.rbuf, peer, &listener))
-            .await
-    else {
-        return;
+    let peer = match &listener.proxy_protocol {
+        None => peer,
+        Some(pp) => {
+            let established =
+                establish_client::<R>(&mut client, &mut bufs.rbuf, peer, &listener, pp);
+            match Box::pin(established).await {
+                Some(addr) => addr,
+                None => return,
+            }
+        }
     };
-    let peer = client_addr;
     let listener_key = hash64(&listener.name);
     // Open connections per client: this worker's share of the listener's limit. Beyond it the
     // connection is closed before anything is read.
@@ -376,6 +413,7 @@ pub async fn serve_downstream<R: Runtime>(
                     target,
                     info: &info,
                     client: &mut client,
+                    client_addr: peer,
                     bufs: &mut bufs,
                     tunnel: None,
                 };

@@ -15,6 +15,7 @@ use super::Forward;
 use crate::balance::Outcome;
 use crate::config::lb::RetryOn;
 use crate::http::body::BodyRelay;
+use crate::proxy_protocol::encode_v2;
 
 /// Most attempts a retry policy allows (the config caps `attempts` at 10).
 const MAX_ATTEMPTS: usize = 10;
@@ -240,7 +241,9 @@ async fn attempt<R: Runtime>(
     let stats = &f.view.cluster_stats[f.target.cluster];
     let mut retried = false;
     loop {
-        let pooled = if retried {
+        // A connection that told its upstream one client's address (PROXY protocol) carries
+        // that client's requests only: never from or to the pool.
+        let pooled = if retried || cluster.send_proxy_protocol {
             None
         } else {
             // A request that cannot be replayed is only sent on a connection checked first.
@@ -254,6 +257,15 @@ async fn attempt<R: Runtime>(
         let mut up = match pooled {
             Some(s) => s,
             None => match connect_upstream::<R>(addr, timeouts.connect).await {
+                Ok(mut s) if cluster.send_proxy_protocol => {
+                    let mut header = Vec::with_capacity(52);
+                    let local = f.client.local_addr().unwrap_or(f.listener.address);
+                    encode_v2(&mut header, f.client_addr, local);
+                    if let (Err(e), _) = s.write_all(header).await {
+                        return Attempt::Failed(ProxyError::UpstreamWrite(e));
+                    }
+                    s
+                }
                 Ok(s) => s,
                 Err(e) => {
                     match e {

@@ -27,6 +27,10 @@ pub trait Stream: Sized + 'static {
     /// pooled upstream connection for which this is true must not be reused.
     fn is_stale(&self) -> bool;
 
+    /// The local address of the connection (for a client connection: the address the client
+    /// reached, which a PROXY header sent upstream names as the destination).
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+
     /// The stream's two directions, usable at the same time: a tunnel reads from one side
     /// while it writes to the other, and neither operation may be dropped mid-flight (an
     /// io_uring read dropped after the kernel filled it would lose bytes).

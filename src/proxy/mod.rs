@@ -51,6 +51,8 @@ pub struct Forward<'a, R: Runtime> {
     pub target: Target,
     pub info: &'a RequestInfo,
     pub client: &'a mut R::Stream,
+    /// The client's address (the PROXY protocol's when the listener takes it).
+    pub client_addr: SocketAddr,
     pub bufs: &'a mut Buffers,
     /// After a `101`: the upstream connection that becomes a tunnel with the client.
     pub tunnel: Option<R::Stream>,

@@ -310,8 +310,7 @@ pub async fn relay_response<R: Runtime>(
         }
     }
     if plan.reusable && !leftover {
-        let cluster = &f.view.snap.config.clusters[f.target.cluster];
-        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+        give_back(f, addr, up);
     }
     Relayed { keep_client: !plan.close_client, body_bytes: body.body_bytes() }
 }
@@ -384,8 +383,16 @@ async fn relay_compressed<R: Runtime>(
         return Relayed { keep_client: false, body_bytes: sent };
     }
     if plan.reusable && !leftover {
-        let cluster = &f.view.snap.config.clusters[f.target.cluster];
-        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+        give_back(f, addr, up);
     }
     Relayed { keep_client: !plan.close_client, body_bytes: sent }
+}
+
+/// Returns a connection that finished a response cleanly to the worker's pool, unless it
+/// carries one client's PROXY header.
+fn give_back<R: Runtime>(f: &Forward<'_, R>, addr: SocketAddr, up: R::Stream) {
+    let cluster = &f.view.snap.config.clusters[f.target.cluster];
+    if !cluster.send_proxy_protocol {
+        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+    }
 }

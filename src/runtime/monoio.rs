@@ -41,6 +41,10 @@ impl Stream for MonoioStream {
         socket_is_stale(self.0.as_raw_fd())
     }
 
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
     type Read = MonoioRead;
     type Write = MonoioWrite;
     fn into_split(self) -> (MonoioRead, MonoioWrite) {

@@ -37,6 +37,10 @@ impl Stream for TokioStream {
         socket_is_stale(self.0.as_raw_fd())
     }
 
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
     type Read = TokioRead;
     type Write = TokioWrite;
     fn into_split(self) -> (TokioRead, TokioWrite) {
