@@ -109,6 +109,18 @@ fn a_streamed_body_is_compressed_as_it_arrives(rt: &str) {
     let head = c.read_head().unwrap().unwrap();
     assert!(head.to_ascii_lowercase().contains("content-encoding: gzip"), "{head}");
     let first = c.read_chunk().unwrap().expect("a first compressed chunk before the rest");
+    // The first chunk alone decompresses to the whole first piece: it was flushed, not held
+    // back waiting for more input.
+    let mut decoder = flate2::read::GzDecoder::new(&first[..]);
+    let mut prefix = vec![0u8; 4096];
+    let mut got = 0;
+    while let Ok(n) = decoder.read(&mut prefix[got..]) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, 2000, "the first piece reached the client whole");
     first_seen.wait();
     let mut all = first;
     all.extend(c.read_chunked_body().unwrap());

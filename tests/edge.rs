@@ -134,6 +134,7 @@ fn the_connection_limit_refuses_the_next_connection(rt: &str) {
     assert_eq!(a.request("GET / HTTP/1.1\r\nHost: h\r\n\r\n").status, 200);
     assert_eq!(b.request("GET / HTTP/1.1\r\nHost: h\r\n\r\n").status, 200);
     let mut third = Wire::connect(apex.addr);
+    third.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     assert!(third.is_closed(), "the third connection is closed without an answer");
     let r = a.request("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
     assert_eq!(r.status, 200);
