@@ -22,3 +22,4 @@ pub mod runtime;
 pub mod snapshot;
 pub mod stats;
 pub mod timefmt;
+pub mod tls;

@@ -86,9 +86,16 @@ pub struct WorkerStats {
     /// Tunnels (after a `101`) open now, and bytes moved through tunnels in both directions.
     pub tunnels_open: Cell<u64>,
     pub tunnel_bytes: Cell<u64>,
+    /// TLS handshakes completed and failed (bad ClientHello, timeout, client gone).
+    pub tls_ok: Cell<u64>,
+    pub tls_failed: Cell<u64>,
 }
 
 impl WorkerStats {
+    pub fn tls_handshake(&self, ok: bool) {
+        bump(if ok { &self.tls_ok } else { &self.tls_failed });
+    }
+
     pub fn route(&self, route: &str, cluster: &str) -> Rc<RouteStats> {
         let key = (route.to_string(), cluster.to_string());
         Rc::clone(self.routes.borrow_mut().entry(key).or_default())
@@ -103,6 +110,7 @@ impl WorkerStats {
         let mut r = StatsReport { open_connections, idle_pooled, ..StatsReport::default() };
         r.tunnels_open = self.tunnels_open.get();
         r.tunnel_bytes = self.tunnel_bytes.get();
+        r.tls_handshakes = [self.tls_ok.get(), self.tls_failed.get()];
         for ((route, cluster), s) in self.routes.borrow().iter() {
             let e = r.requests.entry((route.clone(), cluster.clone())).or_default();
             for (i, c) in s.by_class.iter().enumerate() {
@@ -127,6 +135,8 @@ pub struct StatsReport {
     pub access_log_dropped: u64,
     pub tunnels_open: u64,
     pub tunnel_bytes: u64,
+    /// Completed, failed.
+    pub tls_handshakes: [u64; 2],
     /// `(cluster, endpoint)` → workers that have the endpoint ejected now.
     pub ejected: BTreeMap<(String, String), u64>,
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
@@ -217,6 +227,8 @@ impl StatsReport {
         self.access_log_dropped += o.access_log_dropped;
         self.tunnels_open += o.tunnels_open;
         self.tunnel_bytes += o.tunnel_bytes;
+        self.tls_handshakes[0] += o.tls_handshakes[0];
+        self.tls_handshakes[1] += o.tls_handshakes[1];
         for (k, v) in &o.ejected {
             *self.ejected.entry(k.clone()).or_default() += v;
         }
@@ -315,6 +327,11 @@ impl StatsReport {
             o,
             "# HELP apex_tunnel_bytes_total Bytes moved through tunnels, both directions.\n# TYPE apex_tunnel_bytes_total counter\napex_tunnel_bytes_total {}",
             self.tunnel_bytes
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_tls_handshakes_total TLS handshakes with clients, by result.\n# TYPE apex_tls_handshakes_total counter\napex_tls_handshakes_total{{result=\"ok\"}} {}\napex_tls_handshakes_total{{result=\"failed\"}} {}",
+            self.tls_handshakes[0], self.tls_handshakes[1]
         );
         let gauges = [
             (

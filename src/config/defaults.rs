@@ -84,3 +84,6 @@ pub const COMPRESSION_TYPES: [&str; 10] = [
     "application/wasm",
     "image/svg+xml",
 ];
+
+/// A TLS client must finish its handshake within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

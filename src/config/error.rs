@@ -70,6 +70,11 @@ pub enum Problem {
     BadVariable(String),
     StripAndReplace,
     BadEncoding(String),
+    BadCertificate(String),
+    BadTlsVersion(String),
+    BadAlpn(String),
+    NoCertificates,
+    BadIndex,
     BadMediaType(String),
 }
 
@@ -161,6 +166,11 @@ impl fmt::Display for Problem {
                 f,
                 "unknown variable `{v}`: use ${{client_ip}}, ${{request_id}} or ${{host}}"
             ),
+            Problem::BadCertificate(e) => write!(f, "{e}"),
+            Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
+            Problem::BadAlpn(p) => write!(f, "ALPN protocol `{p}` is not served (use http/1.1)"),
+            Problem::NoCertificates => write!(f, "a TLS listener needs at least one certificate"),
+            Problem::BadIndex => write!(f, "no certificate has this index"),
             Problem::BadEncoding(e) => write!(f, "`{e}` is not an encoding Apex produces (br, gzip), or is listed twice"),
             Problem::BadMediaType(t) => write!(f, "`{t}` is not a media type like text/html or text/*"),
             Problem::StripAndReplace => write!(f, "use strip_prefix or replace_prefix, not both"),

@@ -122,6 +122,18 @@ pub struct Listener {
     pub max_connections_per_client: Option<u32>,
     /// Requests per client address, a token bucket, this worker's share (429 beyond it).
     pub rate_limit: Option<RateLimit>,
+    /// TLS on this listener.
+    pub tls: Option<TlsListener>,
+}
+
+/// A TLS listener's settings: certificates (loaded and checked when the config loads), the
+/// lowest version, ALPN protocols, the handshake timeout.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub certs: std::sync::Arc<crate::tls::CertStore>,
+    pub tls13_only: bool,
+    pub alpn: Vec<String>,
+    pub handshake_timeout: Duration,
 }
 
 /// A listener's PROXY protocol settings.
@@ -377,6 +389,7 @@ impl Listener {
             request_id: false,
             max_connections_per_client: None,
             rate_limit: None,
+            tls: None,
         }
     }
 }

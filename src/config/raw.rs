@@ -180,6 +180,29 @@ pub struct RawListener {
     pub max_connections_per_client: Option<i64>,
     #[serde(default)]
     pub rate_limit: Option<RawRateLimit>,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawTls {
+    #[serde(default)]
+    pub certificates: Vec<RawCertPair>,
+    #[serde(default)]
+    pub default_certificate: Option<i64>,
+    /// `"1.2"` or `"1.3"`.
+    #[serde(default)]
+    pub min_version: Option<String>,
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    #[serde(default)]
+    pub handshake_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawCertPair {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -67,6 +67,8 @@ fn known_keys(parent: &str) -> &'static [&'static str] {
         "routes.compression" => fields_of::<raw::RawCompression>(),
         "listeners.proxy_protocol" => fields_of::<raw::RawProxyProtocol>(),
         "listeners.rate_limit" => fields_of::<raw::RawRateLimit>(),
+        "listeners.tls" => fields_of::<raw::RawTls>(),
+        "listeners.tls.certificates" => fields_of::<raw::RawCertPair>(),
         "clusters" => fields_of::<raw::RawCluster>(),
         "clusters.health_check" => fields_of::<raw::RawHealthCheck>(),
         "clusters.outlier_detection" => fields_of::<raw::RawOutlier>(),

@@ -234,7 +234,9 @@ impl<'a> Validator<'a> {
             self.count(key, Some(n), 1, 1, 1_000_000, "from 1 to 1000000")
         });
         let rate_limit = self.rate_limit(&p, &l.rate_limit);
+        let tls = self.tls(&p, &l.tls);
         Some(Listener {
+            tls,
             name: l.name.clone(),
             address: address?,
             header_timeout,

@@ -3,8 +3,9 @@
 
 use super::defaults;
 use super::error::Problem;
-use super::model::Compression;
+use super::model::{Compression, TlsListener};
 use super::model::{ProxyProtocolIn, RateLimit, RouteEdits, Template, TemplatePart};
+use super::raw::RawTls;
 use super::raw::{
     RawCompression, RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix,
 };
@@ -13,6 +14,7 @@ use super::validate::Validator;
 use crate::http::encoding::Encoding;
 use crate::http::request::ForwardedStyle;
 use crate::http::rewrite::{Cidr, PathEdit};
+use std::path::Path;
 
 /// Fields a route may never set, add or remove: they describe one hop or the message's framing,
 /// which Apex itself manages (or, for `host`, `host_rewrite` does).
@@ -232,6 +234,62 @@ impl Validator<'_> {
                 .unwrap_or(defaults::COMPRESSION_MIN_SIZE),
             types,
         })
+    }
+
+    /// A listener's TLS block: every certificate and key is read and checked now (readable,
+    /// key matching, at least one DNS SAN), so a bad file is a refused config or reload.
+    pub(super) fn tls(&mut self, p: &str, raw: &Option<RawTls>) -> Option<TlsListener> {
+        let r = raw.as_ref()?;
+        let p = format!("{p}.tls");
+        if r.certificates.is_empty() {
+            self.err(format!("{p}.certificates"), Problem::NoCertificates);
+            return None;
+        }
+        let mut loaded = Vec::new();
+        for (i, c) in r.certificates.iter().enumerate() {
+            match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
+                Ok(l) => loaded.push(l),
+                Err(e) => self
+                    .err(format!("{p}.certificates[{i}]"), Problem::BadCertificate(e.to_string())),
+            }
+        }
+        let default = match r.default_certificate {
+            None => 0,
+            Some(i) if i >= 0 && (i as usize) < r.certificates.len() => i as usize,
+            Some(_) => {
+                self.err(format!("{p}.default_certificate"), Problem::BadIndex);
+                0
+            }
+        };
+        let tls13_only = match r.min_version.as_deref() {
+            None | Some("1.2") => false,
+            Some("1.3") => true,
+            Some(other) => {
+                self.err(format!("{p}.min_version"), Problem::BadTlsVersion(other.into()));
+                false
+            }
+        };
+        let alpn = match &r.alpn {
+            None => vec!["http/1.1".to_string()],
+            Some(list) => {
+                for (i, a) in list.iter().enumerate() {
+                    if a != "http/1.1" {
+                        self.err(format!("{p}.alpn[{i}]"), Problem::BadAlpn(a.clone()));
+                    }
+                }
+                list.clone()
+            }
+        };
+        let handshake_timeout = self.duration(
+            format!("{p}.handshake_timeout"),
+            &r.handshake_timeout,
+            defaults::HANDSHAKE_TIMEOUT,
+        );
+        if loaded.len() != r.certificates.len() {
+            return None;
+        }
+        let certs = std::sync::Arc::new(crate::tls::CertStore::new(&loaded, default));
+        Some(TlsListener { certs, tls13_only, alpn, handshake_timeout })
     }
 
     pub(super) fn path_edit(

@@ -42,19 +42,19 @@ pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
 
 /// Answers with an error status produced by Apex and reports whether the connection stays open.
 /// When it does not, the close lingers (see [`linger_close`]).
-pub async fn send_error<R: Runtime>(
-    client: &mut R::Stream,
+pub async fn send_error<R: Runtime, S: Stream>(
+    client: &mut S,
     out: &mut Vec<u8>,
     status: u16,
     keep_open: bool,
     keep_alive_header: bool,
 ) -> bool {
-    send_error_with::<R>(client, out, status, keep_open, keep_alive_header, b"").await
+    send_error_with::<R, S>(client, out, status, keep_open, keep_alive_header, b"").await
 }
 
 /// [`send_error`] with extra field lines (`Retry-After: 1\r\n`).
-pub async fn send_error_with<R: Runtime>(
-    client: &mut R::Stream,
+pub async fn send_error_with<R: Runtime, S: Stream>(
+    client: &mut S,
     out: &mut Vec<u8>,
     status: u16,
     keep_open: bool,
@@ -66,7 +66,7 @@ pub async fn send_error_with<R: Runtime>(
     encode_error_response_with(out, status, !keep_open, keep_alive_header, extra);
     let sent = flush(client, out).await;
     if sent && !keep_open {
-        linger_close::<R>(client, out).await;
+        linger_close::<R, S>(client, out).await;
     }
     sent && keep_open
 }
@@ -79,7 +79,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// Closing a socket with unread input makes the kernel send RST, which can destroy the error
 /// response we just wrote before the client reads it. So: send FIN, then read and discard what
 /// the client still sends, for a bounded time and byte count (nginx's lingering close).
-pub async fn linger_close<R: Runtime>(client: &mut R::Stream, scratch: &mut Vec<u8>) {
+pub async fn linger_close<R: Runtime, S: Stream>(client: &mut S, scratch: &mut Vec<u8>) {
     if client.shutdown_write().await.is_err() {
         return;
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
+use super::client::ClientStream;
 use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::io::Runtime;
@@ -30,6 +31,7 @@ use crate::http::rewrite::{any_contains, FieldEdits};
 use crate::http::scan::{HeadEnd, HeadScanner};
 use crate::http::{Framing, HeadError};
 use crate::proxy_protocol::{self, Header, Parsed};
+use crate::tls::TlsStream;
 
 enum Plan {
     Forward(Target),
@@ -54,7 +56,7 @@ enum HeadRead {
 /// the wait also ends when the worker starts draining.
 async fn read_request_head<R: Runtime>(
     worker: &Worker<R>,
-    client: &mut R::Stream,
+    client: &mut ClientStream<R::Stream>,
     rbuf: &mut Vec<u8>,
     listener: &Listener,
     first: bool,
@@ -109,6 +111,8 @@ struct RouteCtx<'a, R: Runtime> {
     listener: &'a Listener,
     /// The client's address: the PROXY protocol's when the listener takes it, else the peer.
     client: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
 }
 
 /// A client's own `X-Request-Id`, when it is one Apex can pass on unchanged: 1 to 128 bytes of
@@ -180,7 +184,7 @@ fn route<R: Runtime>(
                 default_host: &cluster.endpoints[0],
                 trusted: any_contains(&ctx.listener.trusted_proxies, ctx.client.ip()),
                 style: ctx.listener.forwarded,
-                proto: "http",
+                proto: ctx.scheme,
                 edits: edits.as_ref(),
                 path: route.path_edit.as_ref(),
                 host: host.as_deref(),
@@ -332,6 +336,30 @@ pub async fn serve_downstream<R: Runtime>(
         }
         None => None,
     };
+    // TLS: the handshake, within its timeout, before anything else is read.
+    let mut client = match &listener.tls {
+        None => ClientStream::Plain(client),
+        Some(tls) => {
+            let Some(config) = worker.view().tls_config(&listener.name) else { return };
+            let accept = TlsStream::accept(config, client);
+            match R::timeout(tls.handshake_timeout, Box::pin(accept)).await {
+                Some(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                Some(Err(e)) => {
+                    debug!(client = %peer, error = %e, "TLS handshake failed");
+                    worker.stats.tls_handshake(false);
+                    return;
+                }
+                None => {
+                    debug!(client = %peer, "TLS handshake timed out");
+                    worker.stats.tls_handshake(false);
+                    return;
+                }
+            }
+        }
+    };
+    if let ClientStream::Tls(_) = client {
+        worker.stats.tls_handshake(true);
+    }
     let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
     let mut first = true;
     loop {
@@ -354,8 +382,13 @@ pub async fn serve_downstream<R: Runtime>(
                     }
                 }
                 let logged = worker.access.is_some().then_some(&mut bufs.logged);
-                let ctx =
-                    RouteCtx { worker: &worker, view: &view, listener: &listener, client: peer };
+                let ctx = RouteCtx {
+                    worker: &worker,
+                    view: &view,
+                    listener: &listener,
+                    client: peer,
+                    scheme: client.scheme(),
+                };
                 let edits = &mut bufs.response_edits;
                 route(&ctx, &bufs.rbuf, end, &mut bufs.uhead, logged, edits)
             }
@@ -379,7 +412,7 @@ pub async fn serve_downstream<R: Runtime>(
                 let ka = info.needs_keep_alive_header();
                 view.unrouted.record(429);
                 let retry = format!("retry-after: {wait}\r\n");
-                let answer = send_error_with::<R>(
+                let answer = send_error_with::<R, _>(
                     &mut client,
                     &mut bufs.out,
                     429,
@@ -471,7 +504,8 @@ pub async fn serve_downstream<R: Runtime>(
                     None => view.unrouted.record(status),
                 }
                 let sent =
-                    Box::pin(send_error::<R>(&mut client, &mut bufs.out, status, keep, ka)).await;
+                    Box::pin(send_error::<R, _>(&mut client, &mut bufs.out, status, keep, ka))
+                        .await;
                 (Served::generated(status, sent, None), route)
             }
         };
@@ -493,14 +527,14 @@ pub async fn serve_downstream<R: Runtime>(
 async fn refuse<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
-    client: &mut R::Stream,
+    client: &mut ClientStream<R::Stream>,
     bufs: &mut Buffers,
     peer: SocketAddr,
     started: Instant,
     status: u16,
 ) {
     view.unrouted.record(status);
-    send_error::<R>(client, &mut bufs.out, status, false, false).await;
+    send_error::<R, _>(client, &mut bufs.out, status, false, false).await;
     let served = Served::generated(status, false, None);
     log_request(worker, view, peer, &bufs.logged, started, served, None);
 }

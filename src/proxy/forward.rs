@@ -40,7 +40,7 @@ async fn answer<R: Runtime>(
 ) -> Served {
     let keep = body_done && f.info.keep_alive && !f.worker.is_draining();
     let ka = f.info.needs_keep_alive_header();
-    let kept = send_error::<R>(f.client, &mut f.bufs.out, status, keep, ka).await;
+    let kept = send_error::<R, _>(f.client, &mut f.bufs.out, status, keep, ka).await;
     Served::generated(status, kept, upstream)
 }
 
@@ -308,7 +308,8 @@ async fn attempt<R: Runtime>(
                 Err(BodyStop::Upstream(e)) => return Attempt::Failed(ProxyError::UpstreamWrite(e)),
             };
             if let Some(status) = status {
-                let kept = send_error::<R>(f.client, &mut f.bufs.out, status, false, false).await;
+                let kept =
+                    send_error::<R, _>(f.client, &mut f.bufs.out, status, false, false).await;
                 return Attempt::Answered(Served::generated(status, kept, None));
             }
         }

@@ -4,6 +4,7 @@
 //! purpose (`Rc`, `RefCell`, `Cell`): it lives on one pinned thread and is never locked.
 
 pub mod buffers;
+pub mod client;
 pub mod conn;
 pub mod downstream;
 pub mod error;
@@ -50,7 +51,7 @@ pub struct Forward<'a, R: Runtime> {
     pub listener: &'a Listener,
     pub target: Target,
     pub info: &'a RequestInfo,
-    pub client: &'a mut R::Stream,
+    pub client: &'a mut client::ClientStream<R::Stream>,
     /// The client's address (the PROXY protocol's when the listener takes it).
     pub client_addr: SocketAddr,
     pub bufs: &'a mut Buffers,
@@ -71,11 +72,19 @@ pub struct WorkerView {
     pub unrouted: Rc<RouteStats>,
     /// One per route of `snap`.
     pub retry_budgets: Vec<retry::RetryBudget>,
+    /// This worker's own TLS server config per TLS listener, by listener name: its own
+    /// session cache, so no handshake writes memory another worker reads.
+    pub tls: Vec<(String, Arc<rustls::ServerConfig>)>,
 }
 
 impl WorkerView {
     pub fn listener(&self, name: &str) -> Option<Rc<crate::config::Listener>> {
         self.listeners.iter().find(|l| l.name == name).cloned()
+    }
+
+    /// This worker's TLS config for a listener.
+    pub fn tls_config(&self, listener: &str) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.iter().find(|(n, _)| n == listener).map(|(_, c)| Arc::clone(c))
     }
 }
 
@@ -295,6 +304,20 @@ impl<R: Runtime> Worker<R> {
         let cluster_stats = config.clusters.iter().map(|c| stats.cluster(&c.name)).collect();
         let unrouted = stats.route("", "");
         let retry_budgets = config.routes.iter().map(|_| retry::RetryBudget::default()).collect();
+        let tls = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let t = l.tls.as_ref()?;
+                match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn) {
+                    Ok(c) => Some((l.name.clone(), c)),
+                    Err(e) => {
+                        tracing::error!(listener = %l.name, error = %e, "cannot build the TLS config");
+                        None
+                    }
+                }
+            })
+            .collect();
         WorkerView {
             snap,
             balancers,
@@ -303,6 +326,7 @@ impl<R: Runtime> Worker<R> {
             cluster_stats,
             unrouted,
             retry_budgets,
+            tls,
         }
     }
 

@@ -53,7 +53,7 @@ async fn copy<F: ReadHalf, T: WriteHalf>(
 /// is passed on first.
 pub async fn tunnel<R: Runtime>(
     worker: &Worker<R>,
-    mut client: R::Stream,
+    mut client: super::client::ClientStream<R::Stream>,
     mut up: R::Stream,
     bufs: &mut Buffers,
     idle: Duration,

@@ -1,0 +1,411 @@
+//! TLS for client connections: certificates chosen by SNI, and a TLS stream layered over the
+//! runtime seam, so the proxy loop and every runtime share one implementation.
+//!
+//! rustls is driven through its buffered API from Apex's own buffers: ciphertext is read by
+//! the seam into an owned buffer and fed to `read_tls`; what rustls has to send is drained with
+//! `write_tls` into an owned buffer and written by the seam. Nothing here blocks or owns a
+//! thread. Each worker builds its own `ServerConfig` (its own session cache), so no handshake
+//! writes memory another worker uses.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring::default_provider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::proxy::io::{ReadHalf, Stream, WriteHalf};
+
+/// Ciphertext read at once: one TLS record and its overhead.
+const TLS_READ: usize = 16 * 1024 + 512;
+/// Sessions each worker remembers for TLS 1.2 resumption by session id.
+const SESSION_CACHE: usize = 4096;
+
+/// A certificate chain with its key, and the DNS names it is for.
+#[derive(Debug, Clone)]
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    /// Lower-case SAN names; wildcards as `*.example.net`.
+    pub names: Vec<String>,
+}
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertError {
+    Unreadable(String),
+    NoCertificate,
+    BadKey(String),
+    KeyMismatch,
+    NoSubjectAltName,
+}
+
+impl std::fmt::Display for CertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertError::Unreadable(e) => write!(f, "cannot read: {e}"),
+            CertError::NoCertificate => write!(f, "holds no PEM certificate"),
+            CertError::BadKey(e) => write!(f, "no usable private key: {e}"),
+            CertError::KeyMismatch => write!(f, "the key does not match the certificate"),
+            CertError::NoSubjectAltName => {
+                write!(f, "the certificate names no DNS subject alternative name")
+            }
+        }
+    }
+}
+
+/// Reads a PEM chain (leaf first) and its PEM key (RSA, ECDSA or Ed25519).
+pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, CertError> {
+    let pem = std::fs::read(cert)
+        .map_err(|e| CertError::Unreadable(format!("{}: {e}", cert.display())))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| CertError::NoCertificate)?;
+    if chain.is_empty() {
+        return Err(CertError::NoCertificate);
+    }
+    let key_pem =
+        std::fs::read(key).map_err(|e| CertError::Unreadable(format!("{}: {e}", key.display())))?;
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::BadKey(e.to_string()))?;
+    let names: Vec<String> = {
+        let leaf =
+            webpki::EndEntityCert::try_from(&chain[0]).map_err(|_| CertError::NoCertificate)?;
+        leaf.valid_dns_names().map(|n| n.to_ascii_lowercase()).collect()
+    };
+    if names.is_empty() {
+        return Err(CertError::NoSubjectAltName);
+    }
+    let key = CertifiedKey::from_der(chain, key_der, &default_provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => CertError::KeyMismatch,
+        other => CertError::BadKey(other.to_string()),
+    })?;
+    Ok(LoadedCert { key: Arc::new(key), names })
+}
+
+/// SNI: exact names first, then one-label wildcards (`*.example.net` matches `a.example.net`,
+/// not `example.net` nor `a.b.example.net`), then the default. Immutable, built per config
+/// snapshot; read by every worker's handshakes, written by none.
+#[derive(Debug)]
+pub struct CertStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl CertStore {
+    /// `certs` in config order (the first to claim a name keeps it); `default` indexes them.
+    pub fn new(certs: &[LoadedCert], default: usize) -> CertStore {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for c in certs {
+            for n in &c.names {
+                match n.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix.to_string()),
+                    None => exact.entry(n.clone()),
+                }
+                .or_insert_with(|| Arc::clone(&c.key));
+            }
+        }
+        CertStore { exact, wildcard, default: Arc::clone(&certs[default].key) }
+    }
+
+    /// The certificate for a server name (lower-case), or the default.
+    pub fn pick(&self, name: Option<&str>) -> Arc<CertifiedKey> {
+        let found = name.and_then(|n| {
+            let n = n.to_ascii_lowercase();
+            self.exact
+                .get(&n)
+                .or_else(|| {
+                    let (_, parent) = n.split_once('.')?;
+                    self.wildcard.get(parent)
+                })
+                .cloned()
+        });
+        found.unwrap_or_else(|| Arc::clone(&self.default))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// A worker's own server config for a TLS listener: its own session cache, the snapshot's
+/// certificates.
+pub fn server_config(
+    certs: Arc<CertStore>,
+    tls13_only: bool,
+    alpn: &[String],
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    Ok(Arc::new(config))
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// A client connection over TLS, on any seam stream. Reads and writes plaintext like the
+/// stream it wraps.
+pub struct TlsStream<S> {
+    conn: ServerConnection,
+    inner: S,
+    /// Ciphertext read from `inner` not yet taken by rustls.
+    incoming: Vec<u8>,
+    /// Ciphertext rustls produced, being written to `inner`.
+    outgoing: Vec<u8>,
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// Completes the handshake on `inner` (the caller bounds it with its handshake timeout).
+    pub async fn accept(config: Arc<ServerConfig>, inner: S) -> io::Result<TlsStream<S>> {
+        let conn = ServerConnection::new(config).map_err(tls_error)?;
+        let mut s = TlsStream { conn, inner, incoming: Vec::new(), outgoing: Vec::new() };
+        while s.conn.is_handshaking() {
+            s.send_pending().await?;
+            if !s.conn.is_handshaking() {
+                break;
+            }
+            if s.receive().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        s.send_pending().await?;
+        // Idle connections keep no ciphertext buffer.
+        s.incoming = Vec::new();
+        Ok(s)
+    }
+
+    /// The server name the client asked for (SNI), the negotiated protocol and version.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.server_name()
+    }
+
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    pub fn version(&self) -> Option<rustls::ProtocolVersion> {
+        self.conn.protocol_version()
+    }
+
+    /// Writes whatever rustls has to send.
+    async fn send_pending(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.outgoing)?;
+        }
+        if self.outgoing.is_empty() {
+            return Ok(());
+        }
+        let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
+        b.clear();
+        self.outgoing = b;
+        res
+    }
+
+    /// Reads ciphertext and hands it to rustls; `Ok(0)` at the peer's end of stream. A TLS
+    /// error sends rustls's alert before it is returned.
+    async fn receive(&mut self) -> io::Result<usize> {
+        if self.incoming.capacity() < TLS_READ {
+            self.incoming.reserve(TLS_READ);
+        }
+        let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
+        self.incoming = b;
+        let n = res?;
+        if n == 0 {
+            return Ok(0);
+        }
+        feed(&mut self.conn, &mut self.incoming)?;
+        if let Err(e) = self.conn.process_new_packets() {
+            let _ = self.send_pending().await;
+            return Err(tls_error(e));
+        }
+        Ok(n)
+    }
+}
+
+/// Gives rustls the ciphertext in `incoming` (as much as it takes; the rest stays).
+fn feed(conn: &mut ServerConnection, incoming: &mut Vec<u8>) -> io::Result<()> {
+    let mut taken = 0;
+    while taken < incoming.len() {
+        let n = conn.read_tls(&mut &incoming[taken..])?;
+        if n == 0 {
+            break;
+        }
+        taken += n;
+        if conn.process_new_packets().is_err() {
+            break;
+        }
+    }
+    incoming.drain(..taken);
+    Ok(())
+}
+
+/// Moves available plaintext into `buf`'s spare capacity. `Some(0)`: the peer's close_notify;
+/// `None`: nothing yet.
+fn take_plaintext(conn: &mut ServerConnection, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    let len = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let got = conn.reader().read(&mut buf[len..]);
+    match got {
+        Ok(n) => {
+            buf.truncate(len + n);
+            Ok(Some(n))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            buf.truncate(len);
+            Ok(None)
+        }
+        Err(e) => {
+            buf.truncate(len);
+            Err(e)
+        }
+    }
+}
+
+impl<S: Stream> Stream for TlsStream<S> {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            match take_plaintext(&mut self.conn, &mut buf) {
+                Ok(Some(n)) => return (Ok(n), buf),
+                Ok(None) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            match self.receive().await {
+                Ok(0) => return (Ok(0), buf),
+                Ok(_) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            // Post-handshake messages (tickets, key updates) may need an answer.
+            if let Err(e) = self.send_pending().await {
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        if let Err(e) = self.conn.writer().write_all(&buf) {
+            return (Err(e), buf);
+        }
+        (self.send_pending().await, buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.conn.send_close_notify();
+        self.send_pending().await?;
+        self.inner.shutdown_write().await
+    }
+
+    fn is_stale(&self) -> bool {
+        self.inner.is_stale()
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    type Read = TlsRead<S>;
+    type Write = TlsWrite<S>;
+    /// The halves share the rustls state through an `Rc<RefCell>`, borrowed only between
+    /// awaits, never across one: each half owns its direction of the socket and its buffer.
+    /// Records rustls queues while reading (a key update's answer) leave with the next write.
+    fn into_split(self) -> (TlsRead<S>, TlsWrite<S>) {
+        let (r, w) = self.inner.into_split();
+        let conn = std::rc::Rc::new(std::cell::RefCell::new(self.conn));
+        (
+            TlsRead { conn: std::rc::Rc::clone(&conn), inner: r, incoming: self.incoming },
+            TlsWrite { conn, inner: w, outgoing: self.outgoing },
+        )
+    }
+}
+
+pub struct TlsRead<S: Stream> {
+    conn: std::rc::Rc<std::cell::RefCell<ServerConnection>>,
+    inner: S::Read,
+    incoming: Vec<u8>,
+}
+
+pub struct TlsWrite<S: Stream> {
+    conn: std::rc::Rc<std::cell::RefCell<ServerConnection>>,
+    inner: S::Write,
+    outgoing: Vec<u8>,
+}
+
+impl<S: Stream> ReadHalf for TlsRead<S> {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            match take_plaintext(&mut self.conn.borrow_mut(), &mut buf) {
+                Ok(Some(n)) => return (Ok(n), buf),
+                Ok(None) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            if self.incoming.capacity() < TLS_READ {
+                self.incoming.reserve(TLS_READ);
+            }
+            let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
+            self.incoming = b;
+            match res {
+                Ok(0) => return (Ok(0), buf),
+                Ok(_) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            let mut conn = self.conn.borrow_mut();
+            if let Err(e) = feed(&mut conn, &mut self.incoming) {
+                return (Err(e), buf);
+            }
+            if let Err(e) = conn.process_new_packets() {
+                return (Err(tls_error(e)), buf);
+            }
+        }
+    }
+}
+
+impl<S: Stream> TlsWrite<S> {
+    async fn send_pending(&mut self) -> io::Result<()> {
+        {
+            let mut conn = self.conn.borrow_mut();
+            while conn.wants_write() {
+                conn.write_tls(&mut self.outgoing)?;
+            }
+        }
+        if self.outgoing.is_empty() {
+            return Ok(());
+        }
+        let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
+        b.clear();
+        self.outgoing = b;
+        res
+    }
+}
+
+impl<S: Stream> WriteHalf for TlsWrite<S> {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        if let Err(e) = self.conn.borrow_mut().writer().write_all(&buf) {
+            return (Err(e), buf);
+        }
+        (self.send_pending().await, buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.conn.borrow_mut().send_close_notify();
+        self.send_pending().await?;
+        self.inner.shutdown_write().await
+    }
+}

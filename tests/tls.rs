@@ -1,0 +1,241 @@
+//! TLS listeners with a real rustls client: SNI picks the certificate, both TLS versions work,
+//! keep-alive, X-Forwarded-Proto: https, bad or stalled handshakes are cut without disturbing
+//! other clients, large bodies cross intact, and certificates follow a reload.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use support::*;
+
+/// A self-signed certificate for `names`, written as PEM files; returns (cert, key, DER).
+fn cert_files(dir: &TempDir, tag: &str, names: &[&str]) -> (String, String, Vec<u8>) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = dir.write(&format!("{tag}.crt"), &c.cert.pem());
+    let key = dir.write(&format!("{tag}.key"), &c.key_pair.serialize_pem());
+    (cert.display().to_string(), key.display().to_string(), c.cert.der().to_vec())
+}
+
+/// Accepts any server certificate: the tests check which one was presented.
+#[derive(Debug)]
+struct AnyCert;
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Tls {
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth();
+    let conn =
+        ClientConnection::new(Arc::new(config), ServerName::try_from(sni.to_string()).unwrap())
+            .unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake");
+    }
+    s
+}
+
+/// Sends a GET and reads a Content-Length response; returns (head, body).
+fn get(s: &mut Tls, path: &str) -> (String, Vec<u8>) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).expect("response head");
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = Response::parse(&head).header("content-length").unwrap().parse().unwrap();
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head, buf[head_end..head_end + len].to_vec())
+}
+
+fn tls_config(up: SocketAddr, certs: &[(String, String)], extra: &str) -> String {
+    let list: Vec<String> =
+        certs.iter().map(|(c, k)| format!("{{ cert: \"{c}\", key: \"{k}\" }}")).collect();
+    proxy_config(&[up], "").replace(
+        "address: 127.0.0.1:0",
+        &format!("address: 127.0.0.1:0\n    tls: {{ certificates: [{}]{extra} }}", list.join(", ")),
+    )
+}
+
+fn presented(s: &Tls) -> Vec<u8> {
+    s.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn sni_picks_exact_then_wildcard_then_the_default(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (ca, ka, a) = cert_files(&dir, "a", &["a.example.com"]);
+    let (cb, kb, b) = cert_files(&dir, "b", &["*.example.net"]);
+    let apex = Apex::start(&tls_config(up.addr, &[(ca, ka), (cb, kb)], ""), rt);
+    let v13 = &[&rustls::version::TLS13];
+    assert_eq!(presented(&connect(apex.addr, "a.example.com", v13)), a, "exact name");
+    assert_eq!(presented(&connect(apex.addr, "x.example.net", v13)), b, "wildcard");
+    assert_eq!(presented(&connect(apex.addr, "deep.x.example.net", v13)), a, "one label only");
+    assert_eq!(presented(&connect(apex.addr, "other.test", v13)), a, "no match: the default");
+}
+
+fn both_versions_keep_alive_and_forwarded_proto_https(rt: &str) {
+    let up = Upstream::ok("hello");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let mut admin_yaml = with_admin(&tls_config(up.addr, &[(c, k)], ""));
+    admin_yaml.push('\n');
+    let mut apex = Apex::start(&admin_yaml, rt);
+    let admin_at = admin_addr(&mut apex);
+    for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut s = connect(apex.addr, "a.example.com", &[v]);
+        assert_eq!(s.conn.protocol_version(), Some(v.version));
+        for _ in 0..2 {
+            let (head, body) = get(&mut s, "/");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, b"hello");
+            assert_eq!(up.next().header("x-forwarded-proto").as_deref(), Some("https"));
+        }
+    }
+    let text = metrics(admin_at);
+    assert_eq!(metric(&text, "apex_tls_handshakes_total{result=\"ok\"}"), Some(2), "{text}");
+}
+
+fn garbage_plaintext_and_stalled_handshakes_are_cut_alone(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ", handshake_timeout: 500ms"), rt);
+    let mut good = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    // Each is answered at most with a TLS alert record, then the connection is closed.
+    let cut = |bytes: &[u8], what: &str| {
+        let mut w = Wire::connect(apex.addr);
+        w.send(bytes);
+        let rest = w.read_to_end().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(rest.is_empty() || rest[0] == 0x15, "{what}: only an alert, got {rest:?}");
+    };
+    cut(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5, 6, 7, 8], "a garbage ClientHello");
+    cut(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", "plaintext HTTP to the TLS port");
+    let mut stalled = Wire::connect(apex.addr);
+    let started = Instant::now();
+    assert!(stalled.is_closed(), "a client that never finishes its handshake is cut");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(get(&mut good, "/").1, b"ok", "the other client never noticed");
+}
+
+fn large_bodies_cross_tls_intact(rt: &str) {
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let body = big.clone();
+    let up = Upstream::start(move |_, w| {
+        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        w.send(&body);
+        After::KeepOpen
+    });
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
+    let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    let (_, got) = get(&mut s, "/");
+    assert!(got == big, "8 MiB across TLS");
+}
+
+fn a_reload_serves_the_new_certificate_and_refuses_a_bad_one(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c1, k1, first) = cert_files(&dir, "one", &["a.example.com"]);
+    let (c2, k2, second) = cert_files(&dir, "two", &["a.example.com"]);
+    let mut apex = Apex::start(&tls_config(up.addr, &[(c1, k1.clone())], ""), rt);
+    let v13 = &[&rustls::version::TLS13];
+    let mut established = connect(apex.addr, "a.example.com", v13);
+    assert_eq!(presented(&established), first);
+    assert!(apex
+        .reload_with(&tls_config(up.addr, &[(c2.clone(), k2)], ""))
+        .contains("config reloaded"));
+    assert_eq!(presented(&connect(apex.addr, "a.example.com", v13)), second, "next handshake");
+    assert_eq!(get(&mut established, "/").1, b"ok", "the established connection continues");
+    // A key that does not match its certificate: refused, the running config keeps serving.
+    let outcome = apex.reload_with(&tls_config(up.addr, &[(c2, k1)], ""));
+    assert!(outcome.contains("reload refused"), "{outcome}");
+    assert!(apex.wait_for_log(&["the key does not match the certificate"]).is_some());
+    assert_eq!(presented(&connect(apex.addr, "a.example.com", v13)), second);
+}
+
+under_each_driver!(
+    sni_picks_exact_then_wildcard_then_the_default,
+    both_versions_keep_alive_and_forwarded_proto_https,
+    garbage_plaintext_and_stalled_handshakes_are_cut_alone,
+    large_bodies_cross_tls_intact,
+    a_reload_serves_the_new_certificate_and_refuses_a_bad_one,
+);
+
+#[test]
+fn check_reports_unreadable_files_and_certificates_without_names() {
+    let dir = TempDir::new();
+    let (_, _, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let (code, err, _) = apex_check(&format!(
+        "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    tls: {{ certificates: [ {{ cert: \"{0}/missing.crt\", key: \"{0}/a.key\" }} ], min_version: \"1.1\" }}\n",
+        dir.0.display()
+    ));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("listeners[0].tls.certificates[0]: cannot read"), "{err}");
+    assert!(err.contains("listeners[0].tls.min_version: unknown TLS version `1.1`"), "{err}");
+}
