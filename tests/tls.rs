@@ -219,7 +219,38 @@ fn a_reload_serves_the_new_certificate_and_refuses_a_bad_one(rt: &str) {
     assert_eq!(presented(&connect(apex.addr, "a.example.com", v13)), second);
 }
 
+/// A WebSocket through a TLS listener: the tunnel runs on the split TLS stream.
+fn websocket_tunnels_work_over_tls(rt: &str) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut ws = tungstenite::accept(s).unwrap();
+        while let Ok(m) = ws.read() {
+            if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                return;
+            }
+        }
+    });
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let apex = Apex::start(&tls_config(up, &[(c, k)], ""), rt);
+    let s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    let (mut ws, resp) = tungstenite::client("wss://a.example.com/chat", s).expect("handshake");
+    assert_eq!(resp.status().as_u16(), 101);
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..50 {
+        ws.send(tungstenite::Message::Text(format!("m{i}"))).unwrap();
+    }
+    ws.send(tungstenite::Message::Binary(big.clone())).unwrap();
+    for i in 0..50 {
+        assert_eq!(ws.read().unwrap(), tungstenite::Message::Text(format!("m{i}")));
+    }
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::Binary(big));
+}
+
 under_each_driver!(
+    websocket_tunnels_work_over_tls,
     sni_picks_exact_then_wildcard_then_the_default,
     both_versions_keep_alive_and_forwarded_proto_https,
     garbage_plaintext_and_stalled_handshakes_are_cut_alone,
