@@ -143,6 +143,7 @@ pub fn server_config(
     certs: Arc<CertStore>,
     tls13_only: bool,
     alpn: &[String],
+    tickets: &SharedTicketKeys,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
@@ -155,6 +156,8 @@ pub fn server_config(
         .with_cert_resolver(certs);
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    // Stateless tickets under keys every worker shares: a client resumes on any core.
+    config.ticketer = Ticketer::new(Arc::clone(tickets));
     Ok(Arc::new(config))
 }
 
@@ -407,5 +410,146 @@ impl<S: Stream> WriteHalf for TlsWrite<S> {
         self.conn.borrow_mut().send_close_notify();
         self.send_pending().await?;
         self.inner.shutdown_write().await
+    }
+}
+
+/// Session-ticket keys: one to encrypt with, the one before it still accepted, so a ticket
+/// stays usable for up to two rotation periods. Immutable: a rotation publishes a new set
+/// through `arc-swap`, the way config snapshots reach workers.
+pub struct TicketKeys {
+    current: Arc<TicketKey>,
+    previous: Option<Arc<TicketKey>>,
+}
+
+/// A key's name (sent in the ticket, to find the key again) and the key.
+type TicketKey = (TicketKeyName, ring::aead::LessSafeKey);
+
+type TicketKeyName = [u8; 16];
+
+/// Where the control plane publishes ticket keys and every worker's ticketer reads them.
+pub type SharedTicketKeys = Arc<arc_swap::ArcSwap<TicketKeys>>;
+
+/// How often ticket keys rotate; tickets are announced as valid for twice this (the
+/// previous key is kept for one period), which bounds how long a stolen key decrypts sessions.
+pub const TICKET_ROTATION: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+impl TicketKeys {
+    fn new_key() -> Arc<TicketKey> {
+        use ring::rand::SecureRandom;
+        let rng = ring::rand::SystemRandom::new();
+        let mut name = [0u8; 16];
+        let mut secret = [0u8; 32];
+        // The system's random source does not fail on Linux once booted.
+        rng.fill(&mut name).expect("random ticket key name");
+        rng.fill(&mut secret).expect("random ticket key");
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &secret)
+            .expect("a 32-byte AES-256-GCM key");
+        Arc::new((name, ring::aead::LessSafeKey::new(key)))
+    }
+
+    /// A first set of keys.
+    pub fn generate() -> TicketKeys {
+        TicketKeys { current: Self::new_key(), previous: None }
+    }
+
+    /// The next set: a new current key, this one's current as the previous.
+    pub fn rotated(&self) -> TicketKeys {
+        TicketKeys { current: Self::new_key(), previous: Some(Arc::clone(&self.current)) }
+    }
+}
+
+/// A ticketer for one worker's `ServerConfig`: stateless tickets sealed with AES-256-GCM under
+/// the shared current key, opened under the current or previous key. It only reads the
+/// published keys: no lock, and nothing written that another worker reads.
+#[derive(Debug)]
+pub struct Ticketer {
+    keys: SharedTicketKeys,
+}
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TicketKeys")
+    }
+}
+
+impl Ticketer {
+    pub fn new(keys: SharedTicketKeys) -> Arc<Ticketer> {
+        Arc::new(Ticketer { keys })
+    }
+}
+
+const NONCE: usize = 12;
+
+impl rustls::server::ProducesTickets for Ticketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        (2 * TICKET_ROTATION.as_secs()) as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        use ring::rand::SecureRandom;
+        let keys = self.keys.load();
+        let (name, key) = &*keys.current;
+        let mut nonce = [0u8; NONCE];
+        ring::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(16 + NONCE + plain.len() + 16);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&nonce);
+        let mut sealed = plain.to_vec();
+        key.seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(name),
+            &mut sealed,
+        )
+        .ok()?;
+        out.extend_from_slice(&sealed);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        if cipher.len() < 16 + NONCE + 16 {
+            return None;
+        }
+        let (name, rest) = cipher.split_at(16);
+        let (nonce, sealed) = rest.split_at(NONCE);
+        let keys = self.keys.load();
+        let key = [Some(&keys.current), keys.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|k| k.0[..] == *name)
+            .map(|k| &k.1)?;
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let plain = key.open_in_place(nonce, ring::aead::Aad::from(name), &mut buf).ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::server::ProducesTickets;
+
+    #[test]
+    fn tickets_open_under_the_current_and_previous_key_only() {
+        let keys: SharedTicketKeys =
+            Arc::new(arc_swap::ArcSwap::from_pointee(TicketKeys::generate()));
+        let worker_a = Ticketer::new(Arc::clone(&keys));
+        let worker_b = Ticketer::new(Arc::clone(&keys));
+        let t1 = worker_a.encrypt(b"session state").unwrap();
+        assert_eq!(worker_b.decrypt(&t1).as_deref(), Some(&b"session state"[..]), "any worker");
+        keys.store(Arc::new(keys.load().rotated()));
+        assert!(worker_b.decrypt(&t1).is_some(), "the previous key still opens it");
+        let t2 = worker_a.encrypt(b"later").unwrap();
+        keys.store(Arc::new(keys.load().rotated()));
+        assert!(worker_b.decrypt(&t1).is_none(), "two rotations later it is refused");
+        assert!(worker_b.decrypt(&t2).is_some());
+        let mut forged = t2.clone();
+        *forged.last_mut().unwrap() ^= 1;
+        assert!(worker_a.decrypt(&forged).is_none(), "tampering is refused");
+        assert!(worker_a.decrypt(&t2[..20]).is_none(), "short input is refused");
     }
 }

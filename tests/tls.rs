@@ -64,11 +64,7 @@ impl ServerCertVerifier for AnyCert {
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
-fn connect(
-    addr: SocketAddr,
-    sni: &str,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> Tls {
+fn client_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(versions)
@@ -76,9 +72,21 @@ fn connect(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCert))
             .with_no_client_auth();
-    let conn =
-        ClientConnection::new(Arc::new(config), ServerName::try_from(sni.to_string()).unwrap())
-            .unwrap();
+    Arc::new(config)
+}
+
+fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Tls {
+    connect_with(addr, sni, client_config(versions))
+}
+
+/// Connects with `config` (whose session store remembers tickets between connections).
+fn connect_with(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> Tls {
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let conn = ClientConnection::new(config, name).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut s = StreamOwned::new(conn, tcp);
@@ -249,7 +257,34 @@ fn websocket_tunnels_work_over_tls(rt: &str) {
     assert_eq!(ws.read().unwrap(), tungstenite::Message::Binary(big));
 }
 
+/// Two workers, stateless tickets under keys they share: every later connection resumes,
+/// whichever worker the kernel hands it to (ten connections on two workers: with per-worker
+/// keys, about half would need a full handshake).
+fn sessions_resume_on_any_worker(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let yaml = tls_config(up.addr, &[(c, k)], "").replace("workers: 1", "workers: 2");
+    let apex = Apex::start(&yaml, rt);
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let config = client_config(&[v]);
+        let mut first = connect_with(apex.addr, "a.example.com", Arc::clone(&config));
+        assert_eq!(first.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        get(&mut first, "/"); // the TLS 1.3 tickets arrive after the handshake
+        for i in 0..10 {
+            let mut again = connect_with(apex.addr, "a.example.com", Arc::clone(&config));
+            assert_eq!(
+                again.conn.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed),
+                "{v:?} connection {i}"
+            );
+            get(&mut again, "/");
+        }
+    }
+}
+
 under_each_driver!(
+    sessions_resume_on_any_worker,
     websocket_tunnels_work_over_tls,
     sni_picks_exact_then_wildcard_then_the_default,
     both_versions_keep_alive_and_forwarded_proto_https,

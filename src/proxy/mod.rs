@@ -124,6 +124,8 @@ pub struct Worker<R: Runtime> {
     pub limits: Rc<limits::ClientLimits>,
     /// Request ids made on this worker so far (the id is the worker's seed and this count).
     ids: Cell<u64>,
+    /// TLS session-ticket keys, published by the control plane.
+    tickets: crate::tls::SharedTicketKeys,
 }
 
 /// The generations of a health map and of a snapshot.
@@ -152,12 +154,13 @@ impl<R: Runtime> Worker<R> {
         shared: SharedSnapshot,
         access: Option<WorkerLog>,
         health: SharedHealth,
+        tickets: crate::tls::SharedTicketKeys,
     ) -> Self {
         let mut cache = Cache::new(shared);
         let snap = Arc::clone(cache.load());
         let stats = WorkerStats::default();
         let seed = hash64((id, std::process::id(), std::time::SystemTime::now()));
-        let view = Rc::new(Self::make_view(id, seed, snap, &stats, None));
+        let view = Rc::new(Self::make_view(id, seed, snap, &stats, None, &tickets));
         Worker {
             id,
             seed,
@@ -178,6 +181,7 @@ impl<R: Runtime> Worker<R> {
             workers,
             limits: Rc::default(),
             ids: Cell::new(0),
+            tickets,
         }
     }
 
@@ -276,6 +280,7 @@ impl<R: Runtime> Worker<R> {
         snap: Arc<Snapshot>,
         stats: &WorkerStats,
         previous: Option<&WorkerView>,
+        tickets: &crate::tls::SharedTicketKeys,
     ) -> WorkerView {
         let config = &snap.config;
         let balancers = config
@@ -309,7 +314,7 @@ impl<R: Runtime> Worker<R> {
             .iter()
             .filter_map(|l| {
                 let t = l.tls.as_ref()?;
-                match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn) {
+                match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn, tickets) {
                     Ok(c) => Some((l.name.clone(), c)),
                     Err(e) => {
                         tracing::error!(listener = %l.name, error = %e, "cannot build the TLS config");
@@ -337,8 +342,14 @@ impl<R: Runtime> Worker<R> {
         let latest = cache.load();
         let mut view = self.view.borrow_mut();
         if !Arc::ptr_eq(latest, &view.snap) {
-            let next =
-                Self::make_view(self.id, self.seed, Arc::clone(latest), &self.stats, Some(&view));
+            let next = Self::make_view(
+                self.id,
+                self.seed,
+                Arc::clone(latest),
+                &self.stats,
+                Some(&view),
+                &self.tickets,
+            );
             *view = Rc::new(next);
         }
         Rc::clone(&view)
@@ -380,7 +391,8 @@ mod tests {
         let down: HashMap<_, _> = [("127.0.0.1:10".parse().unwrap(), false)].into();
         verdicts.clusters.insert("a".into(), down);
         let health = Arc::new(ArcSwap::from_pointee(verdicts));
-        let worker = Worker::<Tokio>::new(0, 1, Arc::clone(&shared), None, health);
+        let tickets = Arc::new(ArcSwap::from_pointee(crate::tls::TicketKeys::generate()));
+        let worker = Worker::<Tokio>::new(0, 1, Arc::clone(&shared), None, health, tickets);
         let view = worker.view();
         assert_eq!(*worker.health(&view), vec![Some(vec![false])]);
         drop(view);

@@ -201,9 +201,10 @@ pub async fn run<R: Runtime>(
     ready: Sender<Result<(), String>>,
     access: Option<(Format, SyncSender<LogMessage>)>,
     health: SharedHealth,
+    tickets: crate::tls::SharedTicketKeys,
 ) {
     let access = access.map(|(format, tx)| WorkerLog::new(format, tx));
-    let worker = Rc::new(Worker::<R>::new(id, workers, shared, access, health));
+    let worker = Rc::new(Worker::<R>::new(id, workers, shared, access, health, tickets));
     if worker.access.is_some() {
         R::spawn(flush_access_log(Rc::clone(&worker)));
     }

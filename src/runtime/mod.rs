@@ -67,6 +67,8 @@ pub struct Server {
     pub health: SharedHealth,
     /// Dropping it stops the health checker.
     _health_stop: Sender<()>,
+    /// Dropping it stops the ticket-key rotation.
+    _tickets_stop: Sender<()>,
     /// Each worker's last counters: a scrape that a busy worker does not answer in time uses
     /// them, so no counter ever goes backwards (Prometheus would read that as a reset).
     last_reports: Vec<crate::stats::StatsReport>,
@@ -131,6 +133,22 @@ impl Server {
             self.order(w, Control::Drain);
         }
     }
+}
+
+/// TLS session-ticket keys for every worker, rotated every `TICKET_ROTATION` by a thread of
+/// the control plane and published through `arc-swap` (workers only read them). The thread
+/// ends when the returned sender is dropped.
+fn start_ticket_rotation() -> io::Result<(crate::tls::SharedTicketKeys, Sender<()>)> {
+    use crate::tls::{TicketKeys, TICKET_ROTATION};
+    let keys = Arc::new(ArcSwap::from_pointee(TicketKeys::generate()));
+    let (stop, stopped) = mpsc::channel::<()>();
+    let published = Arc::clone(&keys);
+    std::thread::Builder::new().name("apex-tickets".into()).spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(TICKET_ROTATION) {
+            published.store(Arc::new(published.load().rotated()));
+        }
+    })?;
+    Ok((keys, stop))
 }
 
 /// Reports a worker's end to the main thread even when the worker panics.
@@ -238,6 +256,7 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
     let health: SharedHealth = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
     let health_stop =
         crate::health::start(shared.clone(), health.clone()).map_err(StartError::Spawn)?;
+    let (tickets, tickets_stop) = start_ticket_rotation().map_err(StartError::Spawn)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let mut controls = Vec::new();
@@ -252,7 +271,9 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         let exit = ExitReport { id, events: events.clone() };
         let access = access_writer.as_ref().zip(access_format).map(|(tx, f)| (f, tx.clone()));
         let health = health.clone();
+        let tickets = tickets.clone();
         let w = WorkerStart {
+            tickets,
             id,
             workers: count,
             core,
@@ -300,12 +321,14 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         access_log_thread: access_thread,
         health,
         _health_stop: health_stop,
+        _tickets_stop: tickets_stop,
         last_reports: vec![crate::stats::StatsReport::default(); count],
     })
 }
 
 /// What a worker thread starts with.
 struct WorkerStart {
+    tickets: crate::tls::SharedTicketKeys,
     id: usize,
     /// Worker threads in all.
     workers: usize,
@@ -322,6 +345,7 @@ struct WorkerStart {
 
 fn run_worker(w: WorkerStart) {
     let WorkerStart {
+        tickets,
         id,
         workers,
         core,
@@ -346,7 +370,7 @@ fn run_worker(w: WorkerStart) {
             Ok(rt) => self::tokio::block_on(
                 &rt,
                 worker_tasks::run::<Tokio>(
-                    id, workers, shared, socks, control, orders, ready, access, health,
+                    id, workers, shared, socks, control, orders, ready, access, health, tickets,
                 ),
             ),
             Err(e) => {
@@ -386,6 +410,7 @@ fn run_worker(w: WorkerStart) {
         ready.clone(),
         access,
         health,
+        tickets,
     );
     match result {
         Ok(mut rt) => rt.block_on(main),
