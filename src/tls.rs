@@ -137,6 +137,30 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// Client certificates a listener asks for (mTLS): verified against the CAs in one PEM file.
+/// Immutable and shared read-only by every worker's config.
+pub fn client_verifier(
+    ca: &Path,
+    required: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, CertError> {
+    let pem =
+        std::fs::read(ca).map_err(|e| CertError::Unreadable(format!("{}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|_| CertError::NoCertificate)?;
+        roots.add(c).map_err(|e| CertError::BadKey(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(CertError::NoCertificate);
+    }
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(default_provider()),
+    );
+    let builder = if required { builder } else { builder.allow_unauthenticated() };
+    builder.build().map_err(|e| CertError::BadKey(e.to_string()))
+}
+
 /// A worker's own server config for a TLS listener: its own session cache, the snapshot's
 /// certificates.
 pub fn server_config(
@@ -144,16 +168,20 @@ pub fn server_config(
     tls13_only: bool,
     alpn: &[String],
     tickets: &SharedTicketKeys,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
     } else {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     };
-    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
-        .with_protocol_versions(versions)?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
+    let builder = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(versions)?;
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(certs);
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     // Stateless tickets under keys every worker shares: a client resumes on any core.

@@ -283,7 +283,66 @@ fn sessions_resume_on_any_worker(rt: &str) {
     }
 }
 
+/// `client_auth: { ca, required: true }`: a client certificate signed by that CA is let in,
+/// a client without one is refused in the handshake.
+fn mtls_requires_a_client_certificate_from_the_ca(rt: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "server", &["a.example.com"]);
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_path = dir.write("ca.crt", &ca.pem());
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = CertificateParams::new(vec!["client".to_string()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    let extra = format!(", client_auth: {{ ca: \"{}\", required: true }}", ca_path.display());
+    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], &extra), rt);
+    // Without a certificate: the handshake fails.
+    let name = ServerName::try_from("a.example.com".to_string()).unwrap();
+    let anonymous = ClientConnection::new(client_config(&[&rustls::version::TLS13]), name.clone());
+    let mut tcp = TcpStream::connect(apex.addr).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut anonymous = anonymous.unwrap();
+    let mut refused = false;
+    for _ in 0..10 {
+        match anonymous.complete_io(&mut tcp) {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            Ok(_) if !anonymous.is_handshaking() => {
+                // TLS 1.3: the client finishes first; the refusal comes with the first read.
+                let mut s = StreamOwned::new(anonymous, tcp);
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+                let mut buf = [0u8; 64];
+                refused = !matches!(s.read(&mut buf), Ok(n) if n > 0);
+                break;
+            }
+            Ok(_) => {}
+        }
+    }
+    assert!(refused, "a client without a certificate is refused");
+    // With one from the CA: served.
+    let key = rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).unwrap();
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_client_auth_cert(vec![client_cert.der().clone()], key)
+            .unwrap();
+    let mut s = connect_with(apex.addr, "a.example.com", Arc::new(config));
+    assert_eq!(get(&mut s, "/").1, b"ok");
+}
+
 under_each_driver!(
+    mtls_requires_a_client_certificate_from_the_ca,
     sessions_resume_on_any_worker,
     websocket_tunnels_work_over_tls,
     sni_picks_exact_then_wildcard_then_the_default,

@@ -134,6 +134,8 @@ pub struct TlsListener {
     pub tls13_only: bool,
     pub alpn: Vec<String>,
     pub handshake_timeout: Duration,
+    /// Verifies client certificates (mTLS), when the listener asks for them.
+    pub client_auth: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// A listener's PROXY protocol settings.

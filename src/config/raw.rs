@@ -197,6 +197,15 @@ pub struct RawTls {
     pub alpn: Option<Vec<String>>,
     #[serde(default)]
     pub handshake_timeout: Option<String>,
+    #[serde(default)]
+    pub client_auth: Option<RawClientAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawClientAuth {
+    pub ca: String,
+    #[serde(default)]
+    pub required: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,6 +69,7 @@ fn known_keys(parent: &str) -> &'static [&'static str] {
         "listeners.rate_limit" => fields_of::<raw::RawRateLimit>(),
         "listeners.tls" => fields_of::<raw::RawTls>(),
         "listeners.tls.certificates" => fields_of::<raw::RawCertPair>(),
+        "listeners.tls.client_auth" => fields_of::<raw::RawClientAuth>(),
         "clusters" => fields_of::<raw::RawCluster>(),
         "clusters.health_check" => fields_of::<raw::RawHealthCheck>(),
         "clusters.outlier_detection" => fields_of::<raw::RawOutlier>(),

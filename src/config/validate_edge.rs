@@ -285,11 +285,21 @@ impl Validator<'_> {
             &r.handshake_timeout,
             defaults::HANDSHAKE_TIMEOUT,
         );
+        let client_auth = r.client_auth.as_ref().and_then(|a| {
+            let required = a.required.unwrap_or(true);
+            match crate::tls::client_verifier(Path::new(&a.ca), required) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.err(format!("{p}.client_auth.ca"), Problem::BadCertificate(e.to_string()));
+                    None
+                }
+            }
+        });
         if loaded.len() != r.certificates.len() {
             return None;
         }
         let certs = std::sync::Arc::new(crate::tls::CertStore::new(&loaded, default));
-        Some(TlsListener { certs, tls13_only, alpn, handshake_timeout })
+        Some(TlsListener { certs, tls13_only, alpn, handshake_timeout, client_auth })
     }
 
     pub(super) fn path_edit(

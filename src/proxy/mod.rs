@@ -314,7 +314,8 @@ impl<R: Runtime> Worker<R> {
             .iter()
             .filter_map(|l| {
                 let t = l.tls.as_ref()?;
-                match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn, tickets) {
+                let auth = t.client_auth.clone();
+                match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn, tickets, auth) {
                     Ok(c) => Some((l.name.clone(), c)),
                     Err(e) => {
                         tracing::error!(listener = %l.name, error = %e, "cannot build the TLS config");
