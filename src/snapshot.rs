@@ -58,7 +58,7 @@ impl Snapshot {
                         status: d.status,
                     })
                 }
-                Action::Forward(_) => None,
+                Action::Forward(_) | Action::Redirect(_) => None,
             })
             .collect();
         let rings = config

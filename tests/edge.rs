@@ -143,7 +143,26 @@ fn the_connection_limit_refuses_the_next_connection(rt: &str) {
     assert_eq!(fourth.request("GET / HTTP/1.1\r\nHost: h\r\n\r\n").status, 200);
 }
 
+/// `redirect: { scheme: https }` sends the same host, path and query to HTTPS; the
+/// connection stays usable.
+fn redirect_to_https_keeps_host_path_and_query(rt: &str) {
+    let yaml = config(
+        "  - { match: { path_prefix: \"/\" }, redirect: { scheme: https } }\n  - { match: { path_prefix: \"/moved\" }, redirect: { status: 308, port: 8443 } }",
+        "  []",
+    );
+    let apex = Apex::start(&yaml, rt);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("GET /a/b?x=1 HTTP/1.1\r\nHost: shop.example:8080\r\n\r\n");
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://shop.example/a/b?x=1"));
+    let r =
+        c.request("POST /moved/here HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 2\r\n\r\nhi");
+    assert_eq!(r.status, 308);
+    assert_eq!(r.header("location"), Some("https://shop.example:8443/moved/here"));
+}
+
 under_each_driver!(
+    redirect_to_https_keeps_host_path_and_query,
     request_and_response_fields_paths_and_host_are_rewritten,
     strip_prefix_removes_the_routes_prefix,
     request_ids_are_made_kept_forwarded_and_logged,

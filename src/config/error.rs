@@ -75,6 +75,8 @@ pub enum Problem {
     BadAlpn(String),
     NoCertificates,
     BadIndex,
+    BadScheme(String),
+    BadRedirectStatus(u16),
     BadMediaType(String),
 }
 
@@ -136,8 +138,10 @@ impl fmt::Display for Problem {
                 "{a} is not a loopback address; set `admin_allow_remote: true` to expose the admin API"
             ),
             Problem::UnknownCluster(c) => write!(f, "no cluster is named `{c}`"),
-            Problem::NoAction => write!(f, "a route needs `cluster` or `respond`"),
-            Problem::TwoActions => write!(f, "a route takes `cluster` or `respond`, not both"),
+            Problem::NoAction => write!(f, "a route needs `cluster`, `respond` or `redirect`"),
+            Problem::TwoActions => {
+                write!(f, "a route takes one of `cluster`, `respond` and `redirect`")
+            }
             Problem::PathAndPrefix => write!(f, "use `path` or `path_prefix`, not both"),
             Problem::BadPath(p) => write!(f, "`{p}` must start with `/` and hold no spaces"),
             Problem::BadHost(h) => {
@@ -170,6 +174,8 @@ impl fmt::Display for Problem {
             Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
             Problem::BadAlpn(p) => write!(f, "ALPN protocol `{p}` is not served (use http/1.1)"),
             Problem::NoCertificates => write!(f, "a TLS listener needs at least one certificate"),
+            Problem::BadScheme(x) => write!(f, "unknown scheme `{x}`: use https or http"),
+            Problem::BadRedirectStatus(x) => write!(f, "{x} is not a redirect status: use 301, 302, 307 or 308"),
             Problem::BadIndex => write!(f, "no certificate has this index"),
             Problem::BadEncoding(e) => write!(f, "`{e}` is not an encoding Apex produces (br, gzip), or is listed twice"),
             Problem::BadMediaType(t) => write!(f, "`{t}` is not a media type like text/html or text/*"),

@@ -303,6 +303,15 @@ pub enum Action {
     /// Index into `Config::clusters`.
     Forward(usize),
     Respond(DirectResponse),
+    /// Answer with a redirect to the same host, path and query under another scheme.
+    Redirect(Redirect),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    pub scheme: &'static str,
+    pub status: u16,
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]

@@ -307,6 +307,21 @@ pub struct RawRoute {
     pub cluster: Option<String>,
     #[serde(default)]
     pub respond: Option<RawRespond>,
+    #[serde(default)]
+    pub redirect: Option<RawRedirect>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawRedirect {
+    /// `https` (default) or `http`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// 301 (default), 302, 307 or 308.
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// The port in the new URL; without it the port is left out (the scheme's default).
+    #[serde(default)]
+    pub port: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

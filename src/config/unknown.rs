@@ -62,6 +62,7 @@ fn known_keys(parent: &str) -> &'static [&'static str] {
         "routes.retry" => fields_of::<raw::RawRetry>(),
         "routes.timeouts" => fields_of::<raw::RawTimeouts>(),
         "routes.respond" => fields_of::<raw::RawRespond>(),
+        "routes.redirect" => fields_of::<raw::RawRedirect>(),
         "routes.request_headers" | "routes.response_headers" => fields_of::<raw::RawHeaderEdits>(),
         "routes.replace_prefix" => fields_of::<raw::RawReplacePrefix>(),
         "routes.compression" => fields_of::<raw::RawCompression>(),

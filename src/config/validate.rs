@@ -379,15 +379,20 @@ impl<'a> Validator<'a> {
                 None
             }
         };
+        let actions = [r.cluster.is_some(), r.respond.is_some(), r.redirect.is_some()];
         let action = match (&r.cluster, &r.respond) {
-            (None, None) => {
-                self.err(p.clone(), Problem::NoAction);
-                None
-            }
-            (Some(_), Some(_)) => {
+            _ if actions.iter().filter(|&&a| a).count() > 1 => {
                 self.err(p.clone(), Problem::TwoActions);
                 None
             }
+            (None, None) => match &r.redirect {
+                Some(rd) => self.redirect(&format!("{p}.redirect"), rd).map(Action::Redirect),
+                None => {
+                    self.err(p.clone(), Problem::NoAction);
+                    None
+                }
+            },
+            (Some(_), Some(_)) => None,
             (Some(c), None) => match clusters.iter().position(|k| &k.name == c) {
                 Some(idx) => Some(Action::Forward(idx)),
                 None => {
@@ -501,6 +506,31 @@ impl<'a> Validator<'a> {
             self.err(key, Problem::BadPath(path.to_string()));
         }
         good
+    }
+
+    fn redirect(&mut self, p: &str, r: &super::raw::RawRedirect) -> Option<Redirect> {
+        let scheme = match r.scheme.as_deref() {
+            None | Some("https") => "https",
+            Some("http") => "http",
+            Some(other) => {
+                self.err(format!("{p}.scheme"), Problem::BadScheme(other.into()));
+                return None;
+            }
+        };
+        let status = r.status.unwrap_or(301);
+        if ![301, 302, 307, 308].contains(&status) {
+            self.err(format!("{p}.status"), Problem::BadRedirectStatus(status));
+            return None;
+        }
+        let port = match r.port {
+            None => None,
+            Some(n) if (1..=65535).contains(&n) => Some(n as u16),
+            Some(_) => {
+                self.err(format!("{p}.port"), Problem::BadCount("from 1 to 65535"));
+                return None;
+            }
+        };
+        Some(Redirect { scheme, status, port })
     }
 
     fn respond(&mut self, p: &str, r: &RawRespond) -> Option<DirectResponse> {

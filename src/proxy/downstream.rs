@@ -36,6 +36,8 @@ use crate::tls::TlsStream;
 enum Plan {
     Forward(Target),
     Respond(usize),
+    /// A route's redirect: the route, the status and the `Location`.
+    Redirect(usize, u16, String),
     NotFound,
     /// The route's allow/deny lists refuse this client: 403.
     Forbidden(usize),
@@ -169,6 +171,20 @@ fn route<R: Runtime>(
     }
     let plan = match &route.action {
         Action::Respond(_) => Plan::Respond(i),
+        Action::Redirect(r) => {
+            // The same host, path and query under the route's scheme (and port, if it names one).
+            let host = head.host;
+            let target = head.target;
+            let path = match target.find("://") {
+                Some(i) => target[i + 3..].find('/').map_or("/", |j| &target[i + 3 + j..]),
+                None => target,
+            };
+            let location = match r.port {
+                Some(port) => format!("{}://{host}:{port}{path}", r.scheme),
+                None => format!("{}://{host}{path}", r.scheme),
+            };
+            Plan::Redirect(i, r.status, location)
+        }
         Action::Forward(c) => {
             let cluster = &snap.config.clusters[*c];
             let vars = TemplateVars {
@@ -490,6 +506,23 @@ pub async fn serve_downstream<R: Runtime>(
                 let served =
                     Served { keep_open: sent, status: direct.status, body_bytes, upstream: None };
                 (served, Some(route))
+            }
+            Plan::Redirect(route, status, location) => {
+                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
+                let keep = whole && info.keep_alive && !worker.is_draining();
+                let ka = info.needs_keep_alive_header();
+                let field = format!("location: {location}\r\n");
+                let answer = send_error_with::<R, _>(
+                    &mut client,
+                    &mut bufs.out,
+                    status,
+                    keep,
+                    ka,
+                    field.as_bytes(),
+                );
+                let sent = Box::pin(answer).await;
+                view.route_stats[route].record(status);
+                (Served::generated(status, sent, None), Some(route))
             }
             Plan::NotFound | Plan::Forbidden(_) => {
                 let (status, route) = match plan {

@@ -301,7 +301,7 @@ impl<R: Runtime> Worker<R> {
             .map(|r| {
                 let cluster = match r.action {
                     Action::Forward(c) => config.clusters[c].name.as_str(),
-                    Action::Respond(_) => "",
+                    Action::Respond(_) | Action::Redirect(_) => "",
                 };
                 stats.route(&r.name, cluster)
             })
