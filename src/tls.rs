@@ -1,5 +1,6 @@
-//! TLS for client connections: certificates chosen by SNI, and a TLS stream layered over the
-//! runtime seam, so the proxy loop and every runtime share one implementation.
+//! TLS for client connections (certificates chosen by SNI) and for upstream connections, on a
+//! TLS stream layered over the runtime seam, so the proxy loop and every runtime share one
+//! implementation.
 //!
 //! rustls is driven through its buffered API from Apex's own buffers: ciphertext is read by
 //! the seam into an owned buffer and fed to `read_tls`; what rustls has to send is drained with
@@ -18,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{Connection, ServerConfig, ServerConnection};
 
 use crate::proxy::io::{ReadHalf, Stream, WriteHalf};
 
@@ -137,6 +138,79 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// The CAs in a PEM file, as a root store.
+pub fn root_store(ca: &Path) -> Result<rustls::RootCertStore, CertError> {
+    let pem =
+        std::fs::read(ca).map_err(|e| CertError::Unreadable(format!("{}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|_| CertError::NoCertificate)?;
+        roots.add(c).map_err(|e| CertError::BadKey(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(CertError::NoCertificate);
+    }
+    Ok(roots)
+}
+
+/// A worker's own client config for a cluster's TLS: its own resumption cache.
+pub fn client_config(
+    tls: &crate::config::UpstreamTls,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()?;
+    let builder = match &tls.roots {
+        Some(roots) => builder.with_root_certificates(Arc::clone(roots)),
+        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification)),
+    };
+    let config = match &tls.client_cert {
+        Some(c) => builder.with_client_cert_resolver(Arc::new(
+            rustls::sign::SingleCertAndKey::from(Arc::clone(&c.key)),
+        )),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// `verify: false`: any upstream certificate is accepted (an operator's explicit choice for
+/// a private network); signatures are still checked, so the handshake itself is sound.
+#[derive(Debug)]
+struct NoVerification;
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Client certificates a listener asks for (mTLS): verified against the CAs in one PEM file.
 /// Immutable and shared read-only by every worker's config.
 pub fn client_verifier(
@@ -196,7 +270,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 /// A client connection over TLS, on any seam stream. Reads and writes plaintext like the
 /// stream it wraps.
 pub struct TlsStream<S> {
-    conn: ServerConnection,
+    conn: Connection,
     inner: S,
     /// Ciphertext read from `inner` not yet taken by rustls.
     incoming: Vec<u8>,
@@ -208,6 +282,20 @@ impl<S: Stream> TlsStream<S> {
     /// Completes the handshake on `inner` (the caller bounds it with its handshake timeout).
     pub async fn accept(config: Arc<ServerConfig>, inner: S) -> io::Result<TlsStream<S>> {
         let conn = ServerConnection::new(config).map_err(tls_error)?;
+        Self::handshake(Connection::Server(conn), inner).await
+    }
+
+    /// Completes a client handshake with an upstream on `inner`.
+    pub async fn connect(
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        inner: S,
+    ) -> io::Result<TlsStream<S>> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
+        Self::handshake(Connection::Client(conn), inner).await
+    }
+
+    async fn handshake(conn: Connection, inner: S) -> io::Result<TlsStream<S>> {
         let mut s = TlsStream { conn, inner, incoming: Vec::new(), outgoing: Vec::new() };
         while s.conn.is_handshaking() {
             s.send_pending().await?;
@@ -226,7 +314,10 @@ impl<S: Stream> TlsStream<S> {
 
     /// The server name the client asked for (SNI), the negotiated protocol and version.
     pub fn server_name(&self) -> Option<&str> {
-        self.conn.server_name()
+        match &self.conn {
+            Connection::Server(c) => c.server_name(),
+            Connection::Client(_) => None,
+        }
     }
 
     pub fn alpn(&self) -> Option<&[u8]> {
@@ -273,7 +364,7 @@ impl<S: Stream> TlsStream<S> {
 }
 
 /// Gives rustls the ciphertext in `incoming` (as much as it takes; the rest stays).
-fn feed(conn: &mut ServerConnection, incoming: &mut Vec<u8>) -> io::Result<()> {
+fn feed(conn: &mut Connection, incoming: &mut Vec<u8>) -> io::Result<()> {
     let mut taken = 0;
     while taken < incoming.len() {
         let n = conn.read_tls(&mut &incoming[taken..])?;
@@ -291,7 +382,7 @@ fn feed(conn: &mut ServerConnection, incoming: &mut Vec<u8>) -> io::Result<()> {
 
 /// Moves available plaintext into `buf`'s spare capacity. `Some(0)`: the peer's close_notify;
 /// `None`: nothing yet.
-fn take_plaintext(conn: &mut ServerConnection, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+fn take_plaintext(conn: &mut Connection, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
     let len = buf.len();
     buf.resize(buf.capacity(), 0);
     let got = conn.reader().read(&mut buf[len..]);
@@ -368,13 +459,13 @@ impl<S: Stream> Stream for TlsStream<S> {
 }
 
 pub struct TlsRead<S: Stream> {
-    conn: std::rc::Rc<std::cell::RefCell<ServerConnection>>,
+    conn: std::rc::Rc<std::cell::RefCell<Connection>>,
     inner: S::Read,
     incoming: Vec<u8>,
 }
 
 pub struct TlsWrite<S: Stream> {
-    conn: std::rc::Rc<std::cell::RefCell<ServerConnection>>,
+    conn: std::rc::Rc<std::cell::RefCell<Connection>>,
     inner: S::Write,
     outgoing: Vec<u8>,
 }

@@ -341,7 +341,94 @@ fn mtls_requires_a_client_certificate_from_the_ca(rt: &str) {
     assert_eq!(get(&mut s, "/").1, b"ok");
 }
 
+/// A TLS upstream on 127.0.0.1 with a certificate for `backend.internal` signed by a CA of the
+/// test's own; answers every request `200 up` over keep-alive. Returns its address, the CA's
+/// PEM and a counter of accepted connections.
+fn tls_upstream(
+    dir: &TempDir,
+) -> (SocketAddr, std::path::PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_path = dir.write("upstream-ca.crt", &ca.pem());
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["backend.internal".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let der_key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], der_key)
+    .unwrap();
+    let config = Arc::new(config);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    std::thread::spawn(move || {
+        for tcp in l.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut s = StreamOwned::new(conn, tcp);
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup").is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    (addr, ca_path, accepts)
+}
+
+/// A cluster with `tls`: requests reach a TLS upstream verified against the configured CA,
+/// and the upstream connection is pooled and reused; a CA that did not sign it is a 502 with
+/// a log line that says why.
+fn tls_to_upstreams_verifies_and_pools(rt: &str) {
+    let dir = TempDir::new();
+    let (up, ca, accepts) = tls_upstream(&dir);
+    let yaml = proxy_config(
+        &[up],
+        &format!("    tls: {{ server_name: backend.internal, ca: \"{}\" }}\n", ca.display()),
+    );
+    let apex = Apex::start(&yaml, rt);
+    let mut c = Wire::connect(apex.addr);
+    for _ in 0..3 {
+        assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").text(), "up");
+    }
+    assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled TLS connection");
+    let (other_ca, _, _) = cert_files(&dir, "stranger", &["stranger.test"]);
+    let yaml = proxy_config(
+        &[up],
+        &format!("    tls: {{ server_name: backend.internal, ca: \"{other_ca}\" }}\n"),
+    );
+    let mut apex = Apex::start(&yaml, rt);
+    assert_eq!(Wire::connect(apex.addr).request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 502);
+    let line = apex.wait_for_log(&["TLS handshake with the upstream failed"]).expect("a log line");
+    assert!(line.contains(&up.to_string()), "{line}");
+}
+
 under_each_driver!(
+    tls_to_upstreams_verifies_and_pools,
     mtls_requires_a_client_certificate_from_the_ca,
     sessions_resume_on_any_worker,
     websocket_tunnels_work_over_tls,

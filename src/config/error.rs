@@ -76,6 +76,7 @@ pub enum Problem {
     NoCertificates,
     BadIndex,
     BadScheme(String),
+    NeedsCa,
     BadRedirectStatus(u16),
     BadMediaType(String),
 }
@@ -174,6 +175,10 @@ impl fmt::Display for Problem {
             Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
             Problem::BadAlpn(p) => write!(f, "ALPN protocol `{p}` is not served (use http/1.1)"),
             Problem::NoCertificates => write!(f, "a TLS listener needs at least one certificate"),
+            Problem::NeedsCa => write!(
+                f,
+                "verifying upstream certificates needs `ca` (a PEM file of CAs; no system roots are loaded), or `verify: false`"
+            ),
             Problem::BadScheme(x) => write!(f, "unknown scheme `{x}`: use https or http"),
             Problem::BadRedirectStatus(x) => write!(f, "{x} is not a redirect status: use 301, 302, 307 or 308"),
             Problem::BadIndex => write!(f, "no certificate has this index"),

@@ -339,6 +339,19 @@ pub struct Cluster {
     /// Send a PROXY protocol v2 header on every upstream connection (such connections carry
     /// one client's address, so they are never pooled).
     pub send_proxy_protocol: bool,
+    /// TLS to the endpoints.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How a cluster speaks TLS to its endpoints; each worker builds its own rustls client config
+/// from it (its own resumption cache).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// SNI and the name verified; `None`: each endpoint's address.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// `None`: no verification (`verify: false`).
+    pub roots: Option<std::sync::Arc<rustls::RootCertStore>>,
+    pub client_cert: Option<std::sync::Arc<crate::tls::LoadedCert>>,
 }
 
 impl Cluster {
@@ -357,6 +370,7 @@ impl Cluster {
             pool_max_idle: defaults::POOL_MAX_IDLE,
             pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
             send_proxy_protocol: false,
+            tls: None,
         }
     }
 }

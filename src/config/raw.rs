@@ -371,4 +371,20 @@ pub struct RawCluster {
     /// `v2`: send a PROXY protocol v2 header on every upstream connection.
     #[serde(default)]
     pub proxy_protocol: Option<String>,
+    #[serde(default)]
+    pub tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawUpstreamTls {
+    /// The name to send (SNI) and to verify; default: the endpoint's host name, else its IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM file of the CAs that sign the upstreams' certificates (required when verifying).
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub verify: Option<bool>,
+    #[serde(default)]
+    pub client_cert: Option<RawCertPair>,
 }

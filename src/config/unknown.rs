@@ -74,6 +74,8 @@ fn known_keys(parent: &str) -> &'static [&'static str] {
         "clusters" => fields_of::<raw::RawCluster>(),
         "clusters.health_check" => fields_of::<raw::RawHealthCheck>(),
         "clusters.outlier_detection" => fields_of::<raw::RawOutlier>(),
+        "clusters.tls" => fields_of::<raw::RawUpstreamTls>(),
+        "clusters.tls.client_cert" => fields_of::<raw::RawCertPair>(),
         _ => &[],
     }
 }

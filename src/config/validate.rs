@@ -307,7 +307,9 @@ impl<'a> Validator<'a> {
                 false
             }
         };
+        let tls = self.upstream_tls(&p, &c.tls);
         Cluster {
+            tls,
             send_proxy_protocol,
             name: c.name.clone(),
             endpoints,

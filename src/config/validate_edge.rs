@@ -3,12 +3,12 @@
 
 use super::defaults;
 use super::error::Problem;
-use super::model::{Compression, TlsListener};
+use super::model::{Compression, TlsListener, UpstreamTls};
 use super::model::{ProxyProtocolIn, RateLimit, RouteEdits, Template, TemplatePart};
-use super::raw::RawTls;
 use super::raw::{
     RawCompression, RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix,
 };
+use super::raw::{RawTls, RawUpstreamTls};
 use super::units::is_token;
 use super::validate::Validator;
 use crate::http::encoding::Encoding;
@@ -300,6 +300,53 @@ impl Validator<'_> {
         }
         let certs = std::sync::Arc::new(crate::tls::CertStore::new(&loaded, default));
         Some(TlsListener { certs, tls13_only, alpn, handshake_timeout, client_auth })
+    }
+
+    /// A cluster's TLS to its endpoints: a CA file when verifying (no system roots are
+    /// loaded), an optional client certificate, an optional server name.
+    pub(super) fn upstream_tls(
+        &mut self,
+        p: &str,
+        raw: &Option<RawUpstreamTls>,
+    ) -> Option<UpstreamTls> {
+        let r = raw.as_ref()?;
+        let p = format!("{p}.tls");
+        let verify = r.verify.unwrap_or(true);
+        let roots = match (&r.ca, verify) {
+            (_, false) => None,
+            (None, true) => {
+                self.err(format!("{p}.ca"), Problem::NeedsCa);
+                return None;
+            }
+            (Some(ca), true) => match crate::tls::root_store(Path::new(ca)) {
+                Ok(r) => Some(std::sync::Arc::new(r)),
+                Err(e) => {
+                    self.err(format!("{p}.ca"), Problem::BadCertificate(e.to_string()));
+                    return None;
+                }
+            },
+        };
+        let server_name = match &r.server_name {
+            None => None,
+            Some(n) => match rustls::pki_types::ServerName::try_from(n.clone()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.err(format!("{p}.server_name"), Problem::BadHost(n.clone()));
+                    return None;
+                }
+            },
+        };
+        let client_cert = match &r.client_cert {
+            None => None,
+            Some(c) => match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
+                Ok(l) => Some(std::sync::Arc::new(l)),
+                Err(e) => {
+                    self.err(format!("{p}.client_cert"), Problem::BadCertificate(e.to_string()));
+                    return None;
+                }
+            },
+        };
+        Some(UpstreamTls { server_name, roots, client_cert })
     }
 
     pub(super) fn path_edit(

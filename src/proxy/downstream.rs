@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
-use super::client::ClientStream;
 use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::io::Runtime;
 use super::limits::{share, worker_rate};
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
+use super::transport::Transport;
 use super::tunnel::tunnel;
 use super::wait::{race, Either};
 use super::{ConnGuard, Forward, Worker, WorkerView};
@@ -58,7 +58,7 @@ enum HeadRead {
 /// the wait also ends when the worker starts draining.
 async fn read_request_head<R: Runtime>(
     worker: &Worker<R>,
-    client: &mut ClientStream<R::Stream>,
+    client: &mut Transport<R::Stream>,
     rbuf: &mut Vec<u8>,
     listener: &Listener,
     first: bool,
@@ -354,12 +354,12 @@ pub async fn serve_downstream<R: Runtime>(
     };
     // TLS: the handshake, within its timeout, before anything else is read.
     let mut client = match &listener.tls {
-        None => ClientStream::Plain(client),
+        None => Transport::Plain(client),
         Some(tls) => {
             let Some(config) = worker.view().tls_config(&listener.name) else { return };
             let accept = TlsStream::accept(config, client);
             match R::timeout(tls.handshake_timeout, Box::pin(accept)).await {
-                Some(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                Some(Ok(s)) => Transport::Tls(Box::new(s)),
                 Some(Err(e)) => {
                     debug!(client = %peer, error = %e, "TLS handshake failed");
                     worker.stats.tls_handshake(false);
@@ -373,7 +373,7 @@ pub async fn serve_downstream<R: Runtime>(
             }
         }
     };
-    if let ClientStream::Tls(_) = client {
+    if let Transport::Tls(_) = client {
         worker.stats.tls_handshake(true);
     }
     let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
@@ -560,7 +560,7 @@ pub async fn serve_downstream<R: Runtime>(
 async fn refuse<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
-    client: &mut ClientStream<R::Stream>,
+    client: &mut Transport<R::Stream>,
     bufs: &mut Buffers,
     peer: SocketAddr,
     started: Instant,

@@ -21,6 +21,8 @@ pub enum ProxyError {
     /// Every endpoint of the cluster failed its health check (and the cluster does not fail
     /// open).
     NoHealthyEndpoint,
+    /// The TLS handshake with the upstream failed (a certificate that does not verify, say).
+    TlsFailed(String),
 }
 
 impl ProxyError {
@@ -34,6 +36,7 @@ impl ProxyError {
             ProxyError::UpstreamWrite(_) => "writing the request failed",
             ProxyError::BadResponse(_) => "bad response",
             ProxyError::NoHealthyEndpoint => "no healthy endpoint",
+            ProxyError::TlsFailed(_) => "TLS handshake with the upstream failed",
         }
     }
 
@@ -42,7 +45,8 @@ impl ProxyError {
             ProxyError::ConnectFailed(_)
             | ProxyError::UpstreamClosed
             | ProxyError::UpstreamWrite(_)
-            | ProxyError::BadResponse(_) => 502,
+            | ProxyError::BadResponse(_)
+            | ProxyError::TlsFailed(_) => 502,
             ProxyError::ConnectTimeout | ProxyError::ResponseTimeout => 504,
             ProxyError::NoHealthyEndpoint => 503,
         }
@@ -59,6 +63,7 @@ impl fmt::Display for ProxyError {
             ProxyError::UpstreamWrite(e) => write!(f, "writing the request failed: {e}"),
             ProxyError::BadResponse(r) => write!(f, "bad response: {r}"),
             ProxyError::NoHealthyEndpoint => write!(f, "no healthy endpoint"),
+            ProxyError::TlsFailed(e) => write!(f, "TLS handshake with the upstream failed: {e}"),
         }
     }
 }

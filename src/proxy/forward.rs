@@ -11,11 +11,15 @@ use super::error::ProxyError;
 use super::io::{Runtime, Stream};
 use super::relay::{read_response_head, relay_response, ResponsePlan};
 use super::request::{body_over_limit, Served, Timeouts};
+use super::transport::Transport;
 use super::Forward;
 use crate::balance::Outcome;
 use crate::config::lb::RetryOn;
 use crate::http::body::BodyRelay;
 use crate::proxy_protocol::encode_v2;
+use crate::tls::TlsStream;
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
 
 /// Most attempts a retry policy allows (the config caps `attempts` at 10).
 const MAX_ATTEMPTS: usize = 10;
@@ -136,9 +140,10 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             Attempt::Failed(e) => {
                 drop(in_flight);
                 let (outcome, on) = match e {
-                    ProxyError::ConnectFailed(_) | ProxyError::ConnectTimeout => {
-                        (Outcome::ConnectFailed, RetryOn::ConnectFailure)
-                    }
+                    // A failed TLS handshake also sent nothing of the request.
+                    ProxyError::ConnectFailed(_)
+                    | ProxyError::ConnectTimeout
+                    | ProxyError::TlsFailed(_) => (Outcome::ConnectFailed, RetryOn::ConnectFailure),
                     ProxyError::ResponseTimeout => (Outcome::Failed, RetryOn::Status(504)),
                     _ => (Outcome::Failed, RetryOn::Status(502)),
                 };
@@ -190,7 +195,7 @@ enum BodyStop {
 /// a time.
 async fn stream_request_body<R: Runtime>(
     f: &mut Forward<'_, R>,
-    up: &mut R::Stream,
+    up: &mut Transport<R::Stream>,
     body: &mut BodyRelay,
 ) -> Result<(), BodyStop> {
     let bufs = &mut *f.bufs;
@@ -226,6 +231,23 @@ async fn connect_upstream<R: Runtime>(
     }
 }
 
+/// The TLS handshake with an upstream, within `timeout`; the name verified is the cluster's
+/// `server_name`, else the endpoint's address.
+async fn upstream_tls<R: Runtime>(
+    s: R::Stream,
+    config: Arc<rustls::ClientConfig>,
+    name: Option<&ServerName<'static>>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Transport<R::Stream>, ProxyError> {
+    let name = name.cloned().unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+    match R::timeout(timeout, Box::pin(TlsStream::connect(config, name, s))).await {
+        None => Err(ProxyError::ConnectTimeout),
+        Some(Err(e)) => Err(ProxyError::TlsFailed(e.to_string())),
+        Some(Ok(t)) => Ok(Transport::Tls(Box::new(t))),
+    }
+}
+
 /// One attempt: a pooled or fresh connection to `addr`, the request, the response head. A
 /// pooled connection that fails before any response byte is replaced by a fresh one, once,
 /// when `stale_replay` allows it (a replayable request on a route that retries stale
@@ -236,7 +258,7 @@ async fn attempt<R: Runtime>(
     timeouts: &Timeouts,
     body: &mut BodyRelay,
     stale_replay: bool,
-) -> Attempt<R::Stream> {
+) -> Attempt<Transport<R::Stream>> {
     let cluster = &f.view.snap.config.clusters[f.target.cluster];
     let stats = &f.view.cluster_stats[f.target.cluster];
     let mut retried = false;
@@ -256,25 +278,40 @@ async fn attempt<R: Runtime>(
         let may_replay = reused && stale_replay && !retried;
         let mut up = match pooled {
             Some(s) => s,
-            None => match connect_upstream::<R>(addr, timeouts.connect).await {
-                Ok(mut s) if cluster.send_proxy_protocol => {
-                    let mut header = Vec::with_capacity(52);
-                    let local = f.client.local_addr().unwrap_or(f.listener.address);
-                    encode_v2(&mut header, f.client_addr, local);
-                    if let (Err(e), _) = s.write_all(header).await {
-                        return Attempt::Failed(ProxyError::UpstreamWrite(e));
+            None => {
+                let connected = connect_upstream::<R>(addr, timeouts.connect).await;
+                let connected = match connected {
+                    Ok(mut s) if cluster.send_proxy_protocol => {
+                        let mut header = Vec::with_capacity(52);
+                        let local = f.client.local_addr().unwrap_or(f.listener.address);
+                        encode_v2(&mut header, f.client_addr, local);
+                        match s.write_all(header).await {
+                            (Err(e), _) => return Attempt::Failed(ProxyError::UpstreamWrite(e)),
+                            _ => Ok(s),
+                        }
                     }
-                    s
-                }
-                Ok(s) => s,
-                Err(e) => {
-                    match e {
-                        ProxyError::ConnectTimeout => stats.timeout(),
-                        _ => stats.connect_error(),
+                    other => other,
+                };
+                let tls = f.view.upstream_tls[f.target.cluster].clone();
+                let upgraded = match (connected, tls) {
+                    (Ok(s), Some(config)) => {
+                        let name = cluster.tls.as_ref().and_then(|t| t.server_name.as_ref());
+                        upstream_tls::<R>(s, config, name, addr, timeouts.connect).await
                     }
-                    return Attempt::Failed(e);
+                    (Ok(s), None) => Ok(Transport::Plain(s)),
+                    (Err(e), _) => Err(e),
+                };
+                match upgraded {
+                    Ok(s) => s,
+                    Err(e) => {
+                        match e {
+                            ProxyError::ConnectTimeout => stats.timeout(),
+                            _ => stats.connect_error(),
+                        }
+                        return Attempt::Failed(e);
+                    }
                 }
-            },
+            }
         };
         let (res, b) = up.write_all(std::mem::take(&mut f.bufs.uhead)).await;
         f.bufs.uhead = b;

@@ -4,7 +4,6 @@
 //! purpose (`Rc`, `RefCell`, `Cell`): it lives on one pinned thread and is never locked.
 
 pub mod buffers;
-pub mod client;
 pub mod conn;
 pub mod downstream;
 pub mod error;
@@ -17,6 +16,7 @@ pub mod pool;
 pub mod relay;
 pub mod request;
 pub mod retry;
+pub mod transport;
 pub mod tunnel;
 pub mod wait;
 pub mod worker_tasks;
@@ -51,12 +51,12 @@ pub struct Forward<'a, R: Runtime> {
     pub listener: &'a Listener,
     pub target: Target,
     pub info: &'a RequestInfo,
-    pub client: &'a mut client::ClientStream<R::Stream>,
+    pub client: &'a mut transport::Transport<R::Stream>,
     /// The client's address (the PROXY protocol's when the listener takes it).
     pub client_addr: SocketAddr,
     pub bufs: &'a mut Buffers,
     /// After a `101`: the upstream connection that becomes a tunnel with the client.
-    pub tunnel: Option<R::Stream>,
+    pub tunnel: Option<transport::Transport<R::Stream>>,
 }
 
 /// What one worker serves from: the snapshot plus this worker's own per-snapshot state.
@@ -75,6 +75,9 @@ pub struct WorkerView {
     /// This worker's own TLS server config per TLS listener, by listener name: its own
     /// session cache, so no handshake writes memory another worker reads.
     pub tls: Vec<(String, Arc<rustls::ServerConfig>)>,
+    /// This worker's own TLS client config per cluster of `snap` that speaks TLS upstream (its
+    /// own resumption cache).
+    pub upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl WorkerView {
@@ -96,7 +99,7 @@ pub struct Worker<R: Runtime> {
     /// Reads the published snapshot with one atomic load and no write while it is unchanged.
     snapshots: RefCell<Cache<SharedSnapshot, Arc<Snapshot>>>,
     view: RefCell<Rc<WorkerView>>,
-    pub pool: Pool<R::Stream>,
+    pub pool: Pool<transport::Transport<R::Stream>>,
     /// Limits on upstream response heads (request limits are per listener).
     pub response_limits: HeadLimits,
     /// Open client connections on this worker.
@@ -324,7 +327,18 @@ impl<R: Runtime> Worker<R> {
                 }
             })
             .collect();
+        let upstream_tls = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let t = c.tls.as_ref()?;
+                crate::tls::client_config(t)
+                    .map_err(|e| tracing::error!(cluster = %c.name, error = %e, "cannot build the upstream TLS config"))
+                    .ok()
+            })
+            .collect();
         WorkerView {
+            upstream_tls,
             snap,
             balancers,
             listeners,

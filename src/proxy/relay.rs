@@ -8,6 +8,7 @@ use super::conn::{flush, read_some, BODY_READ, RELAY_READ};
 use super::error::ProxyError;
 use super::io::Runtime;
 use super::request::{Buffers, RequestInfo};
+use super::transport::Transport;
 use super::Forward;
 use crate::config::{Compression, Route};
 use crate::http::body::BodyRelay;
@@ -181,7 +182,7 @@ pub struct HeadFailure {
 /// Reads until a final response head is in `bufs.ubuf`, dropping interim responses; encodes
 /// the downstream head into `bufs.out`.
 pub async fn read_response_head<R: Runtime>(
-    up: &mut R::Stream,
+    up: &mut Transport<R::Stream>,
     bufs: &mut Buffers,
     info: &RequestInfo,
     route: &Route,
@@ -233,7 +234,7 @@ pub struct Relayed {
 /// at a time. A connection that finished cleanly goes back to the worker's pool.
 pub async fn relay_response<R: Runtime>(
     f: &mut Forward<'_, R>,
-    mut up: R::Stream,
+    mut up: Transport<R::Stream>,
     addr: SocketAddr,
     read_timeout: Duration,
     plan: ResponsePlan,
@@ -320,7 +321,7 @@ pub async fn relay_response<R: Runtime>(
 /// the compressed stream. Memory: one read buffer, the encoder's window, one output buffer.
 async fn relay_compressed<R: Runtime>(
     f: &mut Forward<'_, R>,
-    mut up: R::Stream,
+    mut up: Transport<R::Stream>,
     addr: SocketAddr,
     read_timeout: Duration,
     plan: ResponsePlan,
@@ -390,7 +391,7 @@ async fn relay_compressed<R: Runtime>(
 
 /// Returns a connection that finished a response cleanly to the worker's pool, unless it
 /// carries one client's PROXY header.
-fn give_back<R: Runtime>(f: &Forward<'_, R>, addr: SocketAddr, up: R::Stream) {
+fn give_back<R: Runtime>(f: &Forward<'_, R>, addr: SocketAddr, up: Transport<R::Stream>) {
     let cluster = &f.view.snap.config.clusters[f.target.cluster];
     if !cluster.send_proxy_protocol {
         f.worker.pool.checkin(addr, up, cluster.pool_max_idle);

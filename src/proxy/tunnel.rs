@@ -53,8 +53,8 @@ async fn copy<F: ReadHalf, T: WriteHalf>(
 /// is passed on first.
 pub async fn tunnel<R: Runtime>(
     worker: &Worker<R>,
-    mut client: super::client::ClientStream<R::Stream>,
-    mut up: R::Stream,
+    mut client: super::transport::Transport<R::Stream>,
+    mut up: super::transport::Transport<R::Stream>,
     bufs: &mut Buffers,
     idle: Duration,
 ) -> TunnelEnd {

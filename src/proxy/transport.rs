@@ -1,0 +1,112 @@
+//! A connection as the proxy loop sees it, on either side: plaintext, or TLS over the same
+//! runtime stream. One type for both, so the journey (downstream → forward → relay, tunnels,
+//! the upstream pool) is written once; TLS is a layer under the seam, not a fork of the loop.
+
+use std::io;
+use std::net::SocketAddr;
+
+use super::io::{ReadHalf, Stream, WriteHalf};
+use crate::tls::{TlsRead, TlsStream, TlsWrite};
+
+pub enum Transport<S: Stream> {
+    Plain(S),
+    /// Boxed: the TLS state is large and only TLS listeners pay for it.
+    Tls(Box<TlsStream<S>>),
+}
+
+impl<S: Stream> Transport<S> {
+    /// `https` over TLS, else `http`: what X-Forwarded-Proto says.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Transport::Plain(_) => "http",
+            Transport::Tls(_) => "https",
+        }
+    }
+}
+
+impl<S: Stream> Stream for Transport<S> {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Transport::Plain(s) => s.read(buf).await,
+            Transport::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Transport::Plain(s) => s.write_all(buf).await,
+            Transport::Tls(s) => s.write_all(buf).await,
+        }
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.shutdown_write().await,
+            Transport::Tls(s) => s.shutdown_write().await,
+        }
+    }
+
+    fn is_stale(&self) -> bool {
+        match self {
+            Transport::Plain(s) => s.is_stale(),
+            Transport::Tls(s) => s.is_stale(),
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Transport::Plain(s) => s.local_addr(),
+            Transport::Tls(s) => s.local_addr(),
+        }
+    }
+
+    type Read = TransportRead<S>;
+    type Write = TransportWrite<S>;
+    fn into_split(self) -> (TransportRead<S>, TransportWrite<S>) {
+        match self {
+            Transport::Plain(s) => {
+                let (r, w) = s.into_split();
+                (TransportRead::Plain(r), TransportWrite::Plain(w))
+            }
+            Transport::Tls(s) => {
+                let (r, w) = s.into_split();
+                (TransportRead::Tls(r), TransportWrite::Tls(w))
+            }
+        }
+    }
+}
+
+pub enum TransportRead<S: Stream> {
+    Plain(S::Read),
+    Tls(TlsRead<S>),
+}
+
+pub enum TransportWrite<S: Stream> {
+    Plain(S::Write),
+    Tls(TlsWrite<S>),
+}
+
+impl<S: Stream> ReadHalf for TransportRead<S> {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            TransportRead::Plain(r) => r.read(buf).await,
+            TransportRead::Tls(r) => r.read(buf).await,
+        }
+    }
+}
+
+impl<S: Stream> WriteHalf for TransportWrite<S> {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            TransportWrite::Plain(w) => w.write_all(buf).await,
+            TransportWrite::Tls(w) => w.write_all(buf).await,
+        }
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        match self {
+            TransportWrite::Plain(w) => w.shutdown_write().await,
+            TransportWrite::Tls(w) => w.shutdown_write().await,
+        }
+    }
+}
