@@ -45,6 +45,8 @@ pub struct Entry<'a> {
     pub user_agent: &'a str,
     /// Empty when the listener and route use no request ids.
     pub request_id: &'a str,
+    /// The connection's TLS, when it is one.
+    pub tls: Option<&'a crate::tls::TlsSummary>,
 }
 
 /// Appends `s` with quotes, backslashes and control or non-ASCII bytes escaped as `\xHH`.
@@ -96,6 +98,10 @@ pub fn format_entry(out: &mut String, format: Format, e: &Entry<'_>) {
                 out.push_str(" request_id=");
                 push_escaped(out, e.request_id);
             }
+            if let Some(t) = e.tls {
+                let _ = write!(out, " tls={} cipher={} sni=", t.version, t.cipher);
+                push_escaped(out, t.sni.as_deref().unwrap_or("-"));
+            }
             out.push('\n');
         }
         Format::Json => {
@@ -124,6 +130,14 @@ pub fn format_entry(out: &mut String, format: Format, e: &Entry<'_>) {
             if !e.request_id.is_empty() {
                 out.push_str("\",\"request_id\":\"");
                 push_json(out, e.request_id);
+            }
+            if let Some(t) = e.tls {
+                let _ = write!(
+                    out,
+                    "\",\"tls_version\":\"{}\",\"tls_cipher\":\"{}\",\"sni\":\"",
+                    t.version, t.cipher
+                );
+                push_json(out, t.sni.as_deref().unwrap_or(""));
             }
             out.push_str("\"}\n");
         }
@@ -251,6 +265,7 @@ mod tests {
             referer: "",
             user_agent: "curl/8",
             request_id: "",
+            tls: None,
         }
     }
 

@@ -89,11 +89,17 @@ pub struct WorkerStats {
     /// TLS handshakes completed and failed (bad ClientHello, timeout, client gone).
     pub tls_ok: Cell<u64>,
     pub tls_failed: Cell<u64>,
+    /// TLS connections by version and ALPN protocol (counted once per connection).
+    pub tls_connections: RefCell<HashMap<(&'static str, String), u64>>,
 }
 
 impl WorkerStats {
     pub fn tls_handshake(&self, ok: bool) {
         bump(if ok { &self.tls_ok } else { &self.tls_failed });
+    }
+
+    pub fn tls_connection(&self, version: &'static str, alpn: &str) {
+        *self.tls_connections.borrow_mut().entry((version, alpn.to_string())).or_default() += 1;
     }
 
     pub fn route(&self, route: &str, cluster: &str) -> Rc<RouteStats> {
@@ -111,6 +117,9 @@ impl WorkerStats {
         r.tunnels_open = self.tunnels_open.get();
         r.tunnel_bytes = self.tunnel_bytes.get();
         r.tls_handshakes = [self.tls_ok.get(), self.tls_failed.get()];
+        for ((v, a), n) in self.tls_connections.borrow().iter() {
+            r.tls_connections.insert((v.to_string(), a.clone()), *n);
+        }
         for ((route, cluster), s) in self.routes.borrow().iter() {
             let e = r.requests.entry((route.clone(), cluster.clone())).or_default();
             for (i, c) in s.by_class.iter().enumerate() {
@@ -137,6 +146,11 @@ pub struct StatsReport {
     pub tunnel_bytes: u64,
     /// Completed, failed.
     pub tls_handshakes: [u64; 2],
+    /// `(version, alpn)` → TLS connections.
+    pub tls_connections: BTreeMap<(String, String), u64>,
+    /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
+    /// Filled by the control plane.
+    pub cert_expiry: BTreeMap<(String, String), i64>,
     /// `(cluster, endpoint)` → workers that have the endpoint ejected now.
     pub ejected: BTreeMap<(String, String), u64>,
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
@@ -229,6 +243,12 @@ impl StatsReport {
         self.tunnel_bytes += o.tunnel_bytes;
         self.tls_handshakes[0] += o.tls_handshakes[0];
         self.tls_handshakes[1] += o.tls_handshakes[1];
+        for (k, v) in &o.tls_connections {
+            *self.tls_connections.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.cert_expiry {
+            self.cert_expiry.insert(k.clone(), *v);
+        }
         for (k, v) in &o.ejected {
             *self.ejected.entry(k.clone()).or_default() += v;
         }
@@ -333,6 +353,24 @@ impl StatsReport {
             "# HELP apex_tls_handshakes_total TLS handshakes with clients, by result.\n# TYPE apex_tls_handshakes_total counter\napex_tls_handshakes_total{{result=\"ok\"}} {}\napex_tls_handshakes_total{{result=\"failed\"}} {}",
             self.tls_handshakes[0], self.tls_handshakes[1]
         );
+        o.push_str("# HELP apex_tls_connections_total TLS client connections by version and ALPN protocol.\n# TYPE apex_tls_connections_total counter\n");
+        for ((version, alpn), n) in &self.tls_connections {
+            let _ = writeln!(
+                o,
+                "apex_tls_connections_total{{version=\"{}\",alpn=\"{}\"}} {n}",
+                esc(version),
+                esc(alpn)
+            );
+        }
+        o.push_str("# HELP apex_tls_certificate_expiry_seconds Seconds until a listener's certificate expires.\n# TYPE apex_tls_certificate_expiry_seconds gauge\n");
+        for ((listener, cert), secs) in &self.cert_expiry {
+            let _ = writeln!(
+                o,
+                "apex_tls_certificate_expiry_seconds{{listener=\"{}\",certificate=\"{}\"}} {secs}",
+                esc(listener),
+                esc(cert)
+            );
+        }
         let gauges = [
             (
                 "apex_endpoint_healthy",

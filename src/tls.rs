@@ -23,6 +23,61 @@ use rustls::{Connection, ServerConfig, ServerConnection};
 
 use crate::proxy::io::{ReadHalf, Stream, WriteHalf};
 
+/// A TLS connection's parameters, for the access log and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSummary {
+    pub version: &'static str,
+    pub cipher: &'static str,
+    pub sni: Option<String>,
+}
+
+/// The last validity time (notAfter) of a DER certificate, in seconds since the Unix epoch:
+/// read from the TBSCertificate's validity, without a full X.509 parser (webpki does not
+/// expose it). `None` if the DER is not shaped as expected.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    /// One DER element at the start of `b`: (tag, contents, rest).
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, b) = b.split_first()?;
+        let (len, b) = if first < 0x80 {
+            (usize::from(first), b)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+            (len, &b[n..])
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (_, cert, _) = element(der)?;
+    let (_, tbs, _) = element(cert)?;
+    let mut rest = tbs;
+    let (tag, _, after) = element(rest)?;
+    if tag == 0xa0 {
+        rest = after; // version
+    }
+    for _ in 0..3 {
+        rest = element(rest)?.2; // serial, signature algorithm, issuer
+    }
+    let (_, validity, _) = element(rest)?;
+    let not_before_rest = element(validity)?.2;
+    let (tag, time, _) = element(not_before_rest)?;
+    let t = std::str::from_utf8(time).ok()?;
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i64 = t.get(..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, t.get(2..)?)
+        }
+        0x18 => (t.get(..4)?.parse().ok()?, t.get(4..)?),
+        _ => return None,
+    };
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { rest.get(r)?.parse().ok() };
+    let (month, day, h, m, sec) = (num(0..2)?, num(2..4)?, num(4..6)?, num(6..8)?, num(8..10)?);
+    Some(crate::timefmt::days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
 /// Ciphertext read at once: one TLS record and its overhead.
 const TLS_READ: usize = 16 * 1024 + 512;
 /// Sessions each worker remembers for TLS 1.2 resumption by session id.
@@ -34,6 +89,8 @@ pub struct LoadedCert {
     pub key: Arc<CertifiedKey>,
     /// Lower-case SAN names; wildcards as `*.example.net`.
     pub names: Vec<String>,
+    /// The leaf's notAfter, seconds since the Unix epoch.
+    pub not_after: Option<i64>,
 }
 
 /// Why a certificate or key could not be used.
@@ -79,6 +136,7 @@ pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, CertError> {
             webpki::EndEntityCert::try_from(&chain[0]).map_err(|_| CertError::NoCertificate)?;
         leaf.valid_dns_names().map(|n| n.to_ascii_lowercase()).collect()
     };
+    let not_after = not_after(&chain[0]);
     if names.is_empty() {
         return Err(CertError::NoSubjectAltName);
     }
@@ -86,7 +144,7 @@ pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, CertError> {
         rustls::Error::InconsistentKeys(_) => CertError::KeyMismatch,
         other => CertError::BadKey(other.to_string()),
     })?;
-    Ok(LoadedCert { key: Arc::new(key), names })
+    Ok(LoadedCert { key: Arc::new(key), names, not_after })
 }
 
 /// SNI: exact names first, then one-label wildcards (`*.example.net` matches `a.example.net`,
@@ -326,6 +384,18 @@ impl<S: Stream> TlsStream<S> {
 
     pub fn version(&self) -> Option<rustls::ProtocolVersion> {
         self.conn.protocol_version()
+    }
+
+    /// What the access log records of this connection's TLS: version, cipher suite, SNI.
+    pub fn summary(&self) -> TlsSummary {
+        let version = match self.conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "-",
+        };
+        let cipher =
+            self.conn.negotiated_cipher_suite().and_then(|c| c.suite().as_str()).unwrap_or("-");
+        TlsSummary { version, cipher, sni: self.server_name().map(str::to_string) }
     }
 
     /// Writes whatever rustls has to send.
@@ -651,6 +721,17 @@ impl rustls::server::ProducesTickets for Ticketer {
 mod tests {
     use super::*;
     use rustls::server::ProducesTickets;
+
+    #[test]
+    fn not_after_is_read_from_the_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 7, 9);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        // 2031-07-09T00:00:00Z
+        assert_eq!(not_after(cert.der()), Some(1_941_321_600));
+        assert_eq!(not_after(b"\x30\x03\x02\x01"), None);
+    }
 
     #[test]
     fn tickets_open_under_the_current_and_previous_key_only() {

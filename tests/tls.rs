@@ -165,6 +165,17 @@ fn both_versions_keep_alive_and_forwarded_proto_https(rt: &str) {
     }
     let text = metrics(admin_at);
     assert_eq!(metric(&text, "apex_tls_handshakes_total{result=\"ok\"}"), Some(2), "{text}");
+    for v in ["TLSv1.2", "TLSv1.3"] {
+        // The test client offers no ALPN.
+        let series = format!("apex_tls_connections_total{{version=\"{v}\",alpn=\"none\"}}");
+        assert_eq!(metric(&text, &series), Some(1), "{text}");
+    }
+    let expiry = text
+        .lines()
+        .find_map(|l| l.strip_prefix("apex_tls_certificate_expiry_seconds{listener=\"test\",certificate=\"a.example.com\"} "))
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no expiry series in\n{text}"));
+    assert!(expiry > 86_400 * 300, "rcgen's default validity runs for years: {expiry}");
 }
 
 fn garbage_plaintext_and_stalled_handshakes_are_cut_alone(rt: &str) {
@@ -428,6 +439,7 @@ fn tls_to_upstreams_verifies_and_pools(rt: &str) {
 }
 
 under_each_driver!(
+    the_access_log_records_tls_version_cipher_and_sni,
     tls_to_upstreams_verifies_and_pools,
     mtls_requires_a_client_certificate_from_the_ca,
     sessions_resume_on_any_worker,
@@ -438,6 +450,58 @@ under_each_driver!(
     large_bodies_cross_tls_intact,
     a_reload_serves_the_new_certificate_and_refuses_a_bad_one,
 );
+
+/// The access log records the TLS version, cipher suite and SNI of each request's connection.
+fn the_access_log_records_tls_version_cipher_and_sni(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let log = dir.0.join("access.log");
+    let yaml = format!(
+        "access_log: {{ path: \"{}\", format: json }}\n{}",
+        log.display(),
+        tls_config(up.addr, &[(c, k)], "")
+    );
+    let mut apex = Apex::start(&yaml, rt);
+    let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    get(&mut s, "/");
+    drop(s);
+    apex.signal(libc::SIGTERM);
+    assert_eq!(apex.wait_exit(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("\"tls_version\":\"TLSv1.3\",\"tls_cipher\":\"TLS13_"), "{text}");
+    assert!(text.contains("\"sni\":\"a.example.com\""), "{text}");
+}
+
+#[test]
+fn check_warns_about_an_expired_certificate() {
+    let dir = TempDir::new();
+    let mut params = rcgen::CertificateParams::new(vec!["old.example.com".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let c = dir.write("old.crt", &cert.pem());
+    let k = dir.write("old.key", &key.serialize_pem());
+    let yaml = format!(
+        "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    tls: {{ certificates: [ {{ cert: \"{}\", key: \"{}\" }} ] }}\n",
+        c.display(),
+        k.display()
+    );
+    let path = dir.write("apex.yaml", &yaml);
+    let out = std::process::Command::new(apex_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error: {err}");
+    assert!(
+        err.contains("warning:")
+            && err.contains("listeners[0].tls.certificates[0]: the certificate in"),
+        "{err}"
+    );
+    assert!(err.contains("has expired"), "{err}");
+}
 
 #[test]
 fn check_reports_unreadable_files_and_certificates_without_names() {

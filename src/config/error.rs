@@ -77,6 +77,8 @@ pub enum Problem {
     BadIndex,
     BadScheme(String),
     NeedsCa,
+    /// A warning: the certificate's validity has ended.
+    ExpiredCertificate(String),
     BadRedirectStatus(u16),
     BadMediaType(String),
 }
@@ -175,6 +177,7 @@ impl fmt::Display for Problem {
             Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
             Problem::BadAlpn(p) => write!(f, "ALPN protocol `{p}` is not served (use http/1.1)"),
             Problem::NoCertificates => write!(f, "a TLS listener needs at least one certificate"),
+            Problem::ExpiredCertificate(c) => write!(f, "the certificate in {c} has expired"),
             Problem::NeedsCa => write!(
                 f,
                 "verifying upstream certificates needs `ca` (a PEM file of CAs; no system roots are loaded), or `verify: false`"

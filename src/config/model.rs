@@ -136,6 +136,9 @@ pub struct TlsListener {
     pub handshake_timeout: Duration,
     /// Verifies client certificates (mTLS), when the listener asks for them.
     pub client_auth: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    /// Each certificate's first name and its notAfter (seconds since the epoch), for the
+    /// expiry metric.
+    pub expiry: Vec<(String, Option<i64>)>,
 }
 
 /// A listener's PROXY protocol settings.

@@ -31,6 +31,11 @@ impl<'a> Validator<'a> {
         self.errors.push(ConfigError { file: self.file.to_string(), line: None, key, problem });
     }
 
+    /// A problem that does not stop the config from loading.
+    pub(super) fn warn(&mut self, key: String, problem: Problem) {
+        self.warnings.push(ConfigError { file: self.file.to_string(), line: None, key, problem });
+    }
+
     pub(super) fn duration(
         &mut self,
         key: String,
@@ -154,14 +159,7 @@ impl<'a> Validator<'a> {
         for (i, c) in clusters.iter().enumerate() {
             let used = routes.iter().any(|r| matches!(r.action, Action::Forward(k) if k == i));
             if !used {
-                let problem = Problem::UnusedCluster(c.name.clone());
-                let key = format!("clusters[{i}]");
-                self.warnings.push(ConfigError {
-                    file: self.file.into(),
-                    line: None,
-                    key,
-                    problem,
-                });
+                self.warn(format!("clusters[{i}]"), Problem::UnusedCluster(c.name.clone()));
             }
         }
         if !self.errors.is_empty() {

@@ -246,9 +246,18 @@ impl Validator<'_> {
             return None;
         }
         let mut loaded = Vec::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         for (i, c) in r.certificates.iter().enumerate() {
             match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
-                Ok(l) => loaded.push(l),
+                Ok(l) => {
+                    if l.not_after.is_some_and(|t| t < now) {
+                        let key = format!("{p}.certificates[{i}]");
+                        self.warn(key, Problem::ExpiredCertificate(c.cert.clone()));
+                    }
+                    loaded.push(l)
+                }
                 Err(e) => self
                     .err(format!("{p}.certificates[{i}]"), Problem::BadCertificate(e.to_string())),
             }
@@ -299,7 +308,8 @@ impl Validator<'_> {
             return None;
         }
         let certs = std::sync::Arc::new(crate::tls::CertStore::new(&loaded, default));
-        Some(TlsListener { certs, tls13_only, alpn, handshake_timeout, client_auth })
+        let expiry = loaded.iter().map(|l| (l.names[0].clone(), l.not_after)).collect();
+        Some(TlsListener { certs, tls13_only, alpn, handshake_timeout, client_auth, expiry })
     }
 
     /// A cluster's TLS to its endpoints: a CA file when verifying (no system roots are

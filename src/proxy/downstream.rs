@@ -373,8 +373,14 @@ pub async fn serve_downstream<R: Runtime>(
             }
         }
     };
-    if let Transport::Tls(_) = client {
+    if let Transport::Tls(t) = &client {
         worker.stats.tls_handshake(true);
+        let summary = t.summary();
+        let alpn = t.alpn().map_or("none".into(), String::from_utf8_lossy);
+        worker.stats.tls_connection(summary.version, &alpn);
+        if worker.access.is_some() {
+            bufs.logged.tls = Some(summary);
+        }
     }
     let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
     let mut first = true;
@@ -598,5 +604,6 @@ fn log_request<R: Runtime>(
         referer: &l.referer,
         user_agent: &l.user_agent,
         request_id: &l.request_id,
+        tls: l.tls.as_ref(),
     });
 }

@@ -36,6 +36,8 @@ pub struct Logged {
     pub user_agent: String,
     /// The request id Apex forwarded, when the listener or route uses them.
     pub request_id: String,
+    /// The connection's TLS (set once, when the handshake completes).
+    pub tls: Option<crate::tls::TlsSummary>,
 }
 
 impl Logged {

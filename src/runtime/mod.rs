@@ -115,6 +115,16 @@ impl Server {
         });
         let mut total = crate::stats::sum_reports(&mut self.last_reports, answers);
         let snap = self.shared.load();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for l in &snap.config.listeners {
+            for (name, not_after) in l.tls.iter().flat_map(|t| &t.expiry) {
+                if let Some(t) = not_after {
+                    total.cert_expiry.insert((l.name.clone(), name.clone()), t - now);
+                }
+            }
+        }
         let verdicts = self.health.load();
         for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()) {
             let known = verdicts.clusters.get(&c.name);
