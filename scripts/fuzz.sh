@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the libFuzzer targets for a bounded time each: the request-head parser and the chunked
-# decoder, and the PROXY protocol parser.   scripts/fuzz.sh [SECONDS]   (default 60 per target)
+# decoder, the PROXY protocol parser and the TLS handshake path.
+#   scripts/fuzz.sh [SECONDS]   (default 60 per target)
 #
 # cargo-fuzz wants a nightly toolchain for its sanitizers; only stable is available here, so
 # this builds with coverage instrumentation and no sanitizer (`--sanitizer none`, safe Rust
@@ -13,7 +14,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-for target in request_head chunked proxy_protocol; do
+for target in request_head chunked proxy_protocol tls_handshake; do
     mkdir -p "fuzz/corpus/$target"
     cp -n fuzz/seeds/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
     echo "== $target: ${SECS}s"

@@ -450,6 +450,32 @@ fn feed(conn: &mut Connection, incoming: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs bytes a client sent (in the given pieces) through a fresh server connection, the way
+/// the listener path does, and returns what the server would send back: the sans-IO core of
+/// the handshake, for the fuzz target. Never panics; stops at the first TLS error.
+pub fn serve_bytes(config: Arc<ServerConfig>, pieces: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let Ok(server) = ServerConnection::new(config) else { return out };
+    let mut conn = Connection::Server(server);
+    let mut incoming = Vec::new();
+    let mut plain = Vec::with_capacity(4096);
+    for piece in pieces {
+        incoming.extend_from_slice(piece);
+        if feed(&mut conn, &mut incoming).is_err() || conn.process_new_packets().is_err() {
+            let _ = conn.write_tls(&mut out);
+            return out;
+        }
+        plain.clear();
+        let _ = take_plaintext(&mut conn, &mut plain);
+        while conn.wants_write() {
+            if conn.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// Moves available plaintext into `buf`'s spare capacity. `Some(0)`: the peer's close_notify;
 /// `None`: nothing yet.
 fn take_plaintext(conn: &mut Connection, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
