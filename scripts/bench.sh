@@ -12,8 +12,8 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring"
-ALL_SIZES="64 4k 64k 16k-gzip"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls"
+ALL_SIZES="64 4k 64k 16k-gzip 64-newconn"
 
 usage() {
     cat <<USAGE
@@ -30,7 +30,11 @@ Arguments:
 
 Environment:
   SIZES         body sizes, any of: $ALL_SIZES (default: "64 4k 64k")
-                (16k-gzip: a 16 KiB HTML page each proxy compresses at gzip level 1)
+                (16k-gzip: a 16 KiB HTML page each proxy compresses at gzip level 1;
+                64-newconn: 64 B with Connection: close, a new connection, and over TLS a full
+                handshake, per request)
+                TLS modes (apex-tls, nginx-tls, haproxy-tls) terminate TLS 1.3 with one ECDSA
+                P-256 certificate (session tickets on) and compare with nginx-tls
   MODES         modes, any of: $ALL_MODES
                 (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
                 (default: all of them; "direct" is wrk against the backend itself)
@@ -356,6 +360,25 @@ CONF
     track $kids
 }
 
+# One ECDSA P-256 certificate for every TLS mode (HAProxy wants key and chain in one file).
+make_certificate() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/haproxy.pem"
+}
+
+write_tls_configs() {
+    # Apex: the same config with a tls block on the listener.
+    awk -v tls="    tls: { certificates: [ { cert: \"$WORK/cert.pem\", key: \"$WORK/key.pem\" } ], min_version: \"1.3\" }" \
+        '{ print } /^    address: / { print tls }' "$WORK/apex.yaml" >"$WORK/apex-tls.yaml"
+    sed -e "s|listen 127.0.0.1:$PROXY_PORT backlog=4096;|listen 127.0.0.1:$PROXY_PORT ssl backlog=4096; ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem; ssl_protocols TLSv1.3; ssl_session_tickets on; ssl_session_cache shared:bench:10m;|" \
+        -e "s|pid $WORK/nginx-proxy.pid;|pid $WORK/nginx-tls.pid;|" \
+        "$WORK/nginx-proxy.conf" >"$WORK/nginx-tls.conf"
+    sed "s|    bind 127.0.0.1:$PROXY_PORT|    bind 127.0.0.1:$PROXY_PORT ssl crt $WORK/haproxy.pem ssl-min-ver TLSv1.3|" \
+        "$WORK/haproxy.cfg" >"$WORK/haproxy-tls.cfg"
+}
+
 write_proxy_configs() {
     cat >"$WORK/apex.yaml" <<CONF
 workers: 1
@@ -440,6 +463,16 @@ start_proxy() {
         RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex.yaml" \
             --runtime "${mode#apex-}" >"$WORK/apex.log" 2>&1 &
         pid=$! ;;
+    apex-tls)
+        RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex-tls.yaml" \
+            --runtime io_uring >"$WORK/apex.log" 2>&1 &
+        pid=$! ;;
+    nginx-tls)
+        taskset -c 0 nginx -c "$WORK/nginx-tls.conf" >/dev/null 2>&1 &
+        pid=$! ;;
+    haproxy-tls)
+        taskset -c 0 haproxy -f "$WORK/haproxy-tls.cfg" >/dev/null 2>&1 &
+        pid=$! ;;
     baseline-io_uring)
         RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex.yaml" \
             --runtime io_uring >"$WORK/baseline.log" 2>&1 &
@@ -454,7 +487,7 @@ start_proxy() {
     track "$pid"
     wait_port "$PROXY_PORT" "$pid"
     # The master and its workers (nginx forks one, once it listens: wait for it).
-    if [ "$mode" = nginx ]; then
+    if [ "$mode" = nginx ] || [ "$mode" = nginx-tls ]; then
         kids=$(wait_children "$pid" 1)
     else
         kids=$(pgrep -P "$pid" | tr '\n' ' ' || true)
@@ -498,16 +531,18 @@ run_one() {
     [ "$mode" = direct ] && port=$BACKEND_PORT
     start_proxy "$mode"
     pids=$PROXY_PIDS
-    # The compressed size is asked for with Accept-Encoding, under /gz/.
-    local path=$size header=()
-    if [ "$size" = 16k-gzip ]; then
-        path=gz/$size
-        header=(-H "Accept-Encoding: gzip")
-    fi
+    # The compressed size is asked for with Accept-Encoding, under /gz/; 64-newconn closes
+    # every connection after one request.
+    local path=$size header=() scheme=http
+    case $size in
+    16k-gzip) path=gz/$size; header=(-H "Accept-Encoding: gzip") ;;
+    64-newconn) path=64; header=(-H "Connection: close") ;;
+    esac
+    case $mode in *-tls) scheme=https ;; esac
     # Warm-up: fills pools and caches; not measured.
-    run_wrk -t1 -c"$CONNS" -d1s "${header[@]}" "http://127.0.0.1:$port/$path"
+    run_wrk -t1 -c"$CONNS" -d1s "${header[@]}" "$scheme://127.0.0.1:$port/$path"
     t0=$(cpu_ticks "$pids")
-    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${header[@]}" "http://127.0.0.1:$port/$path"
+    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${header[@]}" "$scheme://127.0.0.1:$port/$path"
     out=$(cat "$WORK/wrk.out")
     t1=$(cpu_ticks "$pids")
     stop_proxy "$pids"
@@ -555,6 +590,10 @@ main() {
     check_ports
     start_backend
     write_proxy_configs
+    if [[ " $MODES " == *"-tls "* ]]; then
+        make_certificate
+        write_tls_configs
+    fi
     : >"$WORK/results.jsonl"
     local modes=($MODES)
     for round in $(seq 1 "$ROUNDS"); do
@@ -572,7 +611,9 @@ main() {
     # Idle memory: RSS growth per idle keep-alive client connection, once per proxy mode.
     : >"$WORK/idle.jsonl"
     for mode in "${modes[@]}"; do
+        # idle_memory.py speaks plaintext only.
         [ "$mode" = direct ] && continue
+        case $mode in *-tls) continue ;; esac
         local pids first
         start_proxy "$mode"
         pids=$PROXY_PIDS
