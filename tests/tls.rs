@@ -156,6 +156,7 @@ fn both_versions_keep_alive_and_forwarded_proto_https(rt: &str) {
     for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let mut s = connect(apex.addr, "a.example.com", &[v]);
         assert_eq!(s.conn.protocol_version(), Some(v.version));
+        assert_eq!(s.conn.alpn_protocol(), None, "no ALPN offered, none chosen");
         for _ in 0..2 {
             let (head, body) = get(&mut s, "/");
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -215,6 +216,22 @@ fn large_bodies_cross_tls_intact(rt: &str) {
     let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
     let (_, got) = get(&mut s, "/");
     assert!(got == big, "8 MiB across TLS");
+    // And 4 MiB the other way: an upload streamed through TLS to the upstream.
+    let upload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+    let head = format!("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", upload.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&upload).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let received = up.next();
+    assert_eq!(received.request_line(), "GET / HTTP/1.1");
+    let put = up.next();
+    assert!(put.body == upload, "4 MiB upload across TLS ({} bytes arrived)", put.body.len());
 }
 
 fn a_reload_serves_the_new_certificate_and_refuses_a_bad_one(rt: &str) {
@@ -439,6 +456,7 @@ fn tls_to_upstreams_verifies_and_pools(rt: &str) {
 }
 
 under_each_driver!(
+    alpn_selects_http_1_1,
     the_access_log_records_tls_version_cipher_and_sni,
     tls_to_upstreams_verifies_and_pools,
     mtls_requires_a_client_certificate_from_the_ca,
@@ -450,6 +468,35 @@ under_each_driver!(
     large_bodies_cross_tls_intact,
     a_reload_serves_the_new_certificate_and_refuses_a_bad_one,
 );
+
+/// ALPN: a client offering h2 and http/1.1 gets http/1.1 (h2 comes with the HTTP/2 work); one
+/// offering only h2 is refused.
+fn alpn_selects_http_1_1(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
+    let with_alpn = |protocols: &[&[u8]]| {
+        let mut config = (*client_config(&[&rustls::version::TLS13])).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    };
+    let mut s = connect_with(apex.addr, "a.example.com", with_alpn(&[b"h2", b"http/1.1"]));
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(get(&mut s, "/").1, b"ok");
+    let name = ServerName::try_from("a.example.com".to_string()).unwrap();
+    let mut only_h2 = ClientConnection::new(with_alpn(&[b"h2"]), name).unwrap();
+    let mut tcp = TcpStream::connect(apex.addr).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let refused = loop {
+        match only_h2.complete_io(&mut tcp) {
+            Err(_) => break true,
+            Ok(_) if !only_h2.is_handshaking() => break false,
+            Ok(_) => {}
+        }
+    };
+    assert!(refused, "no protocol in common: refused (no_application_protocol)");
+}
 
 /// The access log records the TLS version, cipher suite and SNI of each request's connection.
 fn the_access_log_records_tls_version_cipher_and_sni(rt: &str) {
