@@ -368,6 +368,12 @@ make_certificate() {
     cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/haproxy.pem"
 }
 
+# The baseline binary (an older commit's) may not know newer keys: it gets the plain route only.
+write_baseline_config() {
+    awk '/path_prefix: "\/gz\/"/ { skip = 3 } skip > 0 { skip--; next } { print }' \
+        "$WORK/apex.yaml" >"$WORK/apex-baseline.yaml"
+}
+
 write_tls_configs() {
     # Apex: the same config with a tls block on the listener.
     awk -v tls="    tls: { certificates: [ { cert: \"$WORK/cert.pem\", key: \"$WORK/key.pem\" } ], min_version: \"1.3\" }" \
@@ -474,7 +480,7 @@ start_proxy() {
         taskset -c 0 haproxy -f "$WORK/haproxy-tls.cfg" >/dev/null 2>&1 &
         pid=$! ;;
     baseline-io_uring)
-        RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex.yaml" \
+        RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex-baseline.yaml" \
             --runtime io_uring >"$WORK/baseline.log" 2>&1 &
         pid=$! ;;
     nginx)
@@ -590,6 +596,7 @@ main() {
     check_ports
     start_backend
     write_proxy_configs
+    write_baseline_config
     if [[ " $MODES " == *"-tls "* ]]; then
         make_certificate
         write_tls_configs

@@ -357,8 +357,10 @@ pub async fn serve_downstream<R: Runtime>(
         None => Transport::Plain(client),
         Some(tls) => {
             let Some(config) = worker.view().tls_config(&listener.name) else { return };
+            // Boxed: a runtime timer is large (monoio pads its entries to 128 B) and, unboxed,
+            // would be part of every connection's task.
             let accept = TlsStream::accept(config, client);
-            match R::timeout(tls.handshake_timeout, Box::pin(accept)).await {
+            match Box::pin(R::timeout(tls.handshake_timeout, accept)).await {
                 Some(Ok(s)) => Transport::Tls(Box::new(s)),
                 Some(Err(e)) => {
                     debug!(client = %peer, error = %e, "TLS handshake failed");
@@ -507,7 +509,9 @@ pub async fn serve_downstream<R: Runtime>(
                 let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
                 bufs.out.extend_from_slice(&bytes[..len]);
                 view.route_stats[route].record(direct.status);
-                let sent = flush(&mut client, &mut bufs.out).await && keep;
+                // Boxed, like every answer: a write future is large, and unboxed it would be
+                // part of every idle connection's task.
+                let sent = Box::pin(flush(&mut client, &mut bufs.out)).await && keep;
                 let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
                 let served =
                     Served { keep_open: sent, status: direct.status, body_bytes, upstream: None };

@@ -24,25 +24,28 @@ impl<S: Stream> Transport<S> {
     }
 }
 
+// The TLS branches' futures are boxed: unboxed, every plaintext connection's task would be as
+// large as a TLS read (an async fn's future is as large as its largest branch), and an idle
+// keep-alive connection waits inside a read.
 impl<S: Stream> Stream for Transport<S> {
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         match self {
             Transport::Plain(s) => s.read(buf).await,
-            Transport::Tls(s) => s.read(buf).await,
+            Transport::Tls(s) => Box::pin(s.read(buf)).await,
         }
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {
             Transport::Plain(s) => s.write_all(buf).await,
-            Transport::Tls(s) => s.write_all(buf).await,
+            Transport::Tls(s) => Box::pin(s.write_all(buf)).await,
         }
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
         match self {
             Transport::Plain(s) => s.shutdown_write().await,
-            Transport::Tls(s) => s.shutdown_write().await,
+            Transport::Tls(s) => Box::pin(s.shutdown_write()).await,
         }
     }
 
@@ -90,7 +93,7 @@ impl<S: Stream> ReadHalf for TransportRead<S> {
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         match self {
             TransportRead::Plain(r) => r.read(buf).await,
-            TransportRead::Tls(r) => r.read(buf).await,
+            TransportRead::Tls(r) => Box::pin(r.read(buf)).await,
         }
     }
 }
@@ -99,14 +102,14 @@ impl<S: Stream> WriteHalf for TransportWrite<S> {
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {
             TransportWrite::Plain(w) => w.write_all(buf).await,
-            TransportWrite::Tls(w) => w.write_all(buf).await,
+            TransportWrite::Tls(w) => Box::pin(w.write_all(buf)).await,
         }
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
         match self {
             TransportWrite::Plain(w) => w.shutdown_write().await,
-            TransportWrite::Tls(w) => w.shutdown_write().await,
+            TransportWrite::Tls(w) => Box::pin(w.shutdown_write()).await,
         }
     }
 }
