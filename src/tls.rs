@@ -275,16 +275,7 @@ pub fn client_verifier(
     ca: &Path,
     required: bool,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, CertError> {
-    let pem =
-        std::fs::read(ca).map_err(|e| CertError::Unreadable(format!("{}: {e}", ca.display())))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        let c = c.map_err(|_| CertError::NoCertificate)?;
-        roots.add(c).map_err(|e| CertError::BadKey(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(CertError::NoCertificate);
-    }
+    let roots = root_store(ca)?;
     let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(default_provider()),
@@ -400,9 +391,7 @@ impl<S: Stream> TlsStream<S> {
 
     /// Writes whatever rustls has to send.
     async fn send_pending(&mut self) -> io::Result<()> {
-        while self.conn.wants_write() {
-            self.conn.write_tls(&mut self.outgoing)?;
-        }
+        queue_records(&mut self.conn, &mut self.outgoing)?;
         if self.outgoing.is_empty() {
             return Ok(());
         }
@@ -431,6 +420,14 @@ impl<S: Stream> TlsStream<S> {
         }
         Ok(n)
     }
+}
+
+/// Appends every TLS record rustls has to send to `out` (for the caller to write).
+fn queue_records(conn: &mut Connection, out: &mut Vec<u8>) -> io::Result<()> {
+    while conn.wants_write() {
+        conn.write_tls(out)?;
+    }
+    Ok(())
 }
 
 /// Gives rustls the ciphertext in `incoming` (as much as it takes; the rest stays).
@@ -467,10 +464,8 @@ pub fn serve_bytes(config: Arc<ServerConfig>, pieces: &[&[u8]]) -> Vec<u8> {
         }
         plain.clear();
         let _ = take_plaintext(&mut conn, &mut plain);
-        while conn.wants_write() {
-            if conn.write_tls(&mut out).is_err() {
-                break;
-            }
+        if queue_records(&mut conn, &mut out).is_err() {
+            return out;
         }
     }
     out
@@ -597,12 +592,7 @@ impl<S: Stream> ReadHalf for TlsRead<S> {
 
 impl<S: Stream> TlsWrite<S> {
     async fn send_pending(&mut self) -> io::Result<()> {
-        {
-            let mut conn = self.conn.borrow_mut();
-            while conn.wants_write() {
-                conn.write_tls(&mut self.outgoing)?;
-            }
-        }
+        queue_records(&mut self.conn.borrow_mut(), &mut self.outgoing)?;
         if self.outgoing.is_empty() {
             return Ok(());
         }
