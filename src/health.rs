@@ -10,13 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::lb::HealthCheck;
+use crate::proxy::io::Stream;
+use crate::proxy::transport::Transport;
+use crate::runtime::tokio::TokioStream;
 use crate::snapshot::SharedSnapshot;
+use crate::tls::TlsStream;
 
 /// Health verdicts by cluster name and endpoint; endpoints not listed count as healthy.
 #[derive(Debug, Default, Clone)]
@@ -43,24 +47,38 @@ struct Prober {
     streak: u32,
 }
 
-/// Sends one probe; `true` if the endpoint answered with an expected status in time.
-async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
+/// How a probe speaks TLS to an endpoint of a cluster with `tls`: the cluster's client config
+/// (built once per probe task) and the name to verify.
+type ProbeTls = (Arc<rustls::ClientConfig>, Option<ServerName<'static>>);
+
+/// Sends one probe; `true` if the endpoint answered with an expected status in time. Over TLS
+/// when the cluster speaks TLS to its endpoints, through the same TLS layer as requests.
+async fn probe(addr: SocketAddr, hc: &HealthCheck, tls: Option<&ProbeTls>) -> bool {
     let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let plain = TokioStream(tokio::net::TcpStream::connect(addr).await.ok()?);
+        let mut s = match tls {
+            None => Transport::Plain(plain),
+            Some((config, name)) => {
+                let name = name.clone().unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+                let t = TlsStream::connect(Arc::clone(config), name, plain).await.ok()?;
+                Transport::Tls(Box::new(t))
+            }
+        };
         let req = format!(
             "GET {} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: apex-health-check\r\nConnection: close\r\n\r\n",
             hc.path
         );
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 64];
-        let mut n = 0;
-        while n < 12 {
-            match s.read(&mut buf[n..]).await {
+        s.write_all(req.into_bytes()).await.0.ok()?;
+        let mut buf = Vec::with_capacity(64);
+        while buf.len() < 12 {
+            let (res, b) = s.read(buf).await;
+            buf = b;
+            match res {
                 Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
+                Ok(_) => {}
             }
         }
-        let line = String::from_utf8_lossy(&buf[..n]);
+        let line = String::from_utf8_lossy(&buf);
         line.strip_prefix("HTTP/1.").and_then(|r| r.get(2..5)).and_then(|s| s.parse::<u16>().ok())
     };
     match tokio::time::timeout(hc.timeout, attempt).await {
@@ -72,10 +90,15 @@ async fn probe(addr: SocketAddr, hc: &HealthCheck) -> bool {
 
 /// Probes one endpoint every `interval`, from now on, until the checker drops the results'
 /// receiver or aborts the task.
-async fn probe_loop(key: Key, check: HealthCheck, results: UnboundedSender<(Key, bool)>) {
+async fn probe_loop(
+    key: Key,
+    check: HealthCheck,
+    tls: Option<ProbeTls>,
+    results: UnboundedSender<(Key, bool)>,
+) {
     let mut next = Instant::now();
     loop {
-        let ok = probe(key.1, &check).await;
+        let ok = probe(key.1, &check, tls.as_ref()).await;
         if results.send((key.clone(), ok)).is_err() {
             return;
         }
@@ -133,7 +156,12 @@ async fn check(config: SharedSnapshot, health: SharedHealth, stopped: mpsc::Rece
                     }
                     None => true,
                 };
-                let task = tokio::spawn(probe_loop(key.clone(), hc.clone(), results_tx.clone()));
+                let tls = c.tls.as_ref().and_then(|t| {
+                    let config = crate::tls::client_config(t).ok()?;
+                    Some((config, t.server_name.clone()))
+                });
+                let probe = probe_loop(key.clone(), hc.clone(), tls, results_tx.clone());
+                let task = tokio::spawn(probe);
                 probers.insert(key, Prober { check: hc.clone(), task, healthy, streak: 0 });
             }
         }

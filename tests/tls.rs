@@ -385,6 +385,14 @@ fn mtls_requires_a_client_certificate_from_the_ca(rt: &str) {
 fn tls_upstream(
     dir: &TempDir,
 ) -> (SocketAddr, std::path::PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
+    tls_upstream_with_health(dir, Arc::new(std::sync::atomic::AtomicBool::new(true)))
+}
+
+/// [`tls_upstream`] whose `/healthz` answers 200 while `healthy` holds, else 503.
+fn tls_upstream_with_health(
+    dir: &TempDir,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+) -> (SocketAddr, std::path::PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -415,6 +423,7 @@ fn tls_upstream(
             let Ok(tcp) = tcp else { continue };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let config = config.clone();
+            let healthy = healthy.clone();
             std::thread::spawn(move || {
                 let conn = rustls::ServerConnection::new(config).unwrap();
                 let mut s = StreamOwned::new(conn, tcp);
@@ -422,8 +431,15 @@ fn tls_upstream(
                 let mut chunk = [0u8; 4096];
                 loop {
                     while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let probe = buf.starts_with(b"GET /healthz");
                         buf.drain(..i + 4);
-                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup").is_err() {
+                        let answer: &[u8] =
+                            if probe && !healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                                b"HTTP/1.1 503 Down\r\nContent-Length: 0\r\n\r\n"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup"
+                            };
+                        if s.write_all(answer).is_err() {
                             return;
                         }
                     }
@@ -465,7 +481,24 @@ fn tls_to_upstreams_verifies_and_pools(rt: &str) {
     assert!(line.contains(&up.to_string()), "{line}");
 }
 
+/// Health checks of a cluster with `tls` probe over TLS: a 503 makes the endpoint unhealthy
+/// and a 200 healthy again (plaintext probes to a TLS port could never pass).
+fn health_checks_probe_tls_upstreams_over_tls(rt: &str) {
+    let dir = TempDir::new();
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (up, ca, _) = tls_upstream_with_health(&dir, healthy.clone());
+    let extra = format!(
+        "    tls: {{ server_name: backend.internal, ca: \"{}\" }}\n    health_check: {{ path: /healthz, interval: 100ms, healthy_threshold: 1, unhealthy_threshold: 1 }}\n",
+        ca.display()
+    );
+    let mut apex = Apex::start(&proxy_config(&[up], &extra), rt);
+    apex.wait_for_log(&["endpoint unhealthy", &up.to_string()]).expect("a 503 probe");
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    apex.wait_for_log(&["endpoint healthy again", &up.to_string()]).expect("a 200 probe over TLS");
+}
+
 under_each_driver!(
+    health_checks_probe_tls_upstreams_over_tls,
     a_large_upload_crosses_tls_intact,
     alpn_selects_http_1_1,
     the_access_log_records_tls_version_cipher_and_sni,
