@@ -579,8 +579,8 @@ PY
 # not to be called in a subshell.
 IDLE_LINE=""
 idle_memory() {
-    local first=$1 pid
-    python3 scripts/idle_memory.py "$PROXY_PORT" "$first" "$IDLE_CONNS" >"$WORK/idle.out" &
+    local first=$1 tls=${2:-} pid
+    python3 scripts/idle_memory.py "$PROXY_PORT" "$first" "$IDLE_CONNS" $tls >"$WORK/idle.out" &
     pid=$!
     track "$pid"
     if wait "$pid"; then IDLE_LINE=$(cat "$WORK/idle.out"); else IDLE_LINE="failed"; fi
@@ -618,16 +618,15 @@ main() {
     # Idle memory: RSS growth per idle keep-alive client connection, once per proxy mode.
     : >"$WORK/idle.jsonl"
     for mode in "${modes[@]}"; do
-        # idle_memory.py speaks plaintext only.
         [ "$mode" = direct ] && continue
-        case $mode in *-tls) continue ;; esac
-        local pids first
+        local pids first scheme=http tls=""
+        case $mode in *-tls) scheme=https; tls=tls ;; esac
         start_proxy "$mode"
         pids=$PROXY_PIDS
         first=${pids%% *}
-        run_wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$PROXY_PORT/64"
+        run_wrk -t1 -c"$CONNS" -d1s "$scheme://127.0.0.1:$PROXY_PORT/64"
         local line
-        idle_memory "$first"
+        idle_memory "$first" "$tls"
         line=$IDLE_LINE
         stop_proxy "$pids"
         echo "idle $mode: $line" >&2

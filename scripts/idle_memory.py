@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """RSS growth of a proxy per idle keep-alive client connection.
 
-    idle_memory.py PORT PID [CONNECTIONS]      (default 5000)
+    idle_memory.py PORT PID [CONNECTIONS] [tls]      (default 5000, plaintext)
 
-Opens CONNECTIONS keep-alive connections to 127.0.0.1:PORT, sends one request on each and reads
-its response, then leaves them all idle and reports the growth of the RSS of PID (summed with
-its children, for nginx) divided by the number of connections, in KiB. Closes everything.
+Opens CONNECTIONS keep-alive connections to 127.0.0.1:PORT (over TLS, certificate unchecked,
+with `tls`), sends one request on each and reads its response, then leaves them all idle and
+reports the growth of the RSS of PID (summed with its children, for nginx) divided by the
+number of connections, in KiB. Closes everything.
 """
-import os
 import socket
+import ssl
 import sys
 
 
@@ -31,11 +32,17 @@ def rss_kib(pid):
 def main():
     port, pid = int(sys.argv[1]), int(sys.argv[2])
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 5000
+    tls = len(sys.argv) > 4 and sys.argv[4] == "tls"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     request = b"GET /64 HTTP/1.1\r\nHost: bench\r\n\r\n"
     before = rss_kib(pid)
     conns = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
+        if tls:
+            s = context.wrap_socket(s, server_hostname="localhost")
         s.settimeout(5)
         s.sendall(request)
         data = b""

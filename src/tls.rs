@@ -398,6 +398,7 @@ impl<S: Stream> TlsStream<S> {
         let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
         b.clear();
         self.outgoing = b;
+        release_if_empty(&mut self.outgoing);
         res
     }
 
@@ -414,11 +415,20 @@ impl<S: Stream> TlsStream<S> {
             return Ok(0);
         }
         feed(&mut self.conn, &mut self.incoming)?;
+        release_if_empty(&mut self.incoming);
         if let Err(e) = self.conn.process_new_packets() {
             let _ = self.send_pending().await;
             return Err(tls_error(e));
         }
         Ok(n)
+    }
+}
+
+/// Frees a ciphertext buffer that holds nothing, so an idle TLS connection keeps no record
+/// buffer (16 KiB and more each); the next read or write allocates again.
+fn release_if_empty(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = Vec::new();
     }
 }
 
@@ -583,6 +593,7 @@ impl<S: Stream> ReadHalf for TlsRead<S> {
             if let Err(e) = feed(&mut conn, &mut self.incoming) {
                 return (Err(e), buf);
             }
+            release_if_empty(&mut self.incoming);
             if let Err(e) = conn.process_new_packets() {
                 return (Err(tls_error(e)), buf);
             }
@@ -599,6 +610,7 @@ impl<S: Stream> TlsWrite<S> {
         let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
         b.clear();
         self.outgoing = b;
+        release_if_empty(&mut self.outgoing);
         res
     }
 }
