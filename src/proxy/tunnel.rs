@@ -20,6 +20,23 @@ pub struct TunnelEnd {
     pub to_client: u64,
 }
 
+/// Counts one open tunnel in `apex_tunnels_open` until dropped, however the tunnel ends (a
+/// panic in the connection's task included).
+struct OpenTunnel<'a>(&'a crate::stats::WorkerStats);
+
+impl<'a> OpenTunnel<'a> {
+    fn count(stats: &'a crate::stats::WorkerStats) -> Self {
+        stats.tunnels_open.set(stats.tunnels_open.get() + 1);
+        OpenTunnel(stats)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        self.0.tunnels_open.set(self.0.tunnels_open.get().saturating_sub(1));
+    }
+}
+
 /// Copies `from` to `to` through `buf` until `from` ends (then `to` gets a FIN: `Ok`) or
 /// either side fails (`Err`: the tunnel ends).
 async fn copy<F: ReadHalf, T: WriteHalf>(
@@ -59,7 +76,7 @@ pub async fn tunnel<R: Runtime>(
     idle: Duration,
 ) -> TunnelEnd {
     let stats = &worker.stats;
-    stats.tunnels_open.set(stats.tunnels_open.get() + 1);
+    let _open = OpenTunnel::count(stats);
     let to_client = Cell::new(bufs.ubuf.len() as u64);
     let to_upstream = Cell::new(bufs.rbuf.len() as u64);
     let sent_early =
@@ -85,7 +102,6 @@ pub async fn tunnel<R: Runtime>(
         let stop = race(worker.drain.wait(), watch);
         let _: Either<(), Either<(), ()>> = race(join_both(down, upward), stop).await;
     }
-    stats.tunnels_open.set(stats.tunnels_open.get() - 1);
     let moved = to_client.get() + to_upstream.get();
     stats.tunnel_bytes.set(stats.tunnel_bytes.get() + moved);
     TunnelEnd { to_client: to_client.get() }
