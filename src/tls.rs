@@ -219,7 +219,9 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?;
     let builder = match &tls.roots {
         Some(roots) => builder.with_root_certificates(Arc::clone(roots)),
-        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification)),
+        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(
+            default_provider().signature_verification_algorithms,
+        ))),
     };
     let config = match &tls.client_cert {
         Some(c) => builder.with_client_cert_resolver(Arc::new(
@@ -233,7 +235,7 @@ pub fn client_config(
 /// `verify: false`: any upstream certificate is accepted (an operator's explicit choice for
 /// a private network); signatures are still checked, so the handshake itself is sound.
 #[derive(Debug)]
-struct NoVerification;
+struct NoVerification(rustls::crypto::WebPkiSupportedAlgorithms);
 
 impl rustls::client::danger::ServerCertVerifier for NoVerification {
     fn verify_server_cert(
@@ -252,8 +254,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = default_provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
     }
     fn verify_tls13_signature(
         &self,
@@ -261,11 +262,10 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        let algs = default_provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        default_provider().signature_verification_algorithms.supported_schemes()
+        self.0.supported_schemes()
     }
 }
 

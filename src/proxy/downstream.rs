@@ -253,9 +253,16 @@ fn hash_key(head: &RequestHead<'_, '_>, on: &HashOn, peer: SocketAddr) -> Option
     }
 }
 
-/// Drops the head and any body that already arrived with it; `false` when part of the body is
-/// still on the wire, in which case the connection cannot carry another request.
-fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>) -> bool {
+/// Drops a request Apex answers itself: its head and any body that already arrived with it.
+/// Returns whether the connection may stay open after the answer: not when part of the body is
+/// still on the wire (the connection cannot carry another request), the client did not ask for
+/// keep-alive, or the worker is draining.
+fn discard_request(
+    rbuf: &mut Vec<u8>,
+    info: &RequestInfo,
+    scratch: &mut Vec<u8>,
+    draining: bool,
+) -> bool {
     let mut body = BodyRelay::new(info.framing, Framing::Length(u64::MAX));
     let taken = body.relay(&rbuf[info.head_len..], scratch).unwrap_or(0);
     scratch.clear();
@@ -263,7 +270,7 @@ fn discard_request(rbuf: &mut Vec<u8>, info: &RequestInfo, scratch: &mut Vec<u8>
         return false;
     }
     rbuf.drain(..info.head_len + taken);
-    true
+    info.keep_alive && !draining
 }
 
 /// The client's address on a listener with `proxy_protocol`: a header from a trusted peer
@@ -431,8 +438,8 @@ pub async fn serve_downstream<R: Runtime>(
                 }) =>
             {
                 let wait = rate.map_or(1, |r| (1.0 / r.per_second).ceil().max(1.0) as u64);
-                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive && !worker.is_draining();
+                let draining = worker.is_draining();
+                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
                 let ka = info.needs_keep_alive_header();
                 view.unrouted.record(429);
                 let retry = format!("retry-after: {wait}\r\n");
@@ -498,8 +505,8 @@ pub async fn serve_downstream<R: Runtime>(
                 (served, Some(target.route))
             }
             Plan::Respond(route) => {
-                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive && !worker.is_draining();
+                let draining = worker.is_draining();
+                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
                 let direct = view.snap.direct[route].as_ref().expect("respond route is encoded");
                 let bytes = match (keep, info.needs_keep_alive_header()) {
                     (false, _) => &direct.close,
@@ -518,8 +525,8 @@ pub async fn serve_downstream<R: Runtime>(
                 (served, Some(route))
             }
             Plan::Redirect(route, status, location) => {
-                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive && !worker.is_draining();
+                let draining = worker.is_draining();
+                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
                 let ka = info.needs_keep_alive_header();
                 let field = format!("location: {location}\r\n");
                 let answer = send_error_with::<R, _>(
@@ -539,8 +546,8 @@ pub async fn serve_downstream<R: Runtime>(
                     Plan::Forbidden(i) => (403, Some(i)),
                     _ => (404, None),
                 };
-                let whole = discard_request(&mut bufs.rbuf, &info, &mut bufs.out);
-                let keep = whole && info.keep_alive && !worker.is_draining();
+                let draining = worker.is_draining();
+                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
                 let ka = info.needs_keep_alive_header();
                 match route {
                     Some(i) => view.route_stats[i].record(status),
