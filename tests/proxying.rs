@@ -267,7 +267,7 @@ fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
     let mut c = Wire::connect(apex.addr);
     // Warm up: first request, so one-off allocations are in the baseline.
     c.request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
-    let peak_before = peak_rss_kib(apex.pid());
+    let peak_before = apex.peak_rss_kib();
 
     c.send(format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\n\r\n").as_bytes());
     let block = vec![b'y'; 64 * 1024];
@@ -280,15 +280,8 @@ fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
     let r = c.request(GET);
     assert_eq!(r.body.len(), SIZE);
 
-    let growth = peak_rss_kib(apex.pid()).saturating_sub(peak_before);
+    let growth = apex.peak_rss_kib().saturating_sub(peak_before);
     assert!(growth < 2048, "peak RSS grew by {growth} KiB moving 2 x 8 MiB");
-}
-
-/// Peak resident set size (VmHWM) of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 under_each_driver!(

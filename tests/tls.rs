@@ -214,8 +214,12 @@ fn large_bodies_cross_tls_intact(rt: &str) {
     let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
     let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
     let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    let peak_before = apex.peak_rss_kib();
     let (_, got) = get(&mut s, "/");
     assert!(got == big, "8 MiB across TLS");
+    // Streamed: the body never sits whole in Apex, in plaintext or in records.
+    let growth = apex.peak_rss_kib().saturating_sub(peak_before);
+    assert!(growth < 2048, "peak RSS grew by {growth} KiB relaying 8 MiB over TLS");
 }
 
 /// 4 MiB the other way: an upload streamed through TLS to the upstream, whole.
@@ -229,6 +233,7 @@ fn a_large_upload_crosses_tls_intact(rt: &str) {
     let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
     let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
     let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+    let peak_before = apex.peak_rss_kib();
     let upload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
     let head = format!("PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", upload.len());
     s.write_all(head.as_bytes()).unwrap();
@@ -242,6 +247,40 @@ fn a_large_upload_crosses_tls_intact(rt: &str) {
     }
     let put = up.next();
     assert!(put.body == upload, "4 MiB upload across TLS ({} bytes arrived)", put.body.len());
+    let growth = apex.peak_rss_kib().saturating_sub(peak_before);
+    assert!(growth < 2048, "peak RSS grew by {growth} KiB relaying a 4 MiB upload over TLS");
+}
+
+/// A response that ends the connection ends it cleanly over TLS: close_notify before the FIN,
+/// so the client knows nothing was cut (an OpenSSL client would otherwise not resume). A
+/// response cut short ends without it, so the client sees the truncation.
+fn a_closing_response_ends_with_close_notify_and_a_cut_one_without(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.request_line().starts_with("GET /cut ") {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..");
+            return After::Close;
+        }
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        After::KeepOpen
+    });
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
+    let read_to_end = |path: &str| {
+        let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got);
+        (String::from_utf8_lossy(&got).into_owned(), end)
+    };
+    let (whole, end) = read_to_end("/whole");
+    assert!(whole.ends_with("\r\n\r\nok"), "{whole}");
+    assert!(end.is_ok(), "a whole response ends with close_notify: {end:?}");
+    let (cut, end) = read_to_end("/cut");
+    assert!(cut.ends_with("only ten.."), "{cut}");
+    let err = end.expect_err("a cut response must not end with close_notify");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
 }
 
 fn a_reload_serves_the_new_certificate_and_refuses_a_bad_one(rt: &str) {
@@ -510,6 +549,7 @@ under_each_driver!(
     both_versions_keep_alive_and_forwarded_proto_https,
     garbage_plaintext_and_stalled_handshakes_are_cut_alone,
     large_bodies_cross_tls_intact,
+    a_closing_response_ends_with_close_notify_and_a_cut_one_without,
     a_reload_serves_the_new_certificate_and_refuses_a_bad_one,
 );
 

@@ -11,7 +11,7 @@ use tracing::debug;
 use super::buffers::IDLE_READ;
 use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
-use super::io::Runtime;
+use super::io::{Runtime, Stream};
 use super::limits::{share, worker_rate};
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
 use super::transport::Transport;
@@ -520,8 +520,13 @@ pub async fn serve_downstream<R: Runtime>(
                 // part of every idle connection's task.
                 let sent = Box::pin(flush(&mut client, &mut bufs.out)).await && keep;
                 let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
-                let served =
-                    Served { keep_open: sent, status: direct.status, body_bytes, upstream: None };
+                let served = Served {
+                    keep_open: sent,
+                    status: direct.status,
+                    body_bytes,
+                    upstream: None,
+                    whole: sent,
+                };
                 (served, Some(route))
             }
             Plan::Redirect(route, status, location) => {
@@ -561,6 +566,9 @@ pub async fn serve_downstream<R: Runtime>(
         };
         log_request(&worker, &view, peer, &bufs.logged, started, served, route);
         if !served.keep_open {
+            if served.whole {
+                Box::pin(close_notify::<R>(&mut client)).await;
+            }
             return;
         }
         // Going idle: give the large buffers back to the worker and wait with a small one.
@@ -570,6 +578,18 @@ pub async fn serve_downstream<R: Runtime>(
         if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
             worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
         }
+    }
+}
+
+/// Longest Apex waits to hand a closing TLS client its close_notify: 24 bytes, which fit in the
+/// socket buffer unless the client stopped reading.
+const CLOSE_NOTIFY_TIME: Duration = Duration::from_secs(1);
+
+/// Ends a TLS connection after a whole response with close_notify, then FIN. (A plaintext
+/// connection is just dropped: FIN.)
+async fn close_notify<R: Runtime>(client: &mut Transport<R::Stream>) {
+    if let Transport::Tls(_) = client {
+        let _ = R::timeout(CLOSE_NOTIFY_TIME, client.shutdown_write()).await;
     }
 }
 

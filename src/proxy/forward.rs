@@ -135,6 +135,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                     status,
                     body_bytes: relayed.body_bytes,
                     upstream: Some(addr),
+                    whole: relayed.whole,
                 };
             }
             Attempt::Failed(e) => {

@@ -227,6 +227,8 @@ pub async fn read_response_head<R: Runtime>(
 pub struct Relayed {
     /// The client connection may carry another request.
     pub keep_client: bool,
+    /// The response reached the client whole.
+    pub whole: bool,
     pub body_bytes: u64,
 }
 
@@ -248,7 +250,7 @@ pub async fn relay_response<R: Runtime>(
         if sent {
             f.tunnel = Some(up);
         }
-        return Relayed { keep_client: false, body_bytes: 0 };
+        return Relayed { keep_client: false, whole: false, body_bytes: 0 };
     }
     if let Some(e) = plan.compress {
         let level = f.view.snap.config.routes[f.target.route]
@@ -258,7 +260,11 @@ pub async fn relay_response<R: Runtime>(
         return relay_compressed(f, up, addr, read_timeout, plan, Compressor::new(e, level)).await;
     }
     let mut body = BodyRelay::new(plan.framing, plan.down_framing);
-    let cut = |body: &BodyRelay| Relayed { keep_client: false, body_bytes: body.body_bytes() };
+    let cut = |body: &BodyRelay| Relayed {
+        keep_client: false,
+        whole: false,
+        body_bytes: body.body_bytes(),
+    };
     let mut leftover = false;
     let mut offset = plan.head_len;
     loop {
@@ -298,7 +304,7 @@ pub async fn relay_response<R: Runtime>(
                 if body.end_of_input(&mut bufs.out) {
                     let sent = flush(client, &mut bufs.out).await;
                     let keep_client = sent && !plan.close_client;
-                    return Relayed { keep_client, body_bytes: body.body_bytes() };
+                    return Relayed { keep_client, whole: sent, body_bytes: body.body_bytes() };
                 }
                 // Cut mid-body: the client must not mistake a short body for a whole one.
                 f.worker.failure(addr, "upstream closed mid-body", &plan.status);
@@ -313,7 +319,7 @@ pub async fn relay_response<R: Runtime>(
     if plan.reusable && !leftover {
         give_back(f, addr, up);
     }
-    Relayed { keep_client: !plan.close_client, body_bytes: body.body_bytes() }
+    Relayed { keep_client: !plan.close_client, whole: true, body_bytes: body.body_bytes() }
 }
 
 /// [`relay_response`] for a body compressed on its way: each read is decoded from the
@@ -341,7 +347,7 @@ async fn relay_compressed<R: Runtime>(
             Ok(n) => leftover |= decode.is_done() && offset + n < bufs.ubuf.len(),
             Err(e) => {
                 f.worker.failure(addr, "bad response body", &e.reason());
-                return Relayed { keep_client: false, body_bytes: sent };
+                return Relayed { keep_client: false, whole: false, body_bytes: sent };
             }
         }
         bufs.ubuf.clear();
@@ -357,7 +363,7 @@ async fn relay_compressed<R: Runtime>(
             break;
         }
         if !flush(client, &mut bufs.out).await {
-            return Relayed { keep_client: false, body_bytes: sent };
+            return Relayed { keep_client: false, whole: false, body_bytes: sent };
         }
         match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
             Some(Ok(n)) if n > 0 => {}
@@ -365,13 +371,13 @@ async fn relay_compressed<R: Runtime>(
                 raw.clear();
                 if !decode.end_of_input(&mut raw) {
                     f.worker.failure(addr, "upstream closed mid-body", &plan.status);
-                    return Relayed { keep_client: false, body_bytes: sent };
+                    return Relayed { keep_client: false, whole: false, body_bytes: sent };
                 }
                 break;
             }
             None => {
                 f.worker.failure(addr, "upstream body read timed out", &plan.status);
-                return Relayed { keep_client: false, body_bytes: sent };
+                return Relayed { keep_client: false, whole: false, body_bytes: sent };
             }
         }
     }
@@ -381,12 +387,12 @@ async fn relay_compressed<R: Runtime>(
     let _ = frame.relay(&packed, &mut bufs.out);
     frame.end_of_input(&mut bufs.out);
     if !flush(client, &mut bufs.out).await {
-        return Relayed { keep_client: false, body_bytes: sent };
+        return Relayed { keep_client: false, whole: false, body_bytes: sent };
     }
     if plan.reusable && !leftover {
         give_back(f, addr, up);
     }
-    Relayed { keep_client: !plan.close_client, body_bytes: sent }
+    Relayed { keep_client: !plan.close_client, whole: true, body_bytes: sent }
 }
 
 /// Returns a connection that finished a response cleanly to the worker's pool, unless it

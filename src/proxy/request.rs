@@ -149,6 +149,11 @@ pub struct Served {
     /// Response body bytes sent to the client.
     pub body_bytes: u64,
     pub upstream: Option<SocketAddr>,
+    /// The response went out whole. A TLS connection closed after it sends close_notify first,
+    /// which tells the client the response is complete (a close without it is a truncation to
+    /// a TLS client, and OpenSSL then will not resume the session); after a response cut
+    /// short, close_notify must not be sent.
+    pub whole: bool,
 }
 
 impl Served {
@@ -156,6 +161,6 @@ impl Served {
     /// the client was gone (`499`).
     pub fn generated(status: u16, keep_open: bool, upstream: Option<SocketAddr>) -> Served {
         let body_bytes = if status == 499 { 0 } else { error_body_len(status) };
-        Served { keep_open, status, body_bytes, upstream }
+        Served { keep_open, status, body_bytes, upstream, whole: status != 499 }
     }
 }
