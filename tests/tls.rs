@@ -265,7 +265,11 @@ fn a_closing_response_ends_with_close_notify_and_a_cut_one_without(rt: &str) {
     });
     let dir = TempDir::new();
     let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
-    let apex = Apex::start(&tls_config(up.addr, &[(c, k)], ""), rt);
+    let direct =
+        "  - match: { path_prefix: \"/direct\" }\n    respond: { status: 200, body: \"hi\" }\n";
+    let yaml =
+        tls_config(up.addr, &[(c, k)], "").replace("routes:\n", &format!("routes:\n{direct}"));
+    let apex = Apex::start(&yaml, rt);
     let read_to_end = |path: &str| {
         let mut s = connect(apex.addr, "a.example.com", &[&rustls::version::TLS13]);
         let req = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
@@ -277,6 +281,9 @@ fn a_closing_response_ends_with_close_notify_and_a_cut_one_without(rt: &str) {
     let (whole, end) = read_to_end("/whole");
     assert!(whole.ends_with("\r\n\r\nok"), "{whole}");
     assert!(end.is_ok(), "a whole response ends with close_notify: {end:?}");
+    let (direct, end) = read_to_end("/direct");
+    assert!(direct.ends_with("\r\n\r\nhi"), "{direct}");
+    assert!(end.is_ok(), "a direct response ends with close_notify: {end:?}");
     let (cut, end) = read_to_end("/cut");
     assert!(cut.ends_with("only ten.."), "{cut}");
     let err = end.expect_err("a cut response must not end with close_notify");

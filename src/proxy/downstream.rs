@@ -518,10 +518,10 @@ pub async fn serve_downstream<R: Runtime>(
                 view.route_stats[route].record(direct.status);
                 // Boxed, like every answer: a write future is large, and unboxed it would be
                 // part of every idle connection's task.
-                let sent = Box::pin(flush(&mut client, &mut bufs.out)).await && keep;
+                let sent = Box::pin(flush(&mut client, &mut bufs.out)).await;
                 let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
                 let served = Served {
-                    keep_open: sent,
+                    keep_open: sent && keep,
                     status: direct.status,
                     body_bytes,
                     upstream: None,
