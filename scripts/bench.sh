@@ -13,7 +13,7 @@
 set -euo pipefail
 
 ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls"
-ALL_SIZES="64 4k 64k 16k-gzip 64-newconn"
+ALL_SIZES="64 4k 64k 16k-gzip 64-newconn 64-resume"
 
 usage() {
     cat <<USAGE
@@ -32,13 +32,17 @@ Environment:
   SIZES         body sizes, any of: $ALL_SIZES (default: "64 4k 64k")
                 (16k-gzip: a 16 KiB HTML page each proxy compresses at gzip level 1;
                 64-newconn: 64 B with Connection: close, a new connection, and over TLS a full
-                handshake, per request)
+                handshake, per request;
+                64-resume: TLS modes only, a resumed TLS 1.3 handshake (session ticket) and one
+                HTTP/1.0 request per connection, from STIME_CLIENTS \`openssl s_time -reuse\`
+                clients, since wrk never resumes; no latency figures)
                 TLS modes (apex-tls, nginx-tls, haproxy-tls) terminate TLS 1.3 with one ECDSA
                 P-256 certificate (session tickets on) and compare with nginx-tls
   MODES         modes, any of: $ALL_MODES
                 (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
                 (default: all of them; "direct" is wrk against the backend itself)
   CONNS         wrk keep-alive connections (default 64)
+  STIME_CLIENTS parallel openssl s_time clients for 64-resume (default 4)
   IDLE_CONNS    idle keep-alive connections for the idle-memory figure (default 5000)
   BACKEND_PORT  port of the nginx backend on 127.0.0.1 (default 18080)
   PROXY_PORT    port of the proxy under test on 127.0.0.1 (default 18081)
@@ -85,6 +89,7 @@ SECS=${2:-5}
 SIZES=${SIZES:-64 4k 64k}
 MODES=${MODES:-$ALL_MODES}
 CONNS=${CONNS:-64}
+STIME_CLIENTS=${STIME_CLIENTS:-4}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 BACKEND_PORT=${BACKEND_PORT:-18080}
 PROXY_PORT=${PROXY_PORT:-18081}
@@ -103,10 +108,12 @@ case " $MODES " in
 esac
 check_words SIZES "$SIZES" "$ALL_SIZES"
 check_int CONNS "$CONNS" 1 100000
+check_int STIME_CLIENTS "$STIME_CLIENTS" 1 64
 check_int IDLE_CONNS "$IDLE_CONNS" 1 1000000
 check_int BACKEND_PORT "$BACKEND_PORT" 1 65535
 check_int PROXY_PORT "$PROXY_PORT" 1 65535
 ROUNDS=$((10#$ROUNDS)) SECS=$((10#$SECS)) CONNS=$((10#$CONNS)) IDLE_CONNS=$((10#$IDLE_CONNS))
+STIME_CLIENTS=$((10#$STIME_CLIENTS))
 BACKEND_PORT=$((10#$BACKEND_PORT)) PROXY_PORT=$((10#$PROXY_PORT))
 [ "$BACKEND_PORT" != "$PROXY_PORT" ] || die_usage "BACKEND_PORT and PROXY_PORT are both $PROXY_PORT"
 
@@ -520,6 +527,38 @@ run_wrk() {
     return $rc
 }
 
+# Runs STIME_CLIENTS \`openssl s_time -reuse\` clients on CPU 1 against the proxy for SECONDS,
+# as background jobs stopped by PID; writes wrk-like lines ("N requests in", "Requests/sec:")
+# to $WORK/wrk.out, so the figures go through the same report. Fails if a client saw no
+# resumption (s_time prints "r" per resumed connection, "*" per full handshake).
+run_stime() {
+    local secs=$1 pids=() i rc=0
+    for i in $(seq 1 "$STIME_CLIENTS"); do
+        taskset -c 1 openssl s_time -connect "127.0.0.1:$PROXY_PORT" -reuse -time "$secs" \
+            -www /64 >"$WORK/stime.$i" 2>&1 &
+        pids+=($!)
+        track "$!"
+    done
+    for i in "${pids[@]}"; do wait "$i" || rc=$?; done
+    stop_pids "${pids[@]}"
+    [ $rc = 0 ] || return $rc
+    python3 - "$WORK" "$STIME_CLIENTS" "$secs" >"$WORK/wrk.out" <<'PY'
+import re, sys
+work, n, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+total = 0
+for i in range(1, n + 1):
+    out = open(f"{work}/stime.{i}", errors="replace").read()
+    # The reuse phase is the last "connections in N real seconds" line.
+    counts = re.findall(r"(\d+) connections in \d+ real seconds", out)
+    marks = out.split("starting")[-1]
+    if not counts or marks.count("r") < marks.count("*"):
+        sys.exit(f"s_time client {i}: sessions were not resumed:\n{out[-300:]}")
+    total += int(counts[-1])
+print(f"{total} requests in {secs}.00s")
+print(f"Requests/sec: {total / secs:.2f}")
+PY
+}
+
 cpu_ticks() {
     local total=0
     for p in $1; do
@@ -546,9 +585,15 @@ run_one() {
     esac
     case $mode in *-tls) scheme=https ;; esac
     # Warm-up: fills pools and caches; not measured.
-    run_wrk -t1 -c"$CONNS" -d1s "${header[@]}" "$scheme://127.0.0.1:$port/$path"
-    t0=$(cpu_ticks "$pids")
-    run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${header[@]}" "$scheme://127.0.0.1:$port/$path"
+    if [ "$size" = 64-resume ]; then
+        run_stime 1
+        t0=$(cpu_ticks "$pids")
+        run_stime "$SECS"
+    else
+        run_wrk -t1 -c"$CONNS" -d1s "${header[@]}" "$scheme://127.0.0.1:$port/$path"
+        t0=$(cpu_ticks "$pids")
+        run_wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "${header[@]}" "$scheme://127.0.0.1:$port/$path"
+    fi
     out=$(cat "$WORK/wrk.out")
     t1=$(cpu_ticks "$pids")
     stop_proxy "$pids"
@@ -611,6 +656,8 @@ main() {
         fi
         for size in $SIZES; do
             for mode in "${order[@]}"; do
+                # Resumption is a TLS figure.
+                [ "$size" = 64-resume ] && [[ $mode != *-tls ]] && continue
                 run_one "$mode" "$size" "$round"
             done
         done
