@@ -116,7 +116,11 @@ pub fn start(config: SharedSnapshot, health: SharedHealth) -> std::io::Result<mp
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new()
         .name("apex-health".into())
-        .spawn(move || rt.block_on(check(config, health, stopped)))?;
+        // Probe tasks are local to this thread: a probe's stream (the proxy's `Transport`)
+        // need not be `Send`.
+        .spawn(move || {
+            tokio::task::LocalSet::new().block_on(&rt, check(config, health, stopped))
+        })?;
     Ok(stop)
 }
 
@@ -161,7 +165,7 @@ async fn check(config: SharedSnapshot, health: SharedHealth, stopped: mpsc::Rece
                     Some((config, t.server_name.clone()))
                 });
                 let probe = probe_loop(key.clone(), hc.clone(), tls, results_tx.clone());
-                let task = tokio::spawn(probe);
+                let task = tokio::task::spawn_local(probe);
                 probers.insert(key, Prober { check: hc.clone(), task, healthy, streak: 0 });
             }
         }

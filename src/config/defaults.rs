@@ -87,3 +87,17 @@ pub const COMPRESSION_TYPES: [&str; 10] = [
 
 /// A TLS client must finish its handshake within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 limits: 100 concurrent streams (nginx's and RFC 9113's suggested floor); a header
+/// list as large as an HTTP/1.1 head may be (64 KiB); 20 streams reset before they were
+/// accepted (h2's own default); 500 streams reset by Apex per connection (Sōzu's cap for
+/// MadeYouReset); 10,000 streams per connection (nginx's keepalive_requests is 1,000 for
+/// HTTP/1.1; a stream costs far less than a connection).
+pub const HTTP2: crate::config::Http2 = crate::config::Http2 {
+    prior_knowledge: false,
+    max_concurrent_streams: 100,
+    max_header_list_size: 64 * 1024,
+    max_pending_resets: 20,
+    max_resets_sent: 500,
+    max_requests_per_connection: 10_000,
+};

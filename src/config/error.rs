@@ -73,6 +73,7 @@ pub enum Problem {
     BadCertificate(String),
     BadTlsVersion(String),
     BadAlpn(String),
+    BadHttp2(String),
     NoCertificates,
     BadIndex,
     BadScheme(String),
@@ -175,7 +176,12 @@ impl fmt::Display for Problem {
             ),
             Problem::BadCertificate(e) => write!(f, "{e}"),
             Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
-            Problem::BadAlpn(p) => write!(f, "ALPN protocol `{p}` is not served (use http/1.1)"),
+            Problem::BadAlpn(p) => {
+                write!(f, "ALPN protocol `{p}` is not served (use h2 and/or http/1.1)")
+            }
+            Problem::BadHttp2(m) => {
+                write!(f, "`{m}` is not an http2 mode (prior_knowledge, off, or a map of settings)")
+            }
             Problem::NoCertificates => write!(f, "a TLS listener needs at least one certificate"),
             Problem::ExpiredCertificate(c) => write!(f, "the certificate in {c} has expired"),
             Problem::NeedsCa => write!(

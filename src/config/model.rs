@@ -124,6 +124,27 @@ pub struct Listener {
     pub rate_limit: Option<RateLimit>,
     /// TLS on this listener.
     pub tls: Option<TlsListener>,
+    pub http2: Http2,
+}
+
+/// A listener's HTTP/2 settings. h2 is spoken when a TLS client picks it by ALPN (when the
+/// listener's `alpn` offers `h2`), or on a plaintext listener with `prior_knowledge` when a
+/// connection starts with the h2 preface. Each limit is on something a peer controls.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2 {
+    pub prior_knowledge: bool,
+    /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Decoded header list size per request, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_size: u32,
+    /// Streams reset by the client before Apex accepted them, at once (rapid reset,
+    /// CVE-2023-44487); beyond it: GOAWAY ENHANCE_YOUR_CALM.
+    pub max_pending_resets: u32,
+    /// Streams Apex resets because of the client's errors, per connection (MadeYouReset,
+    /// CVE-2025-8671); beyond it: GOAWAY ENHANCE_YOUR_CALM.
+    pub max_resets_sent: u32,
+    /// Streams per connection; then GOAWAY, and the client opens a new connection.
+    pub max_requests_per_connection: u32,
 }
 
 /// A TLS listener's settings: certificates (loaded and checked when the config loads), the
@@ -418,6 +439,7 @@ impl Listener {
             max_connections_per_client: None,
             rate_limit: None,
             tls: None,
+            http2: defaults::HTTP2,
         }
     }
 }

@@ -182,6 +182,34 @@ pub struct RawListener {
     pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// HTTP/2 to clients: `prior_knowledge` (h2c on a plaintext listener), or its settings.
+    #[serde(default)]
+    pub http2: Option<RawHttp2>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHttp2 {
+    /// `prior_knowledge` or `off`.
+    Mode(String),
+    Settings(RawHttp2Settings),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp2Settings {
+    #[serde(default)]
+    pub prior_knowledge: Option<bool>,
+    #[serde(default)]
+    pub max_concurrent_streams: Option<i64>,
+    #[serde(default)]
+    pub max_header_list_size: Option<RawSize>,
+    #[serde(default)]
+    pub max_pending_resets: Option<i64>,
+    #[serde(default)]
+    pub max_resets_sent: Option<i64>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -233,8 +233,10 @@ impl<'a> Validator<'a> {
         });
         let rate_limit = self.rate_limit(&p, &l.rate_limit);
         let tls = self.tls(&p, &l.tls);
+        let http2 = self.http2(&p, &l.http2);
         Some(Listener {
             tls,
+            http2,
             name: l.name.clone(),
             address: address?,
             header_timeout,

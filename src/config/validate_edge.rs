@@ -3,12 +3,12 @@
 
 use super::defaults;
 use super::error::Problem;
-use super::model::{Compression, TlsListener, UpstreamTls};
+use super::model::{Compression, Http2, TlsListener, UpstreamTls};
 use super::model::{ProxyProtocolIn, RateLimit, RouteEdits, Template, TemplatePart};
 use super::raw::{
     RawCompression, RawHeaderEdits, RawProxyProtocol, RawRateLimit, RawReplacePrefix,
 };
-use super::raw::{RawTls, RawUpstreamTls};
+use super::raw::{RawHttp2, RawTls, RawUpstreamTls};
 use super::units::is_token;
 use super::validate::Validator;
 use crate::http::encoding::Encoding;
@@ -84,6 +84,62 @@ impl Validator<'_> {
                 ForwardedStyle::XForwarded
             }
         }
+    }
+
+    /// A listener's `http2`: `prior_knowledge`, `off`, or a map of settings.
+    pub(super) fn http2(&mut self, p: &str, raw: &Option<RawHttp2>) -> Http2 {
+        let mut h = defaults::HTTP2;
+        let p = format!("{p}.http2");
+        let s = match raw {
+            None => return h,
+            Some(RawHttp2::Mode(m)) => {
+                match m.as_str() {
+                    "prior_knowledge" => h.prior_knowledge = true,
+                    "off" => {}
+                    _ => self.err(p, Problem::BadHttp2(m.clone())),
+                }
+                return h;
+            }
+            Some(RawHttp2::Settings(s)) => s,
+        };
+        h.prior_knowledge = s.prior_knowledge.unwrap_or(false);
+        let d = defaults::HTTP2;
+        h.max_concurrent_streams = self.count(
+            format!("{p}.max_concurrent_streams"),
+            s.max_concurrent_streams,
+            d.max_concurrent_streams,
+            1,
+            10_000,
+            "from 1 to 10000",
+        );
+        if let Some(n) = self.size(format!("{p}.max_header_list_size"), &s.max_header_list_size) {
+            h.max_header_list_size = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        h.max_pending_resets = self.count(
+            format!("{p}.max_pending_resets"),
+            s.max_pending_resets,
+            d.max_pending_resets,
+            1,
+            100_000,
+            "from 1 to 100000",
+        );
+        h.max_resets_sent = self.count(
+            format!("{p}.max_resets_sent"),
+            s.max_resets_sent,
+            d.max_resets_sent,
+            1,
+            1_000_000,
+            "from 1 to 1000000",
+        );
+        h.max_requests_per_connection = self.count(
+            format!("{p}.max_requests_per_connection"),
+            s.max_requests_per_connection,
+            d.max_requests_per_connection,
+            1,
+            100_000_000,
+            "from 1 to 100000000",
+        );
+        h
     }
 
     pub(super) fn rate_limit(&mut self, p: &str, raw: &Option<RawRateLimit>) -> Option<RateLimit> {
@@ -282,7 +338,7 @@ impl Validator<'_> {
             None => vec!["http/1.1".to_string()],
             Some(list) => {
                 for (i, a) in list.iter().enumerate() {
-                    if a != "http/1.1" {
+                    if a != "http/1.1" && a != "h2" {
                         self.err(format!("{p}.alpn[{i}]"), Problem::BadAlpn(a.clone()));
                     }
                 }

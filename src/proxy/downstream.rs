@@ -11,6 +11,7 @@ use tracing::debug;
 use super::buffers::IDLE_READ;
 use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
+use super::http2::{serve_h2, H2Stream, PREFACE};
 use super::io::{Runtime, Stream};
 use super::limits::{share, worker_rate};
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
@@ -391,6 +392,62 @@ pub async fn serve_downstream<R: Runtime>(
             bufs.logged.tls = Some(summary);
         }
     }
+    // HTTP/2: chosen by ALPN, or by its preface on a prior-knowledge listener.
+    let h2 = match &client {
+        Transport::Tls(t) => t.alpn() == Some(b"h2".as_slice()),
+        _ if listener.http2.prior_knowledge => {
+            let sniff = sniff_preface::<R>(&mut client, &mut bufs.rbuf, listener.header_timeout);
+            Box::pin(sniff).await
+        }
+        _ => false,
+    };
+    if h2 {
+        let scheme = client.scheme();
+        let tls = bufs.logged.tls.take();
+        let preface = std::mem::take(&mut bufs.rbuf);
+        // Each stream is served as one request on its own task, with its own buffers.
+        let serve = |stream: H2Stream| {
+            let mut bufs = Buffers { rbuf: Vec::with_capacity(IDLE_READ), ..Buffers::default() };
+            bufs.logged.tls = tls.clone();
+            let client = Transport::H2(Box::new(stream), scheme);
+            serve_requests(Rc::clone(&worker), client, peer, Rc::clone(&listener), bufs)
+        };
+        let timeouts = (listener.header_timeout, listener.keepalive_timeout);
+        let h2 = serve_h2(&worker, client, preface, &listener.http2, timeouts, serve);
+        return Box::pin(h2).await;
+    }
+    serve_requests(worker, client, peer, listener, bufs).await
+}
+
+/// On a prior-knowledge listener, reads until the first bytes either are the HTTP/2 preface
+/// or cannot become it (an HTTP/1.1 request differs by its first or second byte), within the
+/// header timeout. The bytes stay in `rbuf` for whichever protocol reads them.
+async fn sniff_preface<R: Runtime>(
+    client: &mut Transport<R::Stream>,
+    rbuf: &mut Vec<u8>,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while rbuf.len() < PREFACE.len() && PREFACE.starts_with(rbuf) {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match R::timeout(wait, read_some(client, rbuf, IDLE_READ)).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    rbuf.starts_with(PREFACE)
+}
+
+/// Serves the requests of one client connection (or of one HTTP/2 stream) in order until it
+/// closes, errs or times out.
+pub async fn serve_requests<R: Runtime>(
+    worker: Rc<Worker<R>>,
+    mut client: Transport<R::Stream>,
+    peer: SocketAddr,
+    listener: Rc<Listener>,
+    mut bufs: Buffers,
+) {
+    let listener_key = hash64(&listener.name);
     let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
     let mut first = true;
     loop {

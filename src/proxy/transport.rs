@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 
+use super::http2::{H2Stream, NoHalf};
 use super::io::{ReadHalf, Stream, WriteHalf};
 use crate::tls::{TlsRead, TlsStream, TlsWrite};
 
@@ -12,6 +13,8 @@ pub enum Transport<S: Stream> {
     Plain(S),
     /// Boxed: the TLS state is large and only TLS listeners pay for it.
     Tls(Box<TlsStream<S>>),
+    /// One HTTP/2 stream of a client connection, read and written as HTTP/1.1.
+    H2(Box<H2Stream>, &'static str),
 }
 
 impl<S: Stream> Transport<S> {
@@ -20,6 +23,7 @@ impl<S: Stream> Transport<S> {
         match self {
             Transport::Plain(_) => "http",
             Transport::Tls(_) => "https",
+            Transport::H2(_, scheme) => scheme,
         }
     }
 }
@@ -32,6 +36,7 @@ impl<S: Stream> Stream for Transport<S> {
         match self {
             Transport::Plain(s) => s.read(buf).await,
             Transport::Tls(s) => Box::pin(s.read(buf)).await,
+            Transport::H2(s, _) => Box::pin(s.read(buf)).await,
         }
     }
 
@@ -39,6 +44,7 @@ impl<S: Stream> Stream for Transport<S> {
         match self {
             Transport::Plain(s) => s.write_all(buf).await,
             Transport::Tls(s) => Box::pin(s.write_all(buf)).await,
+            Transport::H2(s, _) => Box::pin(s.write_all(buf)).await,
         }
     }
 
@@ -46,6 +52,7 @@ impl<S: Stream> Stream for Transport<S> {
         match self {
             Transport::Plain(s) => s.shutdown_write().await,
             Transport::Tls(s) => Box::pin(s.shutdown_write()).await,
+            Transport::H2(s, _) => Box::pin(s.shutdown_write()).await,
         }
     }
 
@@ -53,6 +60,7 @@ impl<S: Stream> Stream for Transport<S> {
         match self {
             Transport::Plain(s) => s.is_stale(),
             Transport::Tls(s) => s.is_stale(),
+            Transport::H2(s, _) => s.is_stale(),
         }
     }
 
@@ -60,6 +68,7 @@ impl<S: Stream> Stream for Transport<S> {
         match self {
             Transport::Plain(s) => s.local_addr(),
             Transport::Tls(s) => s.local_addr(),
+            Transport::H2(s, _) => s.local_addr(),
         }
     }
 
@@ -75,6 +84,7 @@ impl<S: Stream> Stream for Transport<S> {
                 let (r, w) = s.into_split();
                 (TransportRead::Tls(r), TransportWrite::Tls(w))
             }
+            Transport::H2(..) => (TransportRead::None(NoHalf), TransportWrite::None(NoHalf)),
         }
     }
 }
@@ -82,11 +92,13 @@ impl<S: Stream> Stream for Transport<S> {
 pub enum TransportRead<S: Stream> {
     Plain(S::Read),
     Tls(TlsRead<S>),
+    None(NoHalf),
 }
 
 pub enum TransportWrite<S: Stream> {
     Plain(S::Write),
     Tls(TlsWrite<S>),
+    None(NoHalf),
 }
 
 impl<S: Stream> ReadHalf for TransportRead<S> {
@@ -94,6 +106,7 @@ impl<S: Stream> ReadHalf for TransportRead<S> {
         match self {
             TransportRead::Plain(r) => r.read(buf).await,
             TransportRead::Tls(r) => Box::pin(r.read(buf)).await,
+            TransportRead::None(r) => r.read(buf).await,
         }
     }
 }
@@ -103,6 +116,7 @@ impl<S: Stream> WriteHalf for TransportWrite<S> {
         match self {
             TransportWrite::Plain(w) => w.write_all(buf).await,
             TransportWrite::Tls(w) => Box::pin(w.write_all(buf)).await,
+            TransportWrite::None(w) => w.write_all(buf).await,
         }
     }
 
@@ -110,6 +124,7 @@ impl<S: Stream> WriteHalf for TransportWrite<S> {
         match self {
             TransportWrite::Plain(w) => w.shutdown_write().await,
             TransportWrite::Tls(w) => Box::pin(w.shutdown_write()).await,
+            TransportWrite::None(w) => w.shutdown_write().await,
         }
     }
 }

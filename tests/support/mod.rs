@@ -3,6 +3,8 @@
 //! sleeps.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

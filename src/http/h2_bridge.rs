@@ -1,0 +1,282 @@
+//! HTTP/2 at the edge of the journey, with no I/O: an h2 request's head becomes the HTTP/1.1
+//! head that Apex's own parser reads (so routing, limits and every check apply unchanged, and
+//! Apex's strict parser sees every byte a client sent), and the HTTP/1.1 response Apex writes
+//! becomes an h2 response head plus the body framing to decode.
+//!
+//! The `h2` crate has already refused connection-specific fields (`connection`, `upgrade`,
+//! `transfer-encoding`, `keep-alive`, `proxy-connection`, a `te` other than `trailers`) and
+//! field values with CR, LF or NUL (RFC 9113 §8.2.1); the checks here are the second line.
+
+use super::Framing;
+
+/// How the request body reaches Apex's parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    /// The HEADERS frame ended the stream.
+    None,
+    /// `content-length` was given: the DATA bytes as they are.
+    Length,
+    /// No length: the DATA frames as HTTP/1.1 chunks (trailers after the last one).
+    Chunked,
+}
+
+/// Why an h2 request cannot become an HTTP/1.1 request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeError {
+    /// CONNECT (RFC 9113 §8.5, and extended CONNECT) is not proxied.
+    Connect,
+    /// No `:path`, or bytes an HTTP/1.1 request line cannot carry.
+    BadTarget,
+    BadField,
+    /// The response Apex wrote is not a response (a bug, not a peer's fault).
+    BadResponse,
+}
+
+impl BridgeError {
+    /// The status the client gets.
+    pub fn status(self) -> u16 {
+        match self {
+            BridgeError::Connect => 501,
+            BridgeError::BadResponse => 502,
+            BridgeError::BadTarget | BridgeError::BadField => 400,
+        }
+    }
+}
+
+/// Bytes no HTTP/1.1 field value or request target may hold.
+fn unsafe_byte(b: u8) -> bool {
+    b == b'\r' || b == b'\n' || b == 0
+}
+
+/// Writes the HTTP/1.1 head for an h2 request into `out` (RFC 9113 §8.3.1): `:authority`
+/// becomes `Host` (a `host` field beside it is dropped), `cookie` fields are joined with "; "
+/// (§8.2.3), `te` is not forwarded (Apex strips hop-by-hop fields anyway), and a body without
+/// `content-length` is sent chunked.
+pub fn encode_request_head(
+    parts: &http::request::Parts,
+    end_stream: bool,
+    out: &mut Vec<u8>,
+) -> Result<RequestBody, BridgeError> {
+    if parts.method == http::Method::CONNECT {
+        return Err(BridgeError::Connect);
+    }
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    if target.is_empty() || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(BridgeError::BadTarget);
+    }
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let authority = parts.uri.authority().map(|a| a.as_str());
+    if let Some(a) = authority {
+        if a.bytes().any(unsafe_byte) {
+            return Err(BridgeError::BadField);
+        }
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut cookies = 0;
+    let mut has_length = false;
+    for (name, value) in &parts.headers {
+        if value.as_bytes().iter().any(|&b| unsafe_byte(b)) {
+            return Err(BridgeError::BadField);
+        }
+        match name.as_str() {
+            "host" if authority.is_some() => continue,
+            "te" => continue,
+            "cookie" => {
+                cookies += 1;
+                continue;
+            }
+            "content-length" => has_length = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if cookies > 0 {
+        out.extend_from_slice(b"cookie: ");
+        for (i, v) in parts.headers.get_all(http::header::COOKIE).iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(v.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = if end_stream {
+        RequestBody::None
+    } else if has_length {
+        RequestBody::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        RequestBody::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    Ok(body)
+}
+
+/// One DATA frame's bytes as an HTTP/1.1 chunk.
+pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return; // an empty chunk would end the body
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk, with the request's trailers (a trailer field with an unsafe byte is
+/// dropped rather than forwarded).
+pub fn encode_last_chunk(trailers: Option<&http::HeaderMap>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        if value.as_bytes().iter().any(|&b| unsafe_byte(b)) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response head Apex wrote, as h2 sends it.
+#[derive(Debug)]
+pub struct ResponseStart {
+    /// Bytes of the HTTP/1.1 head.
+    pub head_len: usize,
+    pub response: http::Response<()>,
+    /// How the body that follows is framed (already decided by Apex for an HTTP/1.1 client).
+    pub framing: Framing,
+    /// A 1xx Apex answered itself (`100 Continue`): not sent over h2, the final one follows.
+    pub informational: bool,
+}
+
+/// Fields that mean nothing in HTTP/2 and must not be sent (RFC 9113 §8.2.2).
+const CONNECTION_SPECIFIC: [&str; 6] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+
+/// Parses the HTTP/1.1 response head at the start of `bytes`; `Ok(None)`: not whole yet.
+/// `is_head`: the request was HEAD, so no body follows whatever the head says.
+pub fn parse_response_head(
+    bytes: &[u8],
+    is_head: bool,
+) -> Result<Option<ResponseStart>, BridgeError> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut resp = httparse::Response::new(&mut fields);
+    let head_len = match resp.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(BridgeError::BadResponse),
+    };
+    let status = resp.code.ok_or(BridgeError::BadResponse)?;
+    let mut builder = http::Response::builder().status(status);
+    let mut length = None;
+    let mut chunked = false;
+    for f in resp.headers.iter() {
+        let name = f.name.to_ascii_lowercase();
+        match name.as_str() {
+            "content-length" => {
+                let v = std::str::from_utf8(f.value).map_err(|_| BridgeError::BadResponse)?;
+                length = Some(v.trim().parse::<u64>().map_err(|_| BridgeError::BadResponse)?);
+            }
+            "transfer-encoding" => chunked = true,
+            _ => {}
+        }
+        if CONNECTION_SPECIFIC.contains(&name.as_str()) {
+            continue;
+        }
+        builder = builder.header(name, f.value);
+    }
+    let informational = (100..200).contains(&status);
+    let framing = if informational || is_head || status == 204 || status == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::UntilClose
+    };
+    let response = builder.body(()).map_err(|_| BridgeError::BadResponse)?;
+    Ok(Some(ResponseStart { head_len, response, framing, informational }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, fields: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (n, v) in fields {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn head(p: &http::request::Parts, end: bool) -> (String, RequestBody) {
+        let mut out = Vec::new();
+        let body = encode_request_head(p, end, &mut out).unwrap();
+        (String::from_utf8(out).unwrap(), body)
+    }
+
+    #[test]
+    fn authority_becomes_host_and_replaces_a_host_field() {
+        let p = parts("GET", "https://a.example/x?y=1", &[("host", "evil"), ("accept", "*/*")]);
+        let (h, body) = head(&p, true);
+        assert_eq!(h, "GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\naccept: */*\r\n\r\n");
+        assert_eq!(body, RequestBody::None);
+    }
+
+    #[test]
+    fn cookies_are_joined_and_te_is_dropped() {
+        let p =
+            parts("GET", "https://a/", &[("cookie", "a=1"), ("te", "trailers"), ("cookie", "b=2")]);
+        let (h, _) = head(&p, true);
+        assert_eq!(h, "GET / HTTP/1.1\r\nhost: a\r\ncookie: a=1; b=2\r\n\r\n");
+    }
+
+    #[test]
+    fn a_body_without_length_is_chunked_and_with_length_is_not() {
+        let (h, body) = head(&parts("POST", "https://a/", &[]), false);
+        assert!(h.ends_with("transfer-encoding: chunked\r\n\r\n"), "{h}");
+        assert_eq!(body, RequestBody::Chunked);
+        let (h, body) = head(&parts("POST", "https://a/", &[("content-length", "3")]), false);
+        assert!(!h.contains("transfer-encoding"), "{h}");
+        assert_eq!(body, RequestBody::Length);
+        let mut out = Vec::new();
+        encode_chunk(b"hello", &mut out);
+        encode_chunk(b"", &mut out);
+        encode_last_chunk(None, &mut out);
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn connect_is_refused() {
+        let p = parts("CONNECT", "https://a:443", &[]);
+        assert_eq!(encode_request_head(&p, true, &mut Vec::new()), Err(BridgeError::Connect));
+    }
+
+    #[test]
+    fn response_heads_lose_connection_fields_and_keep_their_framing() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5\r\n";
+        let r = parse_response_head(raw, false).unwrap().unwrap();
+        assert_eq!(r.head_len, raw.len() - 3);
+        assert_eq!(r.framing, Framing::Chunked);
+        assert_eq!(r.response.status(), 200);
+        assert!(r.response.headers().get("connection").is_none());
+        assert!(r.response.headers().get("transfer-encoding").is_none());
+        assert_eq!(r.response.headers()["x-a"], "1");
+        let r = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        assert_eq!(r.unwrap().unwrap().framing, Framing::None, "HEAD: no body");
+        let r = parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap();
+        assert!(r.informational);
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
+    }
+}

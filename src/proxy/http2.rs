@@ -1,0 +1,408 @@
+//! HTTP/2 to clients: a layer at the edge of the journey. The `h2` crate runs the connection
+//! (over [`PollIo`], so on every runtime and over TLS); each stream becomes an [`H2Stream`], a
+//! stream that reads as one HTTP/1.1 request and takes an HTTP/1.1 response, so the same
+//! `serve_requests` loop (routing, limits, balancing, retries, the per-worker HTTP/1.1 upstream
+//! pool, compression, the access log) serves it. The translation is `http::h2_bridge`.
+//!
+//! Flow control follows the other side: a request's DATA is released to the client's window
+//! only as Apex reads it (and Apex reads only as the upstream takes it), and a response write
+//! waits for window from the client, so the relay stops reading the upstream meanwhile.
+//!
+//! `h2` keeps each connection's state behind its own `Arc<Mutex>`; only this worker's tasks
+//! touch it, so the lock is never contended and no memory is written by two threads.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::io::{ReadHalf, Runtime, Stream, WriteHalf};
+use super::poll_io::PollIo;
+use super::wait::{race, Either};
+use super::Worker;
+use crate::config::Http2;
+use crate::http::body::BodyRelay;
+use crate::http::h2_bridge::{
+    encode_chunk, encode_last_chunk, encode_request_head, parse_response_head, RequestBody,
+};
+use crate::http::Framing;
+
+/// The client connection preface (RFC 9113 §3.4) that starts h2 with prior knowledge.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one HTTP/2 connection until it closes: accepts streams and hands each, as an
+/// [`H2Stream`], to `serve` on its own task, which ends early if the client resets the stream
+/// (dropping the request's journey closes its upstream connection). `preface` are bytes already read from `client`.
+/// On drain, after `keepalive_timeout` with no open stream, and after
+/// `max_requests_per_connection` streams: GOAWAY, then the open streams finish.
+pub async fn serve_h2<R, C, F, Fut>(
+    worker: &Worker<R>,
+    client: C,
+    preface: Vec<u8>,
+    settings: &Http2,
+    timeouts: (Duration, Duration),
+    serve: F,
+) where
+    R: Runtime,
+    C: Stream,
+    F: Fn(H2Stream) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    let (header_timeout, keepalive_timeout) = timeouts;
+    let local = client.local_addr().ok();
+    let io = PollIo::new(client, preface);
+    let mut builder = ::h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_size)
+        .max_pending_accept_reset_streams(settings.max_pending_resets as usize)
+        .max_local_error_reset_streams(Some(settings.max_resets_sent as usize));
+    let handshake = builder.handshake::<_, Bytes>(io);
+    let mut conn = match Box::pin(R::timeout(header_timeout, handshake)).await {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            debug!(error = %e, "h2 handshake failed");
+            return;
+        }
+        None => return,
+    };
+    let mut accepted: u32 = 0;
+    let mut closing = false;
+    loop {
+        if !closing && (worker.is_draining() || accepted >= settings.max_requests_per_connection) {
+            conn.graceful_shutdown();
+            closing = true;
+        }
+        let idle_before = !conn.has_streams();
+        let accept = poll_fn(|cx| conn.poll_accept(cx));
+        let next = if closing {
+            accept.await
+        } else {
+            // The worker's coarse idle deadline, and the drain. With streams open the deadline
+            // only re-checks; a connection without any is idle (closed within one to two
+            // keep-alive timeouts of its last stream).
+            let idle = worker.idle.until(Instant::now() + keepalive_timeout);
+            match race(accept, race(worker.drain.wait(), idle)).await {
+                Either::Left(next) => next,
+                Either::Right(_) => {
+                    if worker.is_draining() || (idle_before && !conn.has_streams()) {
+                        conn.graceful_shutdown();
+                        closing = true;
+                    }
+                    continue;
+                }
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                accepted += 1;
+                let stream = H2Stream::new(request, respond, local);
+                let reset = stream.reset_watch();
+                let served = serve(stream);
+                R::spawn(async move {
+                    if let Either::Right(reason) = race(served, reset).await {
+                        debug!(?reason, "h2 stream reset by the client; request abandoned");
+                    }
+                });
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "h2 connection ended");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// One h2 stream as an Apex stream: reads give the request as HTTP/1.1 bytes (head, then the
+/// body, chunked when it has no length), writes take the HTTP/1.1 response Apex produces and
+/// send it as HEADERS and DATA.
+pub struct H2Stream {
+    recv: ::h2::RecvStream,
+    body: RequestBody,
+    body_done: bool,
+    /// Request bytes not yet read by Apex: at most the head or one DATA frame.
+    pending: Vec<u8>,
+    pos: usize,
+    /// The sending side, shared with the stream's reset watch (borrowed only within a
+    /// poll, never across an await).
+    out: Rc<RefCell<Sending>>,
+    /// Response bytes until the head is whole.
+    head: Vec<u8>,
+    is_head: bool,
+    decode: Option<BodyRelay>,
+    /// The response body runs until the stream ends (no length, not chunked).
+    until_close: bool,
+    local: Option<SocketAddr>,
+}
+
+/// An h2 stream's sending side: before the response head, then its body.
+#[derive(Default)]
+struct Sending {
+    respond: Option<::h2::server::SendResponse<Bytes>>,
+    send: Option<::h2::SendStream<Bytes>>,
+    /// The response went out whole.
+    ended: bool,
+}
+
+impl H2Stream {
+    fn new(
+        request: http::Request<::h2::RecvStream>,
+        respond: ::h2::server::SendResponse<Bytes>,
+        local: Option<SocketAddr>,
+    ) -> H2Stream {
+        let (parts, recv) = request.into_parts();
+        let mut pending = Vec::new();
+        let is_head = parts.method == http::Method::HEAD;
+        let mut stream = H2Stream {
+            body: RequestBody::None,
+            body_done: true,
+            pending: Vec::new(),
+            pos: 0,
+            out: Rc::new(RefCell::new(Sending { respond: Some(respond), ..Sending::default() })),
+            head: Vec::new(),
+            is_head,
+            decode: None,
+            until_close: false,
+            local,
+            recv,
+        };
+        match encode_request_head(&parts, stream.recv.is_end_stream(), &mut pending) {
+            Ok(body) => {
+                stream.body = body;
+                stream.body_done = body == RequestBody::None;
+                stream.pending = pending;
+            }
+            Err(e) => {
+                // Answered here; Apex reads nothing and the stream ends.
+                let status = e.status();
+                debug!(status, "h2 request not translatable");
+                let response = http::Response::builder().status(status).body(()).expect("status");
+                let mut out = stream.out.borrow_mut();
+                if let Some(mut r) = out.respond.take() {
+                    let _ = r.send_response(response, true);
+                }
+                out.ended = true;
+            }
+        }
+        stream
+    }
+
+    /// Resolves when the client resets the stream (before or during the response).
+    fn reset_watch(&self) -> impl Future<Output = ::h2::Reason> + 'static {
+        let out = Rc::clone(&self.out);
+        poll_fn(move |cx| {
+            let mut guard = out.borrow_mut();
+            let out = &mut *guard;
+            let polled = match (&mut out.respond, &mut out.send) {
+                (Some(r), _) => r.poll_reset(cx),
+                (None, Some(s)) => s.poll_reset(cx),
+                (None, None) => return Poll::Pending,
+            };
+            match polled {
+                Poll::Ready(Ok(reason)) => Poll::Ready(reason),
+                Poll::Ready(Err(_)) => Poll::Ready(::h2::Reason::CANCEL),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    }
+
+    async fn write_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.out.borrow().ended {
+            return Ok(()); // nothing after a whole response (Apex writes none)
+        }
+        if self.out.borrow().send.is_some() {
+            return self.send_body(bytes).await;
+        }
+        self.head.extend_from_slice(bytes);
+        loop {
+            let start = match parse_response_head(&self.head, self.is_head) {
+                Ok(None) => return Ok(()),
+                Ok(Some(s)) => s,
+                Err(e) => return Err(io::Error::other(format!("{e:?}"))),
+            };
+            let rest = self.head.split_off(start.head_len);
+            self.head.clear();
+            if start.informational {
+                // 100 Continue: h2 clients send the body anyway.
+                self.head = rest;
+                if self.head.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let end = start.framing == Framing::None;
+            {
+                let mut out = self.out.borrow_mut();
+                let Some(mut respond) = out.respond.take() else {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                };
+                let send = respond.send_response(start.response, end).map_err(io::Error::other)?;
+                if end {
+                    out.ended = true;
+                    return Ok(());
+                }
+                out.send = Some(send);
+            }
+            self.until_close = start.framing == Framing::UntilClose;
+            self.decode = Some(BodyRelay::new(start.framing, Framing::UntilClose));
+            return self.send_body(&rest).await;
+        }
+    }
+
+    /// Decodes the HTTP/1.1 body framing and sends the bytes as DATA, within the window.
+    async fn send_body(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(decode) = self.decode.as_mut() else { return Ok(()) };
+        let mut raw = Vec::new();
+        decode.relay(bytes, &mut raw).map_err(|e| io::Error::other(e.reason()))?;
+        let done = decode.is_done();
+        self.send_data(Bytes::from(raw), done).await
+    }
+
+    async fn send_data(&mut self, mut data: Bytes, end: bool) -> io::Result<()> {
+        let out = &self.out;
+        let no_stream = || io::Error::from(io::ErrorKind::BrokenPipe);
+        if end && data.is_empty() {
+            let mut o = out.borrow_mut();
+            o.send
+                .as_mut()
+                .ok_or_else(no_stream)?
+                .send_data(data, true)
+                .map_err(io::Error::other)?;
+            o.ended = true;
+            return Ok(());
+        }
+        while !data.is_empty() {
+            out.borrow_mut().send.as_mut().ok_or_else(no_stream)?.reserve_capacity(data.len());
+            let granted = poll_fn(|cx| match out.borrow_mut().send.as_mut() {
+                Some(s) => s.poll_capacity(cx),
+                None => Poll::Ready(None),
+            });
+            let granted = match granted.await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Err(no_stream()),
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            let last = end && data.is_empty();
+            let mut o = out.borrow_mut();
+            o.send
+                .as_mut()
+                .ok_or_else(no_stream)?
+                .send_data(chunk, last)
+                .map_err(io::Error::other)?;
+            o.ended |= last;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        // A response never started, or cut short: the client must not take it as whole.
+        let mut out = self.out.borrow_mut();
+        if let Some(r) = out.respond.as_mut() {
+            r.send_reset(::h2::Reason::INTERNAL_ERROR);
+        } else if !out.ended {
+            if let Some(s) = out.send.as_mut() {
+                s.send_reset(::h2::Reason::INTERNAL_ERROR);
+            }
+        }
+    }
+}
+
+impl Stream for H2Stream {
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            if self.pos < self.pending.len() {
+                let spare = buf.capacity() - buf.len();
+                let n = spare.min(self.pending.len() - self.pos);
+                buf.extend_from_slice(&self.pending[self.pos..self.pos + n]);
+                self.pos += n;
+                if self.pos == self.pending.len() {
+                    self.pending.clear();
+                    self.pos = 0;
+                }
+                return (Ok(n), buf);
+            }
+            if self.body_done {
+                return (Ok(0), buf);
+            }
+            match poll_fn(|cx| self.recv.poll_data(cx)).await {
+                Some(Ok(data)) => {
+                    // The client may send this much more: Apex has taken these bytes.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    match self.body {
+                        RequestBody::Chunked => encode_chunk(&data, &mut self.pending),
+                        _ => self.pending.extend_from_slice(&data),
+                    }
+                }
+                Some(Err(e)) => return (Err(io::Error::other(e)), buf),
+                None => {
+                    self.body_done = true;
+                    if self.body == RequestBody::Chunked {
+                        let trailers = poll_fn(|cx| self.recv.poll_trailers(cx)).await;
+                        encode_last_chunk(trailers.ok().flatten().as_ref(), &mut self.pending);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let res = self.write_bytes(&buf).await;
+        (res, buf)
+    }
+
+    /// The response ends here: a body that runs until close ends its stream. (Any other
+    /// unfinished response is reset when the stream is dropped.)
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        if !self.out.borrow().ended && self.until_close {
+            return self.send_data(Bytes::new(), true).await;
+        }
+        Ok(())
+    }
+
+    fn is_stale(&self) -> bool {
+        false
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.local.ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+
+    type Read = NoHalf;
+    type Write = NoHalf;
+    /// Only tunnels split a client stream, and no h2 stream becomes one (no extended CONNECT).
+    fn into_split(self) -> (NoHalf, NoHalf) {
+        (NoHalf, NoHalf)
+    }
+}
+
+/// The halves of a stream that cannot be split: every operation fails.
+pub struct NoHalf;
+
+impl ReadHalf for NoHalf {
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+}
+
+impl WriteHalf for NoHalf {
+    async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        (Err(io::ErrorKind::Unsupported.into()), buf)
+    }
+
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}

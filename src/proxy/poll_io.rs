@@ -1,0 +1,203 @@
+//! A poll-style (`AsyncRead`/`AsyncWrite`) view of an Apex stream, for the `h2` crate.
+//!
+//! Apex's streams take owned buffers (io_uring owns a buffer while a read is in flight), while
+//! `h2` polls with borrowed ones. The adapter owns one read buffer and one write buffer and
+//! keeps at most one operation in flight per direction: the stream's half moves into the
+//! boxed operation and comes back with its result, so an operation is never dropped
+//! mid-flight and no byte the kernel delivered is lost. Shared by every runtime (a TLS stream
+//! is an Apex stream too).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::io::{ReadHalf, Stream, WriteHalf};
+
+/// Bytes asked of the stream per read.
+const READ_SIZE: usize = 16 * 1024;
+/// Bytes `h2` may queue before a write must go out: h2 writes frame by frame and flushes; the
+/// buffer turns its small writes into one system call. Bounded: beyond it, writes wait.
+const WRITE_HIGH: usize = 64 * 1024;
+
+type ReadOp<R> = Pin<Box<dyn Future<Output = (R, io::Result<usize>, Vec<u8>)>>>;
+type WriteOp<W> = Pin<Box<dyn Future<Output = (W, io::Result<()>, Vec<u8>)>>>;
+
+enum ReadSide<R> {
+    /// `buf[pos..]` is read and not yet handed out.
+    Idle {
+        half: R,
+        buf: Vec<u8>,
+        pos: usize,
+    },
+    Busy(ReadOp<R>),
+    /// Only while switching states.
+    Gone,
+}
+
+enum WriteSide<W> {
+    /// `buf` holds bytes not yet written.
+    Idle {
+        half: W,
+        buf: Vec<u8>,
+    },
+    Writing(WriteOp<W>),
+    ShuttingDown(WriteOp<W>),
+    /// FIN sent: nothing more goes out.
+    Shut,
+    Gone,
+}
+
+pub struct PollIo<S: Stream> {
+    read: ReadSide<S::Read>,
+    write: WriteSide<S::Write>,
+}
+
+// No field is ever pinned in place: the operations are boxed, the halves moved by value.
+impl<S: Stream> Unpin for PollIo<S> {}
+
+impl<S: Stream> PollIo<S> {
+    /// Wraps `stream`; `already_read` are bytes read from it before (a preface sniffed to
+    /// choose the protocol), handed out first.
+    pub fn new(stream: S, already_read: Vec<u8>) -> PollIo<S> {
+        let (r, w) = stream.into_split();
+        PollIo {
+            read: ReadSide::Idle { half: r, buf: already_read, pos: 0 },
+            write: WriteSide::Idle { half: w, buf: Vec::new() },
+        }
+    }
+
+    fn start_write(&mut self) {
+        let WriteSide::Idle { mut half, buf } = std::mem::replace(&mut self.write, WriteSide::Gone)
+        else {
+            unreachable!("a write starts from idle")
+        };
+        self.write = WriteSide::Writing(Box::pin(async move {
+            let (res, buf) = half.write_all(buf).await;
+            (half, res, buf)
+        }));
+    }
+
+    /// Drives the write in flight, if any, to its end.
+    fn poll_write_op(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let op = match &mut self.write {
+            WriteSide::Writing(op) | WriteSide::ShuttingDown(op) => op,
+            _ => return Poll::Ready(Ok(())),
+        };
+        let (half, res, mut buf) = std::task::ready!(op.as_mut().poll(cx));
+        self.write = match self.write {
+            WriteSide::ShuttingDown(_) => WriteSide::Shut,
+            _ => {
+                buf.clear();
+                WriteSide::Idle { half, buf }
+            }
+        };
+        Poll::Ready(res)
+    }
+}
+
+impl<S: Stream> AsyncRead for PollIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.read {
+                ReadSide::Idle { buf, pos, .. } if *pos < buf.len() => {
+                    let n = out.remaining().min(buf.len() - *pos);
+                    out.put_slice(&buf[*pos..*pos + n]);
+                    *pos += n;
+                    return Poll::Ready(Ok(()));
+                }
+                ReadSide::Idle { .. } => {
+                    let ReadSide::Idle { mut half, mut buf, .. } =
+                        std::mem::replace(&mut self.read, ReadSide::Gone)
+                    else {
+                        unreachable!()
+                    };
+                    buf.clear();
+                    buf.reserve(READ_SIZE);
+                    self.read = ReadSide::Busy(Box::pin(async move {
+                        let (res, buf) = half.read(buf).await;
+                        (half, res, buf)
+                    }));
+                }
+                ReadSide::Busy(op) => {
+                    let (half, res, buf) = std::task::ready!(op.as_mut().poll(cx));
+                    self.read = ReadSide::Idle { half, buf, pos: 0 };
+                    match res {
+                        // End of stream: nothing put into `out`.
+                        Ok(0) => return Poll::Ready(Ok(())),
+                        Ok(_) => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                ReadSide::Gone => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+}
+
+impl<S: Stream> AsyncWrite for PollIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match &mut self.write {
+                WriteSide::Idle { buf, .. } if buf.len() < WRITE_HIGH => {
+                    let n = data.len().min(WRITE_HIGH - buf.len());
+                    buf.extend_from_slice(&data[..n]);
+                    return Poll::Ready(Ok(n));
+                }
+                WriteSide::Idle { .. } => self.start_write(),
+                WriteSide::Writing(_) => std::task::ready!(self.poll_write_op(cx))?,
+                WriteSide::ShuttingDown(_) | WriteSide::Shut | WriteSide::Gone => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+                }
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.write {
+                WriteSide::Idle { buf, .. } if buf.is_empty() => return Poll::Ready(Ok(())),
+                WriteSide::Idle { .. } => self.start_write(),
+                WriteSide::Writing(_) | WriteSide::ShuttingDown(_) => {
+                    std::task::ready!(self.poll_write_op(cx))?
+                }
+                WriteSide::Shut => return Poll::Ready(Ok(())),
+                WriteSide::Gone => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match &mut self.write {
+                WriteSide::Idle { buf, .. } if buf.is_empty() => {
+                    let WriteSide::Idle { mut half, buf } =
+                        std::mem::replace(&mut self.write, WriteSide::Gone)
+                    else {
+                        unreachable!()
+                    };
+                    self.write = WriteSide::ShuttingDown(Box::pin(async move {
+                        let res = half.shutdown_write().await;
+                        (half, res, buf)
+                    }));
+                }
+                WriteSide::Idle { .. } => self.start_write(),
+                WriteSide::Writing(_) | WriteSide::ShuttingDown(_) => {
+                    std::task::ready!(self.poll_write_op(cx))?
+                }
+                WriteSide::Shut => return Poll::Ready(Ok(())),
+                WriteSide::Gone => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+}

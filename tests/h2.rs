@@ -1,0 +1,274 @@
+//! HTTP/2 to clients with a real h2 client (the `h2` crate, over tokio-rustls or plain TCP):
+//! requests reach an HTTP/1.1 upstream and come back, many streams share a connection, large
+//! bodies stream both ways with bounded memory, a reset stream cancels its upstream request,
+//! and h2c works by prior knowledge only where it is turned on.
+
+mod support;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::ServerName;
+use support::tls::*;
+use support::*;
+
+/// Runs `f` to its end on a current-thread Tokio runtime (the h2 client's).
+fn block_on<F: Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(f)
+}
+
+/// An h2 connection over TLS, h2 chosen by ALPN.
+async fn connect_tls(addr: SocketAddr) -> SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let config = client_config_with_alpn(&[&rustls::version::TLS13], &["h2", "http/1.1"]);
+    let name = ServerName::try_from("a.example.com".to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN picks h2");
+    handshake(tls).await.expect("h2 handshake over TLS")
+}
+
+/// An h2c connection by prior knowledge.
+async fn connect_h2c(addr: SocketAddr) -> Result<SendRequest<Bytes>, h2::Error> {
+    handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await
+}
+
+async fn handshake<T>(io: T) -> Result<SendRequest<Bytes>, h2::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = h2::client::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await
+}
+
+/// Sends one request (with `body`, if any, in DATA frames of 16 KiB) and reads the whole
+/// response.
+async fn request(
+    send: &mut SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Option<Vec<u8>>,
+) -> (http::response::Parts, Vec<u8>) {
+    let mut ready = send.clone().ready().await.expect("connection ready");
+    let (resp, mut stream) = ready.send_request(req, body.is_none()).expect("send request");
+    if let Some(body) = body {
+        let mut rest = Bytes::from(body);
+        while !rest.is_empty() {
+            let piece = rest.split_to(rest.len().min(16384));
+            stream.reserve_capacity(piece.len());
+            let mut piece = piece;
+            while !piece.is_empty() {
+                let n = std::future::poll_fn(|cx| stream.poll_capacity(cx))
+                    .await
+                    .expect("capacity")
+                    .expect("capacity");
+                let part = piece.split_to(n.min(piece.len()));
+                stream.send_data(part, false).expect("send data");
+            }
+        }
+        stream.send_data(Bytes::new(), true).expect("end stream");
+    }
+    let (parts, mut recv) = resp.await.expect("response").into_parts();
+    let mut got = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("response body");
+        recv.flow_control().release_capacity(chunk.len()).unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    (parts, got)
+}
+
+fn get(path: &str) -> http::Request<()> {
+    http::Request::get(format!("https://a.example.com{path}")).body(()).unwrap()
+}
+
+/// A TLS listener offering h2 and http/1.1, in front of `up`.
+fn h2_tls_apex(up: SocketAddr, rt: &str, dir: &TempDir) -> Apex {
+    let (c, k, _) = cert_files(dir, "a", &["a.example.com"]);
+    let yaml = proxy_config(&[up], "").replace(
+        "address: 127.0.0.1:0",
+        &format!(
+            "address: 127.0.0.1:0\n    tls: {{ certificates: [ {{ cert: \"{c}\", key: \"{k}\" }} ], alpn: [h2, http/1.1] }}"
+        ),
+    );
+    Apex::start(&yaml, rt)
+}
+
+/// An echo upstream: answers with the request's head and body, so a test can see what
+/// arrived.
+fn echo() -> Upstream {
+    Upstream::start(|r, w| {
+        let mut body = r.head.clone().into_bytes();
+        body.extend_from_slice(b"\r\n--\r\n");
+        body.extend_from_slice(&r.body);
+        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        w.send(&body);
+        After::KeepOpen
+    })
+}
+
+fn get_and_post_over_h2_reach_an_http1_upstream(rt: &str) {
+    let up = echo();
+    let dir = TempDir::new();
+    let apex = h2_tls_apex(up.addr, rt, &dir);
+    block_on(async {
+        let mut send = connect_tls(apex.addr).await;
+        let req = http::Request::get("https://a.example.com/x?y=1")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .header("x-custom", "v")
+            .body(())
+            .unwrap();
+        let (parts, body) = request(&mut send, req, None).await;
+        assert_eq!(parts.status, 200);
+        assert!(parts.headers.get("connection").is_none(), "no connection field over h2");
+        let seen = String::from_utf8(body).unwrap();
+        let head = seen.split("\r\n--\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /x?y=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nhost: a.example.com\r\n"), ":authority becomes Host: {head}");
+        assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "cookies joined: {head}");
+        assert!(head.contains("\r\nx-forwarded-proto: https\r\n"), "{head}");
+        // A body with a length, and one without (sent on as chunks).
+        let upload = b"hello h2".to_vec();
+        let req = http::Request::post("https://a.example.com/p")
+            .header("content-length", upload.len())
+            .body(())
+            .unwrap();
+        let (_, body) = request(&mut send, req, Some(upload.clone())).await;
+        assert!(body.ends_with(b"\r\n--\r\nhello h2"), "{}", String::from_utf8_lossy(&body));
+        let req = http::Request::post("https://a.example.com/p").body(()).unwrap();
+        let (_, body) = request(&mut send, req, Some(upload)).await;
+        let text = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        assert!(text.contains("transfer-encoding: chunked"), "{text}");
+        assert!(text.ends_with("\r\n--\r\nhello h2"), "{text}");
+    });
+    assert_eq!(up.drain().len(), 3);
+}
+
+fn a_hundred_concurrent_streams_on_one_connection_all_complete(rt: &str) {
+    let up = echo();
+    let dir = TempDir::new();
+    let apex = h2_tls_apex(up.addr, rt, &dir);
+    block_on(async {
+        let send = connect_tls(apex.addr).await;
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let mut send = send.clone();
+            tasks.push(tokio::spawn(async move {
+                let (parts, body) = request(&mut send, get(&format!("/s{i}")), None).await;
+                (parts.status, body)
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (status, body) = t.await.unwrap();
+            assert_eq!(status, 200);
+            let text = String::from_utf8_lossy(&body).to_string();
+            assert!(text.starts_with(&format!("GET /s{i} HTTP/1.1")), "stream {i}: {text}");
+        }
+    });
+}
+
+fn large_bodies_stream_both_ways_with_bounded_memory(rt: &str) {
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let body = big.clone();
+    let up = Upstream::start(move |r, w| {
+        if r.request_line().starts_with("PUT") {
+            let n = r.body.len().to_string();
+            w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{n}", n.len()).as_bytes());
+        } else {
+            w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            w.send(&body);
+        }
+        After::KeepOpen
+    });
+    let dir = TempDir::new();
+    let apex = h2_tls_apex(up.addr, rt, &dir);
+    block_on(async {
+        let mut send = connect_tls(apex.addr).await;
+        let peak_before = apex.peak_rss_kib();
+        let (_, got) = request(&mut send, get("/big"), None).await;
+        assert!(got == big, "8 MiB down over h2 ({} bytes)", got.len());
+        let upload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 241) as u8).collect();
+        let req = http::Request::put("https://a.example.com/up").body(()).unwrap();
+        let (_, got) = request(&mut send, req, Some(upload.clone())).await;
+        assert_eq!(got, b"4194304", "4 MiB up over h2");
+        let growth = apex.peak_rss_kib().saturating_sub(peak_before);
+        assert!(growth < 4096, "peak RSS grew by {growth} KiB moving 8 MiB down and 4 MiB up");
+    });
+    let put = up.drain().into_iter().find(|r| r.request_line().starts_with("PUT")).unwrap();
+    assert!(put.body.len() == 4 << 20, "the upload arrived whole");
+}
+
+/// A stream the client resets mid-response cancels its upstream request: the upstream
+/// connection is closed, not pooled with half a response unread.
+fn a_reset_stream_closes_its_upstream_connection(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.request_line().starts_with("GET /slow ") {
+            // A head and part of the body; the rest never comes.
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial");
+        } else {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+        After::KeepOpen
+    });
+    let dir = TempDir::new();
+    let apex = h2_tls_apex(up.addr, rt, &dir);
+    // The client's runtime outlives the async part, so its connection stays open while the
+    // test waits on the upstream: what closes the upstream connection is the reset alone.
+    let client = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    client.block_on(async {
+        let mut send = connect_tls(apex.addr).await;
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, _) = ready.send_request(get("/slow"), true).unwrap();
+        let (_, mut recv) = resp.await.unwrap().into_parts();
+        let first = recv.data().await.unwrap().unwrap();
+        assert_eq!(&first[..], b"partial");
+        drop(recv); // the last handle: the client resets the stream (CANCEL)
+                    // A later request on the same connection: the reset went out before it.
+        let (parts, body) = request(&mut send, get("/after"), None).await;
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    });
+    assert_eq!(up.next().request_line(), "GET /slow HTTP/1.1");
+    assert_eq!(up.next().request_line(), "GET /after HTTP/1.1");
+    assert_eq!(up.next_close(), Some(0), "the reset stream's upstream connection is closed");
+    drop(client);
+}
+
+/// h2c by prior knowledge where the listener says so (HTTP/1.1 still works on the same port);
+/// elsewhere the preface is just a bad HTTP/1.1 request.
+fn h2c_works_by_prior_knowledge_only_where_turned_on(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    let apex = Apex::start(&on, rt);
+    block_on(async {
+        let mut send = connect_h2c(apex.addr).await.expect("h2c handshake");
+        let req = http::Request::get(format!("http://{}/", apex.addr)).body(()).unwrap();
+        let (parts, body) = request(&mut send, req, None).await;
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    });
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200, "HTTP/1.1 too");
+    let off = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let refused = block_on(async {
+        let Ok(send) = connect_h2c(off.addr).await else { return true };
+        let Ok(mut ready) = send.ready().await else { return true };
+        let req = http::Request::get("http://a/").body(()).unwrap();
+        let Ok((resp, _)) = ready.send_request(req, true) else { return true };
+        resp.await.is_err()
+    });
+    assert!(refused, "no h2c without prior_knowledge");
+}
+
+under_each_driver!(
+    get_and_post_over_h2_reach_an_http1_upstream,
+    a_hundred_concurrent_streams_on_one_connection_all_complete,
+    large_bodies_stream_both_ways_with_bounded_memory,
+    a_reset_stream_closes_its_upstream_connection,
+    h2c_works_by_prior_knowledge_only_where_turned_on,
+);
