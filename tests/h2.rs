@@ -151,7 +151,17 @@ fn get_and_post_over_h2_reach_an_http1_upstream(rt: &str) {
 }
 
 fn a_hundred_concurrent_streams_on_one_connection_all_complete(rt: &str) {
-    let up = echo();
+    // The upstream answers none until all 100 requests are in: streams served one after
+    // another would never finish.
+    let all_in = Arc::new(std::sync::Barrier::new(100));
+    let up = Upstream::start(move |r, w| {
+        all_in.wait();
+        let line = r.request_line().to_string();
+        w.send(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{line}", line.len()).as_bytes(),
+        );
+        After::KeepOpen
+    });
     let dir = TempDir::new();
     let apex = h2_tls_apex(up.addr, rt, &dir);
     block_on(async {
