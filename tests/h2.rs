@@ -275,7 +275,46 @@ fn h2c_works_by_prior_knowledge_only_where_turned_on(rt: &str) {
     assert!(refused, "no h2c without prior_knowledge");
 }
 
+/// SIGTERM: GOAWAY, the stream in flight finishes whole, no new stream is served, and Apex
+/// exits once it is done.
+fn drain_sends_goaway_and_finishes_streams_in_flight(rt: &str) {
+    let arrived = Arc::new(std::sync::Barrier::new(2));
+    let release = Arc::new(std::sync::Barrier::new(2));
+    let (a, r) = (arrived.clone(), release.clone());
+    let up = Upstream::start(move |_, w| {
+        a.wait();
+        r.wait();
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
+        After::KeepOpen
+    });
+    let dir = TempDir::new();
+    let mut apex = h2_tls_apex(up.addr, rt, &dir);
+    block_on(async {
+        let send = connect_tls(apex.addr).await;
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, _) = ready.send_request(get("/hold"), true).unwrap();
+        tokio::task::spawn_blocking(move || arrived.wait()).await.unwrap();
+        apex.signal(libc::SIGTERM);
+        apex.wait_for_log(&["draining: stopped accepting"]).expect("the worker began draining");
+        tokio::task::spawn_blocking(move || release.wait()).await.unwrap();
+        let (parts, mut recv) = resp.await.expect("the stream in flight finishes").into_parts();
+        assert_eq!(parts.status, 200);
+        let body = recv.data().await.unwrap().unwrap();
+        assert_eq!(&body[..], b"done");
+        let refused = match send.ready().await {
+            Err(_) => true,
+            Ok(mut s) => match s.send_request(get("/late"), true) {
+                Err(_) => true,
+                Ok((resp, _)) => resp.await.is_err(),
+            },
+        };
+        assert!(refused, "no new stream after GOAWAY");
+    });
+    assert_eq!(apex.wait_exit(), Some(0));
+}
+
 under_each_driver!(
+    drain_sends_goaway_and_finishes_streams_in_flight,
     get_and_post_over_h2_reach_an_http1_upstream,
     a_hundred_concurrent_streams_on_one_connection_all_complete,
     large_bodies_stream_both_ways_with_bounded_memory,
