@@ -22,7 +22,7 @@ fn class_index(status: u16) -> usize {
 
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-fn bump(c: &Cell<u64>) {
+pub fn bump(c: &Cell<u64>) {
     c.set(c.get() + 1);
 }
 
@@ -91,7 +91,17 @@ pub struct WorkerStats {
     pub tls_failed: Cell<u64>,
     /// TLS connections by version and ALPN protocol (counted once per connection).
     pub tls_connections: RefCell<HashMap<(&'static str, String), u64>>,
+    /// Requests served, by protocol: HTTP/1.x, h2.
+    pub requests_by_protocol: [Cell<u64>; 2],
+    /// h2 streams being served now.
+    pub h2_streams_open: Rc<Cell<u64>>,
+    /// GOAWAYs Apex sent, by reason (see [`GOAWAY_REASONS`]).
+    pub h2_goaways: [Cell<u64>; 3],
 }
+
+/// Why Apex sent GOAWAY: the worker drains, the connection idled, it served its
+/// `max_requests_per_connection`.
+pub const GOAWAY_REASONS: [&str; 3] = ["drain", "idle", "max_requests"];
 
 impl WorkerStats {
     pub fn tls_handshake(&self, ok: bool) {
@@ -117,6 +127,9 @@ impl WorkerStats {
         r.tunnels_open = self.tunnels_open.get();
         r.tunnel_bytes = self.tunnel_bytes.get();
         r.tls_handshakes = [self.tls_ok.get(), self.tls_failed.get()];
+        r.requests_by_protocol = self.requests_by_protocol.each_ref().map(Cell::get);
+        r.h2_streams_open = self.h2_streams_open.get();
+        r.h2_goaways = self.h2_goaways.each_ref().map(Cell::get);
         for ((v, a), n) in self.tls_connections.borrow().iter() {
             r.tls_connections.insert((v.to_string(), a.clone()), *n);
         }
@@ -148,6 +161,11 @@ pub struct StatsReport {
     pub tls_handshakes: [u64; 2],
     /// `(version, alpn)` → TLS connections.
     pub tls_connections: BTreeMap<(String, String), u64>,
+    /// HTTP/1.x, h2.
+    pub requests_by_protocol: [u64; 2],
+    pub h2_streams_open: u64,
+    /// By [`GOAWAY_REASONS`].
+    pub h2_goaways: [u64; 3],
     /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
     /// Filled by the control plane.
     pub cert_expiry: BTreeMap<(String, String), i64>,
@@ -245,6 +263,13 @@ impl StatsReport {
         self.tls_handshakes[1] += o.tls_handshakes[1];
         for (k, v) in &o.tls_connections {
             *self.tls_connections.entry(k.clone()).or_default() += v;
+        }
+        for i in 0..2 {
+            self.requests_by_protocol[i] += o.requests_by_protocol[i];
+        }
+        self.h2_streams_open += o.h2_streams_open;
+        for i in 0..3 {
+            self.h2_goaways[i] += o.h2_goaways[i];
         }
         for (k, v) in &o.cert_expiry {
             self.cert_expiry.insert(k.clone(), *v);
@@ -353,6 +378,20 @@ impl StatsReport {
             "# HELP apex_tls_handshakes_total TLS handshakes with clients, by result.\n# TYPE apex_tls_handshakes_total counter\napex_tls_handshakes_total{{result=\"ok\"}} {}\napex_tls_handshakes_total{{result=\"failed\"}} {}",
             self.tls_handshakes[0], self.tls_handshakes[1]
         );
+        let _ = writeln!(
+            o,
+            "# HELP apex_requests_by_protocol_total Requests served, by client protocol.\n# TYPE apex_requests_by_protocol_total counter\napex_requests_by_protocol_total{{protocol=\"http1\"}} {}\napex_requests_by_protocol_total{{protocol=\"h2\"}} {}",
+            self.requests_by_protocol[0], self.requests_by_protocol[1]
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_h2_streams_open HTTP/2 streams being served now.\n# TYPE apex_h2_streams_open gauge\napex_h2_streams_open {}",
+            self.h2_streams_open
+        );
+        o.push_str("# HELP apex_h2_goaways_total GOAWAY frames Apex sent, by reason.\n# TYPE apex_h2_goaways_total counter\n");
+        for (reason, n) in GOAWAY_REASONS.iter().zip(self.h2_goaways) {
+            let _ = writeln!(o, "apex_h2_goaways_total{{reason=\"{reason}\"}} {n}");
+        }
         o.push_str("# HELP apex_tls_connections_total TLS client connections by version and ALPN protocol.\n# TYPE apex_tls_connections_total counter\n");
         for ((version, alpn), n) in &self.tls_connections {
             let _ = writeln!(

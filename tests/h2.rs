@@ -99,6 +99,41 @@ fn h2_tls_apex(up: SocketAddr, rt: &str, dir: &TempDir) -> Apex {
     Apex::start(&yaml, rt)
 }
 
+/// The protocol shows in the metrics (requests by protocol, GOAWAYs by reason) and in the
+/// access log (`HTTP/2.0`, as nginx writes it).
+fn metrics_and_the_access_log_tell_h2_from_http1(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "a", &["a.example.com"]);
+    let log = dir.0.join("access.log");
+    let yaml = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        &format!(
+            "address: 127.0.0.1:0\n    tls: {{ certificates: [ {{ cert: \"{c}\", key: \"{k}\" }} ], alpn: [h2, http/1.1] }}"
+        ),
+    );
+    let yaml = with_admin(&format!("access_log: {{ path: \"{}\" }}\n{yaml}", log.display()));
+    let mut apex = Apex::start(&yaml, rt);
+    let admin_at = admin_addr(&mut apex);
+    block_on(async {
+        let mut send = connect_tls(apex.addr).await;
+        for _ in 0..2 {
+            assert_eq!(request(&mut send, get("/m"), None).await.0.status, 200);
+        }
+    });
+    let text = metrics(admin_at);
+    assert_eq!(
+        metric(&text, "apex_requests_by_protocol_total{protocol=\"h2\"}"),
+        Some(2),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "apex_requests_by_protocol_total{protocol=\"http1\"}"), Some(0));
+    apex.signal(libc::SIGTERM);
+    assert_eq!(apex.wait_exit(), Some(0));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.matches("\"GET /m HTTP/2.0\" 200").count(), 2, "{logged}");
+}
+
 /// An echo upstream: answers with the request's head and body, so a test can see what
 /// arrived.
 fn echo() -> Upstream {
@@ -314,6 +349,7 @@ fn drain_sends_goaway_and_finishes_streams_in_flight(rt: &str) {
 }
 
 under_each_driver!(
+    metrics_and_the_access_log_tell_h2_from_http1,
     drain_sends_goaway_and_finishes_streams_in_flight,
     get_and_post_over_h2_reach_an_http1_upstream,
     a_hundred_concurrent_streams_on_one_connection_all_complete,

@@ -409,6 +409,7 @@ pub async fn serve_downstream<R: Runtime>(
         let serve = |stream: H2Stream| {
             let mut bufs = Buffers { rbuf: Vec::with_capacity(IDLE_READ), ..Buffers::default() };
             bufs.logged.tls = tls.clone();
+            bufs.logged.h2 = true;
             let client = Transport::H2(Box::new(stream), scheme);
             serve_requests(Rc::clone(&worker), client, peer, Rc::clone(&listener), bufs)
         };
@@ -676,6 +677,7 @@ fn log_request<R: Runtime>(
     served: Served,
     route: Option<usize>,
 ) {
+    crate::stats::bump(&worker.stats.requests_by_protocol[usize::from(l.h2)]);
     let Some(log) = &worker.access else { return };
     let route = route.map(|i| view.snap.config.routes[i].name.as_str()).unwrap_or("");
     log.record(&Entry {

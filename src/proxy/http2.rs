@@ -74,9 +74,18 @@ pub async fn serve_h2<R, C, F, Fut>(
     };
     let mut accepted: u32 = 0;
     let mut closing = false;
+    let stats = &worker.stats;
+    // GOAWAY (graceful: streams in flight finish), counted by reason.
+    let go_away = |conn: &mut ::h2::server::Connection<_, Bytes>, reason: usize| {
+        conn.graceful_shutdown();
+        crate::stats::bump(&stats.h2_goaways[reason]);
+    };
     loop {
-        if !closing && (worker.is_draining() || accepted >= settings.max_requests_per_connection) {
-            conn.graceful_shutdown();
+        if !closing && worker.is_draining() {
+            go_away(&mut conn, 0);
+            closing = true;
+        } else if !closing && accepted >= settings.max_requests_per_connection {
+            go_away(&mut conn, 2);
             closing = true;
         }
         let idle_before = !conn.has_streams();
@@ -91,8 +100,11 @@ pub async fn serve_h2<R, C, F, Fut>(
             match race(accept, race(worker.drain.wait(), idle)).await {
                 Either::Left(next) => next,
                 Either::Right(_) => {
-                    if worker.is_draining() || (idle_before && !conn.has_streams()) {
-                        conn.graceful_shutdown();
+                    if worker.is_draining() {
+                        go_away(&mut conn, 0);
+                        closing = true;
+                    } else if idle_before && !conn.has_streams() {
+                        go_away(&mut conn, 1);
                         closing = true;
                     }
                     continue;
@@ -105,10 +117,13 @@ pub async fn serve_h2<R, C, F, Fut>(
                 let stream = H2Stream::new(request, respond, local);
                 let reset = stream.reset_watch();
                 let served = serve(stream);
+                let open = Rc::clone(&worker.stats.h2_streams_open);
+                open.set(open.get() + 1);
                 R::spawn(async move {
                     if let Either::Right(reason) = race(served, reset).await {
                         debug!(?reason, "h2 stream reset by the client; request abandoned");
                     }
+                    open.set(open.get() - 1);
                 });
             }
             Some(Err(e)) => {

@@ -38,6 +38,8 @@ pub struct Logged {
     pub request_id: String,
     /// The connection's TLS (set once, when the handshake completes).
     pub tls: Option<crate::tls::TlsSummary>,
+    /// The request came as an HTTP/2 stream (logged as `HTTP/2.0`, as nginx does).
+    pub h2: bool,
 }
 
 impl Logged {
@@ -49,6 +51,7 @@ impl Logged {
         self.target.clear();
         self.target.push_str(head.target);
         self.version = match head.version {
+            _ if self.h2 => "HTTP/2.0",
             Version::Http10 => "HTTP/1.0",
             Version::Http11 => "HTTP/1.1",
         };
