@@ -7,7 +7,8 @@
 //! `transfer-encoding`, `keep-alive`, `proxy-connection`, a `te` other than `trailers`) and
 //! field values with CR, LF or NUL (RFC 9113 §8.2.1); the checks here are the second line.
 
-use super::Framing;
+use super::response;
+use super::{fields, Framing, HeadLimits, Status, MAX_FIELDS_CAP};
 
 /// How the request body reaches Apex's parser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,50 +163,38 @@ pub struct ResponseStart {
 const CONNECTION_SPECIFIC: [&str; 6] =
     ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
 
-/// Parses the HTTP/1.1 response head at the start of `bytes`; `Ok(None)`: not whole yet.
-/// `is_head`: the request was HEAD, so no body follows whatever the head says.
+/// Limits for reading back a head Apex wrote itself: it passed the upstream's response limits
+/// before Apex's own fields were added, so only the parser's field storage bounds it.
+const OWN_HEAD: HeadLimits =
+    HeadLimits { max_request_line: 64 * 1024, max_head: 1024 * 1024, max_fields: MAX_FIELDS_CAP };
+
+/// Parses the HTTP/1.1 response head at the start of `bytes` (with Apex's own response
+/// parser, which also decides the body's framing); `Ok(None)`: not whole yet. `is_head`: the
+/// request was HEAD, so no body follows whatever the head says.
 pub fn parse_response_head(
     bytes: &[u8],
     is_head: bool,
 ) -> Result<Option<ResponseStart>, BridgeError> {
-    let mut fields = [httparse::EMPTY_HEADER; 128];
-    let mut resp = httparse::Response::new(&mut fields);
-    let head_len = match resp.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
+    let mut storage = fields();
+    let head = match response::parse_response_head(bytes, &mut storage, &OWN_HEAD, is_head) {
+        Ok(Status::Complete(h)) => h,
+        Ok(Status::Partial) => return Ok(None),
         Err(_) => return Err(BridgeError::BadResponse),
     };
-    let status = resp.code.ok_or(BridgeError::BadResponse)?;
-    let mut builder = http::Response::builder().status(status);
-    let mut length = None;
-    let mut chunked = false;
-    for f in resp.headers.iter() {
+    let mut builder = http::Response::builder().status(head.status);
+    for f in head.headers {
         let name = f.name.to_ascii_lowercase();
-        match name.as_str() {
-            "content-length" => {
-                let v = std::str::from_utf8(f.value).map_err(|_| BridgeError::BadResponse)?;
-                length = Some(v.trim().parse::<u64>().map_err(|_| BridgeError::BadResponse)?);
-            }
-            "transfer-encoding" => chunked = true,
-            _ => {}
+        if !CONNECTION_SPECIFIC.contains(&name.as_str()) {
+            builder = builder.header(name, f.value);
         }
-        if CONNECTION_SPECIFIC.contains(&name.as_str()) {
-            continue;
-        }
-        builder = builder.header(name, f.value);
     }
-    let informational = (100..200).contains(&status);
-    let framing = if informational || is_head || status == 204 || status == 304 {
-        Framing::None
-    } else if chunked {
-        Framing::Chunked
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::UntilClose
-    };
     let response = builder.body(()).map_err(|_| BridgeError::BadResponse)?;
-    Ok(Some(ResponseStart { head_len, response, framing, informational }))
+    Ok(Some(ResponseStart {
+        head_len: head.len,
+        response,
+        framing: head.framing,
+        informational: head.is_interim(),
+    }))
 }
 
 #[cfg(test)]
