@@ -2,30 +2,14 @@
 
 mod support;
 
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use support::*;
 
 const GET: &str = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 
-/// An upstream whose response waits for the test: `arrived` is passed when a request is in,
-/// `release` lets the response go.
-fn held_upstream() -> (Upstream, Arc<Barrier>, Arc<Barrier>) {
-    let arrived = Arc::new(Barrier::new(2));
-    let release = Arc::new(Barrier::new(2));
-    let (a, r) = (arrived.clone(), release.clone());
-    let up = Upstream::start(move |_, w| {
-        a.wait();
-        r.wait();
-        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
-        After::KeepOpen
-    });
-    (up, arrived, release)
-}
-
 fn sigterm_finishes_requests_in_flight_then_exits_zero(rt: &str) {
-    let (up, arrived, release) = held_upstream();
+    let (up, arrived, release) = Upstream::held();
     let mut apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut busy = Wire::connect(apex.addr);
     busy.send(GET.as_bytes());
@@ -58,7 +42,7 @@ fn sigterm_closes_idle_keepalive_connections(rt: &str) {
 }
 
 fn second_signal_exits_at_once(rt: &str) {
-    let (up, arrived, _release) = held_upstream();
+    let (up, arrived, _release) = Upstream::held();
     let mut apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
     let mut busy = Wire::connect(apex.addr);
     busy.send(GET.as_bytes());
@@ -70,7 +54,7 @@ fn second_signal_exits_at_once(rt: &str) {
 }
 
 fn drain_timeout_bounds_the_exit(rt: &str) {
-    let (up, arrived, _release) = held_upstream();
+    let (up, arrived, _release) = Upstream::held();
     let yaml = format!("drain_timeout: 300ms\n{}", proxy_config(&[up.addr], ""));
     let mut apex = Apex::start(&yaml, rt);
     let mut busy = Wire::connect(apex.addr);

@@ -313,15 +313,7 @@ fn h2c_works_by_prior_knowledge_only_where_turned_on(rt: &str) {
 /// SIGTERM: GOAWAY, the stream in flight finishes whole, no new stream is served, and Apex
 /// exits once it is done.
 fn drain_sends_goaway_and_finishes_streams_in_flight(rt: &str) {
-    let arrived = Arc::new(std::sync::Barrier::new(2));
-    let release = Arc::new(std::sync::Barrier::new(2));
-    let (a, r) = (arrived.clone(), release.clone());
-    let up = Upstream::start(move |_, w| {
-        a.wait();
-        r.wait();
-        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
-        After::KeepOpen
-    });
+    let (up, arrived, release) = Upstream::held();
     let dir = TempDir::new();
     let mut apex = h2_tls_apex(up.addr, rt, &dir);
     block_on(async {

@@ -584,6 +584,21 @@ impl Upstream {
         }
     }
 
+    /// An upstream whose response waits for the test: `arrived` is passed when a request is in,
+    /// `release` lets the response (`200 done`) go.
+    pub fn held() -> (Upstream, Arc<std::sync::Barrier>, Arc<std::sync::Barrier>) {
+        let arrived = Arc::new(std::sync::Barrier::new(2));
+        let release = Arc::new(std::sync::Barrier::new(2));
+        let (a, r) = (arrived.clone(), release.clone());
+        let up = Upstream::start(move |_, w| {
+            a.wait();
+            r.wait();
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
+            After::KeepOpen
+        });
+        (up, arrived, release)
+    }
+
     /// Answers every request `200` with `body`, keeping connections open.
     pub fn ok(body: &'static str) -> Upstream {
         Upstream::start(move |_, w| {
