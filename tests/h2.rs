@@ -340,7 +340,26 @@ fn drain_sends_goaway_and_finishes_streams_in_flight(rt: &str) {
     assert_eq!(apex.wait_exit(), Some(0));
 }
 
+/// A connection flooding PING frames (and reading the PONGs) does not keep the (single)
+/// worker to itself: another client is accepted and served during the flood.
+fn a_frame_flood_does_not_starve_other_connections(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    let apex = Apex::start(&on, rt);
+    // The preface and an empty SETTINGS frame, then PING frames (9-byte header, 8 bytes).
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let flood = Flood::start(apex.addr, &start, ping.repeat(3855));
+    let mut other = Wire::connect(apex.addr);
+    let r = other.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    flood.stop();
+    assert_eq!(r.status, 200, "served during the flood");
+}
+
 under_each_driver!(
+    a_frame_flood_does_not_starve_other_connections,
     metrics_and_the_access_log_tell_h2_from_http1,
     drain_sends_goaway_and_finishes_streams_in_flight,
     get_and_post_over_h2_reach_an_http1_upstream,

@@ -284,7 +284,20 @@ fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
     assert!(growth < 2048, "peak RSS grew by {growth} KiB moving 2 x 8 MiB");
 }
 
+/// One client pipelining requests as fast as it can while reading the answers does not keep
+/// the (single) worker to itself: another client is accepted and served during the flood.
+fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
+    let yaml = "workers: 1\nlisteners:\n  - name: test\n    address: 127.0.0.1:0\nroutes:\n  - match: { path_prefix: \"/\" }\n    respond: { status: 200, body: \"ok\" }\n";
+    let apex = Apex::start(yaml, rt);
+    let flood = Flood::start(apex.addr, b"", GET.repeat(2000).into_bytes());
+    let mut other = Wire::connect(apex.addr);
+    let r = other.request(GET);
+    flood.stop();
+    assert_eq!(r.status, 200, "served during the flood");
+}
+
 under_each_driver!(
+    a_pipelining_flood_does_not_starve_other_clients,
     keepalive_reuses_one_upstream_connection,
     idle_connection_closed_by_upstream_is_not_reused,
     stale_pooled_connection_is_retried_for_get,

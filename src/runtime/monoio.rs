@@ -1,9 +1,12 @@
 //! The monoio adapter: implements the proxy's runtime seam on monoio (io_uring or epoll).
 
-use std::future::Future;
+use std::cell::Cell;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use monoio::buf::IoBufMut;
@@ -20,16 +23,66 @@ pub struct Monoio;
 
 pub struct MonoioStream(pub TcpStream);
 
+thread_local! {
+    /// Socket operations in a row on this worker that finished without waiting.
+    static RUN: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Operations that may finish without waiting before the running task yields once. monoio has
+/// no cooperative budget (Tokio's does this), and on the epoll driver an operation on a socket
+/// that is always readable and writable finishes at once: one client pipelining requests (or
+/// flooding HTTP/2 frames) while reading the answers would keep the worker to itself, and no
+/// other connection would be accepted or served. On io_uring every operation waits for its
+/// completion, so the run never grows there.
+const BUDGET: u32 = 64;
+
+/// Runs a socket operation under the worker's budget.
+async fn budgeted<F: Future>(op: F) -> F::Output {
+    let mut op = pin!(op);
+    let mut waited = false;
+    let out = poll_fn(|cx| {
+        let p = op.as_mut().poll(cx);
+        waited |= p.is_pending();
+        p
+    })
+    .await;
+    let run = if waited { 0 } else { RUN.get() + 1 };
+    if run >= BUDGET {
+        RUN.set(0);
+        yield_now().await;
+    } else {
+        RUN.set(run);
+    }
+    out
+}
+
+/// Lets the worker's other ready tasks (and its poller) run before this one goes on. A task
+/// that wakes itself is put back at the front of monoio's run queue (it would run again at
+/// once); woken by another task, it goes to the back: so a one-line task does the waking.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        let waker = cx.waker().clone();
+        monoio::spawn(async move { waker.wake() });
+        Poll::Pending
+    })
+    .await
+}
+
 impl Stream for MonoioStream {
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let len = buf.len();
         let cap = buf.capacity();
-        let (res, slice) = self.0.read(buf.slice_mut(len..cap)).await;
+        let (res, slice) = budgeted(self.0.read(buf.slice_mut(len..cap))).await;
         (res, slice.into_inner())
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let (res, buf) = AsyncWriteRentExt::write_all(&mut self.0, buf).await;
+        let (res, buf) = budgeted(AsyncWriteRentExt::write_all(&mut self.0, buf)).await;
         (res.map(|_| ()), buf)
     }
 
@@ -61,14 +114,14 @@ impl ReadHalf for MonoioRead {
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let len = buf.len();
         let cap = buf.capacity();
-        let (res, slice) = self.0.read(buf.slice_mut(len..cap)).await;
+        let (res, slice) = budgeted(self.0.read(buf.slice_mut(len..cap))).await;
         (res, slice.into_inner())
     }
 }
 
 impl WriteHalf for MonoioWrite {
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let (res, buf) = AsyncWriteRentExt::write_all(&mut self.0, buf).await;
+        let (res, buf) = budgeted(AsyncWriteRentExt::write_all(&mut self.0, buf)).await;
         (res.map(|_| ()), buf)
     }
 

@@ -9,7 +9,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -760,4 +760,47 @@ pub fn metric(text: &str, series: &str) -> Option<u64> {
 /// `GET /metrics` as text.
 pub fn metrics(admin_at: SocketAddr) -> String {
     admin(admin_at, "GET", "/metrics").text()
+}
+
+// ---------------------------------------------------------------- a flooding client
+
+/// A client that sends `start`, then `batch` over and over, while another thread reads and
+/// drops everything that comes back: the proxy's socket for it stays readable and writable, so
+/// on a driver where such operations finish at once nothing makes its task wait. `start`
+/// returns once the proxy has answered the flood.
+pub struct Flood {
+    stop: Arc<AtomicBool>,
+    writer: std::thread::JoinHandle<()>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Flood {
+    pub fn start(addr: SocketAddr, start: &[u8], batch: Vec<u8>) -> Flood {
+        let mut out = TcpStream::connect(addr).unwrap();
+        out.write_all(start).unwrap();
+        let mut back = out.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let (answered, first_answer) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut sink = vec![0u8; 65536];
+            while !s1.load(Ordering::Relaxed) && back.read(&mut sink).unwrap_or(0) > 0 {
+                let _ = answered.send(());
+            }
+        });
+        let writer = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) && out.write_all(&batch).is_ok() {}
+            let _ = out.shutdown(Shutdown::Both);
+        });
+        // Running: the proxy has answered it.
+        first_answer.recv_timeout(PATIENCE).expect("the flood gets answers");
+        Flood { stop, writer, reader }
+    }
+
+    /// Stops the flood.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.join().expect("flood writer");
+        self.reader.join().expect("flood reader");
+    }
 }
