@@ -425,7 +425,10 @@ fn run_worker(w: WorkerStart) {
     match result {
         Ok(mut rt) => rt.block_on(main),
         Err(_) => match build_epoll() {
-            Ok(mut rt) => rt.block_on(main),
+            Ok(mut rt) => {
+                monoio::on_epoll_driver();
+                rt.block_on(main)
+            }
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot build an epoll runtime: {e}")));
             }
