@@ -96,12 +96,14 @@ pub struct WorkerStats {
     /// h2 streams being served now.
     pub h2_streams_open: Rc<Cell<u64>>,
     /// GOAWAYs Apex sent, by reason (see [`GOAWAY_REASONS`]).
-    pub h2_goaways: [Cell<u64>; 3],
+    pub h2_goaways: [Cell<u64>; 4],
+    /// h2 connections closed for a flood, by kind (`h2_guard::Flood::index`).
+    pub h2_floods: [Cell<u64>; 6],
 }
 
 /// Why Apex sent GOAWAY: the worker drains, the connection idled, it served its
-/// `max_requests_per_connection`.
-pub const GOAWAY_REASONS: [&str; 3] = ["drain", "idle", "max_requests"];
+/// `max_requests_per_connection`, the client flooded (ENHANCE_YOUR_CALM).
+pub const GOAWAY_REASONS: [&str; 4] = ["drain", "idle", "max_requests", "flood"];
 
 impl WorkerStats {
     pub fn tls_handshake(&self, ok: bool) {
@@ -130,6 +132,7 @@ impl WorkerStats {
         r.requests_by_protocol = self.requests_by_protocol.each_ref().map(Cell::get);
         r.h2_streams_open = self.h2_streams_open.get();
         r.h2_goaways = self.h2_goaways.each_ref().map(Cell::get);
+        r.h2_floods = self.h2_floods.each_ref().map(Cell::get);
         for ((v, a), n) in self.tls_connections.borrow().iter() {
             r.tls_connections.insert((v.to_string(), a.clone()), *n);
         }
@@ -165,7 +168,9 @@ pub struct StatsReport {
     pub requests_by_protocol: [u64; 2],
     pub h2_streams_open: u64,
     /// By [`GOAWAY_REASONS`].
-    pub h2_goaways: [u64; 3],
+    pub h2_goaways: [u64; 4],
+    /// By `h2_guard::Flood::ALL`.
+    pub h2_floods: [u64; 6],
     /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
     /// Filled by the control plane.
     pub cert_expiry: BTreeMap<(String, String), i64>,
@@ -268,8 +273,11 @@ impl StatsReport {
             self.requests_by_protocol[i] += o.requests_by_protocol[i];
         }
         self.h2_streams_open += o.h2_streams_open;
-        for i in 0..3 {
+        for i in 0..4 {
             self.h2_goaways[i] += o.h2_goaways[i];
+        }
+        for i in 0..6 {
+            self.h2_floods[i] += o.h2_floods[i];
         }
         for (k, v) in &o.cert_expiry {
             self.cert_expiry.insert(k.clone(), *v);
@@ -391,6 +399,10 @@ impl StatsReport {
         o.push_str("# HELP apex_h2_goaways_total GOAWAY frames Apex sent, by reason.\n# TYPE apex_h2_goaways_total counter\n");
         for (reason, n) in GOAWAY_REASONS.iter().zip(self.h2_goaways) {
             let _ = writeln!(o, "apex_h2_goaways_total{{reason=\"{reason}\"}} {n}");
+        }
+        o.push_str("# HELP apex_h2_floods_total HTTP/2 connections closed (GOAWAY ENHANCE_YOUR_CALM) for sending too many frames of a kind.\n# TYPE apex_h2_floods_total counter\n");
+        for (kind, n) in crate::http::h2_guard::Flood::ALL.iter().zip(self.h2_floods) {
+            let _ = writeln!(o, "apex_h2_floods_total{{kind=\"{}\"}} {n}", kind.name());
         }
         o.push_str("# HELP apex_tls_connections_total TLS client connections by version and ALPN protocol.\n# TYPE apex_tls_connections_total counter\n");
         for ((version, alpn), n) in &self.tls_connections {

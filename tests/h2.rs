@@ -344,8 +344,11 @@ fn drain_sends_goaway_and_finishes_streams_in_flight(rt: &str) {
 /// worker to itself: another client is accepted and served during the flood.
 fn a_frame_flood_does_not_starve_other_connections(rt: &str) {
     let up = Upstream::ok("ok");
-    let on = proxy_config(&[up.addr], "")
-        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    // PINGs without the per-second cap, so that the flood goes on (the cap is tested below).
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: { prior_knowledge: true, max_pings_per_second: 1000000 }",
+    );
     let apex = Apex::start(&on, rt);
     // The preface and an empty SETTINGS frame, then PING frames (9-byte header, 8 bytes).
     let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -358,7 +361,69 @@ fn a_frame_flood_does_not_starve_other_connections(rt: &str) {
     assert_eq!(r.status, 200, "served during the flood");
 }
 
+/// One HTTP/2 frame: 9-byte header, then the payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads frames until a GOAWAY; returns its error code (`None`: closed without one).
+fn goaway_code(w: &mut Wire) -> Option<u32> {
+    use std::io::Read;
+    loop {
+        let mut head = [0u8; 9];
+        w.stream.read_exact(&mut head).ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        w.stream.read_exact(&mut payload).ok()?;
+        if head[3] == 7 {
+            return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+        }
+    }
+}
+
+/// Each kind of frame `h2` lets through unbounded has a per-connection cap: over it, GOAWAY
+/// ENHANCE_YOUR_CALM (0xb), counted by kind, while another client is served as usual.
+fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    let mut apex = Apex::start(&with_admin(&on), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(4, 0, 0, b""));
+    // HEADERS for stream 1 (GET / on authority "a", HPACK static entries), body to follow.
+    let get = [0x82, 0x87, 0x84, 0x41, 0x01, b'a'];
+    let open_stream = frame(1, 0x4, 1, &get);
+    let floods: [(&str, Vec<u8>); 5] = [
+        ("ping", frame(6, 0, 0, &[0; 8]).repeat(101)),
+        ("settings", frame(4, 0, 0, b"").repeat(51)),
+        ("empty_data", [open_stream, frame(0, 0, 1, b"").repeat(101)].concat()),
+        ("window_update", frame(8, 0, 0, &[0, 0, 0, 1]).repeat(1001)),
+        (
+            "continuation",
+            [frame(1, 0, 1, &get[..1]), frame(9, 0, 1, &get[1..2]).repeat(21)].concat(),
+        ),
+    ];
+    for (kind, flood) in floods {
+        let mut w = Wire::connect(apex.addr);
+        w.send(&[start.clone(), flood].concat());
+        assert_eq!(goaway_code(&mut w), Some(0xb), "{kind}: GOAWAY ENHANCE_YOUR_CALM");
+        let mut other = Wire::connect(apex.addr);
+        assert_eq!(other.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200, "{kind}");
+        let text = metrics(admin_at);
+        let series = format!("apex_h2_floods_total{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&text, &series), Some(1), "{kind}: {text}");
+    }
+    let text = metrics(admin_at);
+    assert_eq!(metric(&text, "apex_h2_goaways_total{reason=\"flood\"}"), Some(5), "{text}");
+}
+
 under_each_driver!(
+    each_flood_gets_goaway_enhance_your_calm,
     a_frame_flood_does_not_starve_other_connections,
     metrics_and_the_access_log_tell_h2_from_http1,
     drain_sends_goaway_and_finishes_streams_in_flight,

@@ -88,7 +88,7 @@ pub const COMPRESSION_TYPES: [&str; 10] = [
 /// A TLS client must finish its handshake within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// HTTP/2 limits: 100 concurrent streams (nginx's and RFC 9113's suggested floor); a header
+/// HTTP/2 limits (per connection): 100 concurrent streams (nginx's and RFC 9113's suggested floor); a header
 /// list as large as an HTTP/1.1 head may be (64 KiB); 20 streams reset before they were
 /// accepted (h2's own default); 500 streams reset by Apex per connection (Sōzu's cap for
 /// MadeYouReset); 10,000 streams per connection (nginx's keepalive_requests is 1,000 for
@@ -100,4 +100,15 @@ pub const HTTP2: crate::config::Http2 = crate::config::Http2 {
     max_pending_resets: 20,
     max_resets_sent: 500,
     max_requests_per_connection: 10_000,
+    // Sōzu's caps: 100 PINGs, 50 SETTINGS, 100 empty DATA frames, 100 RST_STREAMs and 20
+    // CONTINUATIONs per header block; stream-0 WINDOW_UPDATE at 1,000 a second, because a
+    // client with a small connection window sends one per 64 KiB it reads.
+    floods: crate::http::h2_guard::FloodLimits {
+        pings: 100,
+        settings: 50,
+        empty_data: 100,
+        window_updates: 1000,
+        resets: 100,
+        continuations: 20,
+    },
 };

@@ -145,6 +145,9 @@ pub struct Http2 {
     pub max_resets_sent: u32,
     /// Streams per connection; then GOAWAY, and the client opens a new connection.
     pub max_requests_per_connection: u32,
+    /// Frames per second a client may send of the kinds `h2` itself does not bound, and
+    /// CONTINUATION frames per header block; beyond: GOAWAY ENHANCE_YOUR_CALM.
+    pub floods: crate::http::h2_guard::FloodLimits,
 }
 
 /// A TLS listener's settings: certificates (loaded and checked when the config loads), the

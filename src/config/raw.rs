@@ -210,6 +210,18 @@ pub struct RawHttp2Settings {
     pub max_resets_sent: Option<i64>,
     #[serde(default)]
     pub max_requests_per_connection: Option<i64>,
+    #[serde(default)]
+    pub max_pings_per_second: Option<i64>,
+    #[serde(default)]
+    pub max_settings_per_second: Option<i64>,
+    #[serde(default)]
+    pub max_empty_data_per_second: Option<i64>,
+    #[serde(default)]
+    pub max_window_updates_per_second: Option<i64>,
+    #[serde(default)]
+    pub max_resets_per_second: Option<i64>,
+    #[serde(default)]
+    pub max_continuations: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -131,6 +131,35 @@ impl Validator<'_> {
             1_000_000,
             "from 1 to 1000000",
         );
+        let per_second = |v: &mut Self, key: &str, raw: Option<i64>, default: u32| {
+            v.count(format!("{p}.{key}"), raw, default, 1, 1_000_000, "from 1 to 1000000")
+        };
+        let f = d.floods;
+        h.floods.pings = per_second(self, "max_pings_per_second", s.max_pings_per_second, f.pings);
+        h.floods.settings =
+            per_second(self, "max_settings_per_second", s.max_settings_per_second, f.settings);
+        h.floods.empty_data = per_second(
+            self,
+            "max_empty_data_per_second",
+            s.max_empty_data_per_second,
+            f.empty_data,
+        );
+        h.floods.window_updates = per_second(
+            self,
+            "max_window_updates_per_second",
+            s.max_window_updates_per_second,
+            f.window_updates,
+        );
+        h.floods.resets =
+            per_second(self, "max_resets_per_second", s.max_resets_per_second, f.resets);
+        h.floods.continuations = self.count(
+            format!("{p}.max_continuations"),
+            s.max_continuations,
+            f.continuations,
+            1,
+            1000,
+            "from 1 to 1000",
+        );
         h.max_requests_per_connection = self.count(
             format!("{p}.max_requests_per_connection"),
             s.max_requests_per_connection,

@@ -7,6 +7,7 @@ pub mod chunked;
 pub mod encoding;
 pub mod fields;
 pub mod h2_bridge;
+pub mod h2_guard;
 pub mod request;
 pub mod response;
 pub mod rewrite;

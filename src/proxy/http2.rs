@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::io::{ReadHalf, Runtime, Stream, WriteHalf};
-use super::poll_io::PollIo;
+use super::poll_io::{PollIo, Watch};
 use super::wait::{race, Either};
 use super::Worker;
 use crate::config::Http2;
@@ -31,6 +31,7 @@ use crate::http::body::BodyRelay;
 use crate::http::h2_bridge::{
     encode_chunk, encode_last_chunk, encode_request_head, parse_response_head, RequestBody,
 };
+use crate::http::h2_guard::FrameGuard;
 use crate::http::Framing;
 
 /// The client connection preface (RFC 9113 §3.4) that starts h2 with prior knowledge.
@@ -56,7 +57,8 @@ pub async fn serve_h2<R, C, F, Fut>(
 {
     let (header_timeout, keepalive_timeout) = timeouts;
     let local = client.local_addr().ok();
-    let io = PollIo::new(client, preface);
+    let (watch, tripped) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
+    let io = PollIo::new(client, preface, watch);
     let mut builder = ::h2::server::Builder::new();
     builder
         .max_concurrent_streams(settings.max_concurrent_streams)
@@ -89,7 +91,13 @@ pub async fn serve_h2<R, C, F, Fut>(
             closing = true;
         }
         let idle_before = !conn.has_streams();
-        let accept = poll_fn(|cx| conn.poll_accept(cx));
+        // A flood seen in the bytes `h2` was about to read ends the accept at once (`None`).
+        let watching = !closing;
+        let (tripped, conn_now) = (&tripped, &mut conn);
+        let accept = poll_fn(move |cx| match tripped.get() {
+            Some(_) if watching => Poll::Ready(None),
+            _ => conn_now.poll_accept(cx).map(Some),
+        });
         let next = if closing {
             accept.await
         } else {
@@ -110,6 +118,15 @@ pub async fn serve_h2<R, C, F, Fut>(
                     continue;
                 }
             }
+        };
+        let Some(next) = next else {
+            let flood = tripped.get().expect("set when the accept ends early");
+            debug!(kind = flood.name(), "h2 flood: GOAWAY ENHANCE_YOUR_CALM");
+            conn.abrupt_shutdown(::h2::Reason::ENHANCE_YOUR_CALM);
+            crate::stats::bump(&stats.h2_goaways[3]);
+            crate::stats::bump(&stats.h2_floods[flood.index()]);
+            closing = true;
+            continue;
         };
         match next {
             Some(Ok((request, respond))) => {

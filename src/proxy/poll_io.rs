@@ -12,9 +12,14 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Instant;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::io::{ReadHalf, Stream, WriteHalf};
+use crate::http::h2_guard::{Flood, FrameGuard};
 
 /// Bytes asked of the stream per read.
 const READ_SIZE: usize = 16 * 1024;
@@ -53,6 +58,31 @@ enum WriteSide<W> {
 pub struct PollIo<S: Stream> {
     read: ReadSide<S::Read>,
     write: WriteSide<S::Write>,
+    watch: Watch,
+}
+
+/// Watches the frames the client sends before `h2` sees them (see `http::h2_guard`).
+pub struct Watch {
+    frames: FrameGuard,
+    /// Bytes of the connection preface still to pass before frames start.
+    preface: usize,
+    /// Set when a limit was crossed: from then on nothing more is handed to `h2`, and the
+    /// connection's task answers GOAWAY ENHANCE_YOUR_CALM.
+    tripped: Rc<Cell<Option<Flood>>>,
+}
+
+impl Watch {
+    pub fn new(frames: FrameGuard, preface: usize) -> (Watch, Rc<Cell<Option<Flood>>>) {
+        let tripped = Rc::new(Cell::new(None));
+        (Watch { frames, preface, tripped: Rc::clone(&tripped) }, tripped)
+    }
+
+    fn see(&mut self, mut bytes: &[u8]) -> Result<(), Flood> {
+        let skip = self.preface.min(bytes.len());
+        self.preface -= skip;
+        bytes = &bytes[skip..];
+        self.frames.feed(bytes, Instant::now())
+    }
 }
 
 // No field is ever pinned in place: the operations are boxed, the halves moved by value.
@@ -60,12 +90,13 @@ impl<S: Stream> Unpin for PollIo<S> {}
 
 impl<S: Stream> PollIo<S> {
     /// Wraps `stream`; `already_read` are bytes read from it before (a preface sniffed to
-    /// choose the protocol), handed out first.
-    pub fn new(stream: S, already_read: Vec<u8>) -> PollIo<S> {
+    /// choose the protocol), handed out first; `watch` sees every byte before `h2` does.
+    pub fn new(stream: S, already_read: Vec<u8>, watch: Watch) -> PollIo<S> {
         let (r, w) = stream.into_split();
         PollIo {
             read: ReadSide::Idle { half: r, buf: already_read, pos: 0 },
             write: WriteSide::Idle { half: w, buf: Vec::new() },
+            watch,
         }
     }
 
@@ -104,11 +135,23 @@ impl<S: Stream> AsyncRead for PollIo<S> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.watch.tripped.get().is_some() {
+            // The connection is being closed for a flood: nothing more from the client.
+            return Poll::Pending;
+        }
         loop {
-            match &mut self.read {
+            let this = &mut *self;
+            match &mut this.read {
                 ReadSide::Idle { buf, pos, .. } if *pos < buf.len() => {
                     let n = out.remaining().min(buf.len() - *pos);
-                    out.put_slice(&buf[*pos..*pos + n]);
+                    let bytes = &buf[*pos..*pos + n];
+                    if let Err(flood) = this.watch.see(bytes) {
+                        // The connection's task sees this at once and sends GOAWAY.
+                        this.watch.tripped.set(Some(flood));
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    out.put_slice(bytes);
                     *pos += n;
                     return Poll::Ready(Ok(()));
                 }
