@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the libFuzzer targets for a bounded time each: the request-head parser and the chunked
-# decoder, the PROXY protocol parser and the TLS handshake path.
+# decoder, the PROXY protocol parser, the TLS handshake path and the h2 server side.
 #   scripts/fuzz.sh [SECONDS]   (default 60 per target)
 #
 # cargo-fuzz wants a nightly toolchain for its sanitizers; only stable is available here, so
@@ -14,7 +14,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-for target in request_head chunked proxy_protocol tls_handshake; do
+for target in request_head chunked proxy_protocol tls_handshake h2_frames; do
     mkdir -p "fuzz/corpus/$target"
     cp -n fuzz/seeds/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
     echo "== $target: ${SECS}s"

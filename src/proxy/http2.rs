@@ -37,6 +37,17 @@ use crate::http::Framing;
 /// The client connection preface (RFC 9113 §3.4) that starts h2 with prior knowledge.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The `h2` server settings of a listener (shared with the h2 fuzz target).
+pub fn h2_builder(settings: &Http2) -> ::h2::server::Builder {
+    let mut builder = ::h2::server::Builder::new();
+    builder
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(settings.max_header_list_size)
+        .max_pending_accept_reset_streams(settings.max_pending_resets as usize)
+        .max_local_error_reset_streams(Some(settings.max_resets_sent as usize));
+    builder
+}
+
 /// Serves one HTTP/2 connection until it closes: accepts streams and hands each, as an
 /// [`H2Stream`], to `serve` on its own task, which ends early if the client resets the stream
 /// (dropping the request's journey closes its upstream connection). `preface` are bytes already read from `client`.
@@ -59,13 +70,7 @@ pub async fn serve_h2<R, C, F, Fut>(
     let local = client.local_addr().ok();
     let (watch, tripped) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
     let io = PollIo::new(client, preface, watch);
-    let mut builder = ::h2::server::Builder::new();
-    builder
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_header_list_size(settings.max_header_list_size)
-        .max_pending_accept_reset_streams(settings.max_pending_resets as usize)
-        .max_local_error_reset_streams(Some(settings.max_resets_sent as usize));
-    let handshake = builder.handshake::<_, Bytes>(io);
+    let handshake = h2_builder(settings).handshake::<_, Bytes>(io);
     let mut conn = match Box::pin(R::timeout(header_timeout, handshake)).await {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
