@@ -12,7 +12,7 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2"
 ALL_SIZES="64 4k 64k 16k-gzip 64-newconn 64-resume"
 
 usage() {
@@ -37,17 +37,21 @@ Environment:
                 HTTP/1.0 request per connection, from STIME_CLIENTS \`openssl s_time -reuse\`
                 clients, since wrk never resumes; no latency figures)
                 TLS modes (apex-tls, nginx-tls, haproxy-tls) terminate TLS 1.3 with one ECDSA
-                P-256 certificate (session tickets on) and compare with nginx-tls
+                P-256 certificate (session tickets on) and compare with nginx-tls;
+                h2 modes (apex-h2, apex-tokio-h2, nginx-h2, haproxy-h2) do the same with
+                HTTP/2 chosen by ALPN, loaded by h2load (CONNS clients x H2_STREAMS streams
+                each), and compare with nginx-h2; upstreams stay HTTP/1.1 with keep-alive
   MODES         modes, any of: $ALL_MODES
                 (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
                 (default: all of them; "direct" is wrk against the backend itself)
   CONNS         wrk keep-alive connections (default 64)
   STIME_CLIENTS parallel openssl s_time clients for 64-resume (default 4)
+  H2_STREAMS    concurrent streams per h2load client in h2 modes (default 10)
   IDLE_CONNS    idle keep-alive connections for the idle-memory figure (default 5000)
   BACKEND_PORT  port of the nginx backend on 127.0.0.1 (default 18080)
   PROXY_PORT    port of the proxy under test on 127.0.0.1 (default 18081)
 
-Installs wrk, nginx and haproxy with apt-get if missing (as root; packaged services are kept from
+Installs wrk, nginx, haproxy (and h2load, for h2 modes) with apt-get if missing (as root; packaged services are kept from
 starting during the install), builds target/release/apex if an apex mode is selected, and works
 in a temporary directory under /tmp that it removes at the end. Writes the report to
 benches/results/bench-<UTC time>.md and .json. Stops, by PID, only the processes it started.
@@ -90,6 +94,7 @@ SIZES=${SIZES:-64 4k 64k}
 MODES=${MODES:-$ALL_MODES}
 CONNS=${CONNS:-64}
 STIME_CLIENTS=${STIME_CLIENTS:-4}
+H2_STREAMS=${H2_STREAMS:-10}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 BACKEND_PORT=${BACKEND_PORT:-18080}
 PROXY_PORT=${PROXY_PORT:-18081}
@@ -109,11 +114,12 @@ esac
 check_words SIZES "$SIZES" "$ALL_SIZES"
 check_int CONNS "$CONNS" 1 100000
 check_int STIME_CLIENTS "$STIME_CLIENTS" 1 64
+check_int H2_STREAMS "$H2_STREAMS" 1 1000
 check_int IDLE_CONNS "$IDLE_CONNS" 1 1000000
 check_int BACKEND_PORT "$BACKEND_PORT" 1 65535
 check_int PROXY_PORT "$PROXY_PORT" 1 65535
 ROUNDS=$((10#$ROUNDS)) SECS=$((10#$SECS)) CONNS=$((10#$CONNS)) IDLE_CONNS=$((10#$IDLE_CONNS))
-STIME_CLIENTS=$((10#$STIME_CLIENTS))
+STIME_CLIENTS=$((10#$STIME_CLIENTS)) H2_STREAMS=$((10#$H2_STREAMS))
 BACKEND_PORT=$((10#$BACKEND_PORT)) PROXY_PORT=$((10#$PROXY_PORT))
 [ "$BACKEND_PORT" != "$PROXY_PORT" ] || die_usage "BACKEND_PORT and PROXY_PORT are both $PROXY_PORT"
 
@@ -227,7 +233,7 @@ cleanup() {
     stop_pids ${all[@]+"${all[@]}"}
     # An nginx master that got as far as writing its pid file but was not recorded yet.
     if [ -n "$WORK" ]; then
-        for f in "$WORK/backend.pid" "$WORK/nginx-proxy.pid"; do
+        for f in "$WORK/backend.pid" "$WORK/nginx-proxy.pid" "$WORK/nginx-tls.pid" "$WORK/nginx-h2.pid"; do
             if p=$(nginx_pidfile_master "$f"); then
                 track "$p" $(pgrep -P "$p")
                 stop_pids "$p" $(pgrep -P "$p")
@@ -253,6 +259,9 @@ need() {
     command -v wrk >/dev/null || missing+=(wrk)
     command -v nginx >/dev/null || missing+=(nginx)
     command -v haproxy >/dev/null || missing+=(haproxy)
+    if [[ " $MODES " == *"-h2 "* ]]; then
+        command -v h2load >/dev/null || missing+=(nghttp2-client)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
             echo "bench.sh: missing ${missing[*]}; install them, or run as root on Debian/Ubuntu" >&2
@@ -390,6 +399,14 @@ write_tls_configs() {
         "$WORK/nginx-proxy.conf" >"$WORK/nginx-tls.conf"
     sed "s|    bind 127.0.0.1:$PROXY_PORT|    bind 127.0.0.1:$PROXY_PORT ssl crt $WORK/haproxy.pem ssl-min-ver TLSv1.3|" \
         "$WORK/haproxy.cfg" >"$WORK/haproxy-tls.cfg"
+    # HTTP/2 by ALPN on the same TLS listeners (nginx 1.22 spells it on the listen line).
+    sed 's|min_version: "1.3" }|min_version: "1.3", alpn: [h2, http/1.1] }|' \
+        "$WORK/apex-tls.yaml" >"$WORK/apex-h2.yaml"
+    sed -e "s|listen 127.0.0.1:$PROXY_PORT ssl backlog=4096;|listen 127.0.0.1:$PROXY_PORT ssl http2 backlog=4096;|" \
+        -e "s|pid $WORK/nginx-tls.pid;|pid $WORK/nginx-h2.pid;|" \
+        "$WORK/nginx-tls.conf" >"$WORK/nginx-h2.conf"
+    sed "s|ssl-min-ver TLSv1.3|ssl-min-ver TLSv1.3 alpn h2,http/1.1|" \
+        "$WORK/haproxy-tls.cfg" >"$WORK/haproxy-h2.cfg"
 }
 
 write_proxy_configs() {
@@ -486,6 +503,18 @@ start_proxy() {
     haproxy-tls)
         taskset -c 0 haproxy -f "$WORK/haproxy-tls.cfg" >/dev/null 2>&1 &
         pid=$! ;;
+    apex-h2 | apex-tokio-h2)
+        local rt=io_uring
+        [ "$mode" = apex-tokio-h2 ] && rt=tokio
+        RUST_LOG=warn taskset -c 0 target/release/apex --config "$WORK/apex-h2.yaml" \
+            --runtime "$rt" >"$WORK/apex.log" 2>&1 &
+        pid=$! ;;
+    nginx-h2)
+        taskset -c 0 nginx -c "$WORK/nginx-h2.conf" >/dev/null 2>&1 &
+        pid=$! ;;
+    haproxy-h2)
+        taskset -c 0 haproxy -f "$WORK/haproxy-h2.cfg" >/dev/null 2>&1 &
+        pid=$! ;;
     baseline-io_uring)
         RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex-baseline.yaml" \
             --runtime io_uring >"$WORK/baseline.log" 2>&1 &
@@ -500,7 +529,7 @@ start_proxy() {
     track "$pid"
     wait_port "$PROXY_PORT" "$pid"
     # The master and its workers (nginx forks one, once it listens: wait for it).
-    if [ "$mode" = nginx ] || [ "$mode" = nginx-tls ]; then
+    if [[ $mode == nginx || $mode == nginx-* ]]; then
         kids=$(wait_children "$pid" 1)
     else
         kids=$(pgrep -P "$pid" | tr '\n' ' ' || true)
@@ -559,6 +588,40 @@ print(f"Requests/sec: {total / secs:.2f}")
 PY
 }
 
+# Runs h2load on CPU 1 for SECONDS (CONNS clients, H2_STREAMS streams each) as a background job
+# stopped by PID, and writes wrk-like lines to $WORK/wrk.out (requests, req/s, non-2xx, and the
+# 50th/99th latency percentiles computed from h2load's per-request log), so the figures go
+# through the same report.
+run_h2load() {
+    local secs=$1 url=$2 pid rc=0
+    rm -f "$WORK/h2load.log"
+    taskset -c 1 h2load -c "$CONNS" -m "$H2_STREAMS" -t 1 -D "$secs" \
+        --log-file="$WORK/h2load.log" "$url" >"$WORK/h2load.out" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait "$pid" || rc=$?
+    stop_pids "$pid"
+    [ $rc = 0 ] || { cat "$WORK/h2load.out" >&2; return $rc; }
+    python3 - "$WORK" "$secs" >"$WORK/wrk.out" <<'PY'
+import re, sys
+work, secs = sys.argv[1], int(sys.argv[2])
+out = open(f"{work}/h2load.out").read()
+done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+non_2xx = int(codes.group(3)) + int(codes.group(4))
+# h2load's log: one line per request, the third field its duration in microseconds.
+lat = sorted(int(l.split()[2]) for l in open(f"{work}/h2load.log") if l.strip())
+def pct(p):
+    return lat[min(len(lat) - 1, int(len(lat) * p / 100))] if lat else 0
+print(f"{done} requests in {secs}.00s")
+print(f"Requests/sec: {done / secs:.2f}")
+print(f"     50%  {pct(50)}us")
+print(f"     99%  {pct(99)}us")
+if non_2xx:
+    print(f"Non-2xx or 3xx responses: {non_2xx}")
+PY
+}
+
 cpu_ticks() {
     local total=0
     for p in $1; do
@@ -583,9 +646,13 @@ run_one() {
     16k-gzip) path=gz/$size; header=(-H "Accept-Encoding: gzip") ;;
     64-newconn) path=64; header=(-H "Connection: close") ;;
     esac
-    case $mode in *-tls) scheme=https ;; esac
+    case $mode in *-tls | *-h2) scheme=https ;; esac
     # Warm-up: fills pools and caches; not measured.
-    if [ "$size" = 64-resume ]; then
+    if [[ $mode == *-h2 ]]; then
+        run_h2load 1 "https://127.0.0.1:$port/$path"
+        t0=$(cpu_ticks "$pids")
+        run_h2load "$SECS" "https://127.0.0.1:$port/$path"
+    elif [ "$size" = 64-resume ]; then
         run_stime 1
         t0=$(cpu_ticks "$pids")
         run_stime "$SECS"
@@ -642,7 +709,7 @@ main() {
     start_backend
     write_proxy_configs
     write_baseline_config
-    if [[ " $MODES " == *"-tls "* ]]; then
+    if [[ " $MODES " == *"-tls "* || " $MODES " == *"-h2 "* ]]; then
         make_certificate
         write_tls_configs
     fi
@@ -656,8 +723,9 @@ main() {
         fi
         for size in $SIZES; do
             for mode in "${order[@]}"; do
-                # Resumption is a TLS figure.
+                # Resumption is a TLS figure; h2 modes measure keep-alive sizes only.
                 [ "$size" = 64-resume ] && [[ $mode != *-tls ]] && continue
+                [[ $mode == *-h2 ]] && [[ $size == 16k-gzip || $size == 64-* ]] && continue
                 run_one "$mode" "$size" "$round"
             done
         done
@@ -665,7 +733,8 @@ main() {
     # Idle memory: RSS growth per idle keep-alive client connection, once per proxy mode.
     : >"$WORK/idle.jsonl"
     for mode in "${modes[@]}"; do
-        [ "$mode" = direct ] && continue
+        # Idle memory over h2 is not measured (the idle script speaks HTTP/1.1).
+        [[ $mode == direct || $mode == *-h2 ]] && continue
         local pids first scheme=http tls=""
         case $mode in *-tls) scheme=https; tls=tls ;; esac
         start_proxy "$mode"

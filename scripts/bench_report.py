@@ -25,7 +25,7 @@ for size in sizes:
         ratios = []
         for r in rs:
             # TLS modes compare with nginx terminating TLS, the others with plain nginx.
-            ref = "nginx-tls" if mode.endswith("-tls") else "nginx"
+            ref = "nginx-tls" if mode.endswith("-tls") else "nginx-h2" if mode.endswith("-h2") else "nginx"
             base = [b for b in rows if b["mode"] == ref and b["size"] == size and b["round"] == r["round"]]
             if base and r["cpu_us_per_req"] and base[0]["cpu_us_per_req"]:
                 ratios.append(r["cpu_us_per_req"] / base[0]["cpu_us_per_req"])
@@ -46,7 +46,7 @@ lines = [
     f"commit {commit}, kernel {kernel}, CPU {cpu}; {rounds} rounds x {secs} s, wrk -t1 -c{conns};",
     "proxy pinned to CPU 0 with one worker, nginx backend and wrk on CPU 1.",
     "",
-    "| size | mode | req/s | p50 µs | p99 µs | CPU µs/req | CPU ÷ nginx (or nginx-tls; median of rounds) | non-2xx |",
+    "| size | mode | req/s | p50 µs | p99 µs | CPU µs/req | CPU ÷ nginx (or nginx-tls, nginx-h2; median of rounds) | non-2xx |",
     "|---|---|---|---|---|---|---|---|",
 ]
 for s in summary:
