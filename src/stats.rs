@@ -98,7 +98,7 @@ pub struct WorkerStats {
     /// GOAWAYs Apex sent, by reason (see [`GOAWAY_REASONS`]).
     pub h2_goaways: [Cell<u64>; 4],
     /// h2 connections closed for a flood, by kind (`h2_guard::Flood::index`).
-    pub h2_floods: [Cell<u64>; 6],
+    pub h2_floods: [Cell<u64>; 7],
 }
 
 /// Why Apex sent GOAWAY: the worker drains, the connection idled, it served its
@@ -170,7 +170,7 @@ pub struct StatsReport {
     /// By [`GOAWAY_REASONS`].
     pub h2_goaways: [u64; 4],
     /// By `h2_guard::Flood::ALL`.
-    pub h2_floods: [u64; 6],
+    pub h2_floods: [u64; 7],
     /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
     /// Filled by the control plane.
     pub cert_expiry: BTreeMap<(String, String), i64>,
@@ -276,7 +276,7 @@ impl StatsReport {
         for i in 0..4 {
             self.h2_goaways[i] += o.h2_goaways[i];
         }
-        for i in 0..6 {
+        for i in 0..7 {
             self.h2_floods[i] += o.h2_floods[i];
         }
         for (k, v) in &o.cert_expiry {

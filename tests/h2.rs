@@ -422,7 +422,43 @@ fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
     assert_eq!(metric(&text, "apex_h2_goaways_total{reason=\"flood\"}"), Some(5), "{text}");
 }
 
+/// Header bytes decoded over a connection's life are capped (an HPACK bomb sends one byte per
+/// field it makes Apex decode): past the cap, GOAWAY ENHANCE_YOUR_CALM, counted.
+fn decoded_header_bytes_are_capped_per_connection(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: { prior_knowledge: true, max_decoded_header_bytes: 4KiB }",
+    );
+    let mut apex = Apex::start(&with_admin(&on), rt);
+    let admin_at = admin_addr(&mut apex);
+    let served = block_on(async {
+        let send = connect_h2c(apex.addr).await.expect("h2c handshake");
+        let big = "v".repeat(1000);
+        let mut served = 0;
+        for _ in 0..10 {
+            let Ok(mut ready) = send.clone().ready().await else { break };
+            let req = http::Request::get(format!("http://{}/", apex.addr))
+                .header("x-big", big.as_str())
+                .body(())
+                .unwrap();
+            let Ok((resp, _)) = ready.send_request(req, true) else { break };
+            match resp.await {
+                Ok(r) if r.status() == 200 => served += 1,
+                _ => break,
+            }
+        }
+        served
+    });
+    // About 1,100 bytes per request: three fit under 4 KiB, the fourth goes over.
+    assert_eq!(served, 3, "requests served before the cap");
+    let text = metrics(admin_at);
+    let series = "apex_h2_floods_total{kind=\"decoded_headers\"}";
+    assert_eq!(metric(&text, series), Some(1), "{text}");
+}
+
 under_each_driver!(
+    decoded_header_bytes_are_capped_per_connection,
     each_flood_gets_goaway_enhance_your_calm,
     a_frame_flood_does_not_starve_other_connections,
     metrics_and_the_access_log_tell_h2_from_http1,

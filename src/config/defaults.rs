@@ -110,5 +110,8 @@ pub const HTTP2: crate::config::Http2 = crate::config::Http2 {
         window_updates: 1000,
         resets: 100,
         continuations: 20,
+        // A thousand header lists at the 64 KiB cap: far beyond what browsers send on one
+        // connection, while an HPACK bomb (one byte on the wire per indexed field) stops here.
+        decoded_header_bytes: 64 * 1024 * 1024,
     },
 };

@@ -222,6 +222,8 @@ pub struct RawHttp2Settings {
     pub max_resets_per_second: Option<i64>,
     #[serde(default)]
     pub max_continuations: Option<i64>,
+    #[serde(default)]
+    pub max_decoded_header_bytes: Option<RawSize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -160,6 +160,10 @@ impl Validator<'_> {
             1000,
             "from 1 to 1000",
         );
+        let key = format!("{p}.max_decoded_header_bytes");
+        if let Some(n) = self.size(key, &s.max_decoded_header_bytes) {
+            h.floods.decoded_header_bytes = n;
+        }
         h.max_requests_per_connection = self.count(
             format!("{p}.max_requests_per_connection"),
             s.max_requests_per_connection,

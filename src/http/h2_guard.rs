@@ -16,16 +16,20 @@ pub enum Flood {
     WindowUpdate,
     Reset,
     Continuation,
+    /// Header bytes decoded over the connection's life (HPACK expands a few bytes on the wire
+    /// into many); counted by the connection as it accepts streams, not by the frame guard.
+    DecodedHeaders,
 }
 
 impl Flood {
-    pub const ALL: [Flood; 6] = [
+    pub const ALL: [Flood; 7] = [
         Flood::Ping,
         Flood::Settings,
         Flood::EmptyData,
         Flood::WindowUpdate,
         Flood::Reset,
         Flood::Continuation,
+        Flood::DecodedHeaders,
     ];
 
     /// The metric label.
@@ -37,6 +41,7 @@ impl Flood {
             Flood::WindowUpdate => "window_update",
             Flood::Reset => "rst_stream",
             Flood::Continuation => "continuation",
+            Flood::DecodedHeaders => "decoded_headers",
         }
     }
 
@@ -45,8 +50,8 @@ impl Flood {
     }
 }
 
-/// Per-connection limits: frames per second of each kind, and CONTINUATION frames per header
-/// block.
+/// Per-connection limits: frames per second of each kind, CONTINUATION frames per header
+/// block, and header bytes decoded over the connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FloodLimits {
     pub pings: u32,
@@ -55,6 +60,8 @@ pub struct FloodLimits {
     pub window_updates: u32,
     pub resets: u32,
     pub continuations: u32,
+    /// Bytes, counted as SETTINGS_MAX_HEADER_LIST_SIZE counts them (name + value + 32 each).
+    pub decoded_header_bytes: u64,
 }
 
 const DATA: u8 = 0x0;
@@ -185,6 +192,7 @@ mod tests {
         window_updates: 2,
         resets: 2,
         continuations: 2,
+        decoded_header_bytes: 1,
     };
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

@@ -31,7 +31,7 @@ use crate::http::body::BodyRelay;
 use crate::http::h2_bridge::{
     encode_chunk, encode_last_chunk, encode_request_head, parse_response_head, RequestBody,
 };
-use crate::http::h2_guard::FrameGuard;
+use crate::http::h2_guard::{Flood, FrameGuard};
 use crate::http::Framing;
 
 /// The client connection preface (RFC 9113 §3.4) that starts h2 with prior knowledge.
@@ -80,6 +80,8 @@ pub async fn serve_h2<R, C, F, Fut>(
         None => return,
     };
     let mut accepted: u32 = 0;
+    // Header bytes decoded so far on this connection (see `FloodLimits::decoded_header_bytes`).
+    let mut decoded: u64 = 0;
     let mut closing = false;
     let stats = &worker.stats;
     // GOAWAY (graceful: streams in flight finish), counted by reason.
@@ -136,6 +138,15 @@ pub async fn serve_h2<R, C, F, Fut>(
         match next {
             Some(Ok((request, respond))) => {
                 accepted += 1;
+                decoded += header_list_size(&request);
+                if decoded > settings.floods.decoded_header_bytes && !closing {
+                    debug!("h2 decoded headers over the cap: GOAWAY ENHANCE_YOUR_CALM");
+                    conn.abrupt_shutdown(::h2::Reason::ENHANCE_YOUR_CALM);
+                    crate::stats::bump(&stats.h2_goaways[3]);
+                    crate::stats::bump(&stats.h2_floods[Flood::DecodedHeaders.index()]);
+                    closing = true;
+                    continue;
+                }
                 let stream = H2Stream::new(request, respond, local);
                 let reset = stream.reset_watch();
                 let served = serve(stream);
@@ -155,6 +166,18 @@ pub async fn serve_h2<R, C, F, Fut>(
             None => return,
         }
     }
+}
+
+/// A request's header list size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2):
+/// each field's name and value plus 32, pseudo-header fields included.
+fn header_list_size<B>(request: &http::Request<B>) -> u64 {
+    let fields: usize =
+        request.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
+    let uri = request.uri();
+    let authority = uri.authority().map_or(0, |a| a.as_str().len() + 10 + 32);
+    let path = uri.path_and_query().map_or(0, |p| p.as_str().len() + 5 + 32);
+    let pseudo = request.method().as_str().len() + 7 + 32 + 6 + 5 + 32 + authority + path;
+    (fields + pseudo) as u64
 }
 
 /// One h2 stream as an Apex stream: reads give the request as HTTP/1.1 bytes (head, then the
