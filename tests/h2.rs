@@ -457,7 +457,42 @@ fn decoded_header_bytes_are_capped_per_connection(rt: &str) {
     assert_eq!(metric(&text, series), Some(1), "{text}");
 }
 
+/// A reload that removes the listener sends its h2 connections GOAWAY: the stream in flight
+/// finishes, no new one is served.
+fn removing_the_listener_sends_goaway_and_finishes_streams(rt: &str) {
+    let (up, arrived, release) = Upstream::held();
+    let yaml = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    let mut apex = Apex::start(&yaml, rt);
+    let without = yaml.replace("name: test", "name: other");
+    block_on(async {
+        let send = connect_h2c(apex.addr).await.expect("h2c handshake");
+        let mut ready = send.clone().ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/hold", apex.addr)).body(()).unwrap();
+        let (resp, _) = ready.send_request(req, true).unwrap();
+        tokio::task::spawn_blocking(move || arrived.wait()).await.unwrap();
+        assert!(apex.reload_with(&without).contains("config reloaded"));
+        apex.wait_for_log(&["listener closed", "listener=test"]).expect("listener removed");
+        tokio::task::spawn_blocking(move || release.wait()).await.unwrap();
+        let (parts, mut recv) = resp.await.expect("the stream in flight finishes").into_parts();
+        assert_eq!(parts.status, 200);
+        assert_eq!(&recv.data().await.unwrap().unwrap()[..], b"done");
+        let refused = match send.ready().await {
+            Err(_) => true,
+            Ok(mut s) => {
+                let req = http::Request::get("http://a/late").body(()).unwrap();
+                match s.send_request(req, true) {
+                    Err(_) => true,
+                    Ok((resp, _)) => resp.await.is_err(),
+                }
+            }
+        };
+        assert!(refused, "no new stream after GOAWAY");
+    });
+}
+
 under_each_driver!(
+    removing_the_listener_sends_goaway_and_finishes_streams,
     decoded_header_bytes_are_capped_per_connection,
     each_flood_gets_goaway_enhance_your_calm,
     a_frame_flood_does_not_starve_other_connections,

@@ -330,6 +330,7 @@ pub async fn serve_downstream<R: Runtime>(
     peer: SocketAddr,
     listener: Rc<Listener>,
     _guard: ConnGuard<R>,
+    removed: Rc<super::wait::Event>,
 ) {
     // Only the read buffer until the request loop starts: it builds the rest.
     let mut rbuf = Vec::with_capacity(IDLE_READ);
@@ -419,7 +420,7 @@ pub async fn serve_downstream<R: Runtime>(
             )
         };
         let timeouts = (listener.header_timeout, listener.keepalive_timeout);
-        let h2 = serve_h2(&worker, client, preface, &listener.http2, timeouts, serve);
+        let h2 = serve_h2(&worker, &removed, client, preface, &listener.http2, timeouts, serve);
         return Box::pin(h2).await;
     }
     // Only the read buffer and the TLS summary cross into the request loop, which builds its

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::io::{ReadHalf, Runtime, Stream, WriteHalf};
 use super::poll_io::{PollIo, Watch};
-use super::wait::{race, Either};
+use super::wait::{race, Either, Event};
 use super::Worker;
 use crate::config::Http2;
 use crate::http::body::BodyRelay;
@@ -50,11 +50,13 @@ pub fn h2_builder(settings: &Http2) -> ::h2::server::Builder {
 
 /// Serves one HTTP/2 connection until it closes: accepts streams and hands each, as an
 /// [`H2Stream`], to `serve` on its own task, which ends early if the client resets the stream
-/// (dropping the request's journey closes its upstream connection). `preface` are bytes already read from `client`.
-/// On drain, after `keepalive_timeout` with no open stream, and after
+/// (dropping the request's journey closes its upstream connection). `preface` are bytes
+/// already read from `client`. On drain, when a reload removes the listener (`removed`
+/// fires), after `keepalive_timeout` with no open stream, and after
 /// `max_requests_per_connection` streams: GOAWAY, then the open streams finish.
 pub async fn serve_h2<R, C, F, Fut>(
     worker: &Worker<R>,
+    removed: &Event,
     client: C,
     preface: Vec<u8>,
     settings: &Http2,
@@ -90,7 +92,7 @@ pub async fn serve_h2<R, C, F, Fut>(
         crate::stats::bump(&stats.h2_goaways[reason]);
     };
     loop {
-        if !closing && worker.is_draining() {
+        if !closing && (worker.is_draining() || removed.is_fired()) {
             go_away(&mut conn, 0);
             closing = true;
         } else if !closing && accepted >= settings.max_requests_per_connection {
@@ -112,10 +114,11 @@ pub async fn serve_h2<R, C, F, Fut>(
             // only re-checks; a connection without any is idle (closed within one to two
             // keep-alive timeouts of its last stream).
             let idle = worker.idle.until(Instant::now() + keepalive_timeout);
-            match race(accept, race(worker.drain.wait(), idle)).await {
+            let drain = race(worker.drain.wait(), removed.wait());
+            match race(accept, race(drain, idle)).await {
                 Either::Left(next) => next,
                 Either::Right(_) => {
-                    if worker.is_draining() {
+                    if worker.is_draining() || removed.is_fired() {
                         go_away(&mut conn, 0);
                         closing = true;
                     } else if idle_before && !conn.has_streams() {

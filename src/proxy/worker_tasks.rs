@@ -149,7 +149,7 @@ async fn accept_loop<R: Runtime>(
     worker: &Rc<Worker<R>>,
     l: &R::Listener,
     cfg: Rc<Listener>,
-    stop: &Event,
+    stop: &Rc<Event>,
 ) {
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -170,7 +170,15 @@ async fn accept_loop<R: Runtime>(
             Either::Right(_) => return,
             Either::Left(Ok((stream, peer))) => {
                 let guard = worker.connection_opened();
-                let conn = serve_downstream::<R>(Rc::clone(worker), stream, peer, settings, guard);
+                let removed = Rc::clone(stop);
+                let conn = serve_downstream::<R>(
+                    Rc::clone(worker),
+                    stream,
+                    peer,
+                    settings,
+                    guard,
+                    removed,
+                );
                 let id = worker.id;
                 R::spawn(isolate(conn, move |msg| {
                     error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
