@@ -131,8 +131,8 @@ pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The last chunk, with the request's trailers (a trailer field with an unsafe byte is
-/// dropped rather than forwarded).
+/// The last chunk, with the request's trailers, for Apex's chunked decoder to check and drop,
+/// as it does an HTTP/1.1 request's (a trailer field with an unsafe byte is left out).
 pub fn encode_last_chunk(trailers: Option<&http::HeaderMap>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
