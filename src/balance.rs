@@ -134,7 +134,7 @@ impl Balancer {
             endpoints,
         };
         // Start each worker at a different point of the smooth round robin sequence.
-        if matches!(b.policy, Policy::RoundRobin) {
+        if matches!(b.policy, Policy::RoundRobin) && n > 0 {
             for _ in 0..worker % n.max(1) {
                 b.smooth_round_robin(&|_| true);
             }
@@ -178,6 +178,10 @@ impl Balancer {
         tried: &[usize],
     ) -> Result<usize, NoHealthyEndpoint> {
         let n = self.weights.len();
+        if n == 0 {
+            // A cluster whose DNS names have not resolved yet.
+            return Err(NoHealthyEndpoint);
+        }
         let now = Instant::now();
         let is_healthy = |i: usize| healthy.is_none_or(|h| h.get(i).copied().unwrap_or(true));
         let any_healthy = (0..n).any(is_healthy);

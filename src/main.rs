@@ -190,6 +190,7 @@ fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
         drain_timeout: config::defaults::DRAIN_TIMEOUT,
         admin: None,
         access_log: None,
+        dns: config::DnsSettings::default(),
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             name: "proxy".into(),

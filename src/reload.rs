@@ -5,7 +5,6 @@ use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use tracing::info;
@@ -14,7 +13,6 @@ use crate::config::{Config, ConfigErrors};
 use crate::listener::{bind_reuseport, BindError};
 use crate::proxy::worker_tasks::Control;
 use crate::runtime::Server;
-use crate::snapshot::Snapshot;
 
 /// The active config, as `/config` reports it.
 #[derive(Debug, Clone)]
@@ -162,7 +160,7 @@ impl Reloader {
             removed.len(),
             moved.len()
         );
-        server.shared.store(Arc::new(Snapshot::new(next.clone())));
+        crate::discovery::publish(&server.shared, &server.dns, &next);
         for name in removed.iter().chain(&moved) {
             for w in 0..server.workers {
                 server.order(w, Control::RemoveListener(name.clone()));

@@ -179,6 +179,9 @@ pub struct StatsReport {
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
     /// clusters with health checks. Filled by the control plane, not by workers.
     pub healthy: BTreeMap<(String, String), u64>,
+    /// `(kind, name)` of each DNS name → (endpoints it gives now, 1 while its lookups fail,
+    /// failed lookups). Filled by the control plane.
+    pub dns: BTreeMap<(String, String), [u64; 3]>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -421,6 +424,25 @@ impl StatsReport {
                 esc(listener),
                 esc(cert)
             );
+        }
+        let dns = [
+            (
+                "apex_dns_endpoints",
+                "gauge",
+                "Endpoints a DNS name gives now (its last good answer).",
+            ),
+            (
+                "apex_dns_failing",
+                "gauge",
+                "1 while a DNS name does not resolve (its last good endpoints are kept).",
+            ),
+            ("apex_dns_lookup_failures_total", "counter", "Failed lookups of a DNS name."),
+        ];
+        for (i, (name, kind, help)) in dns.iter().enumerate() {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for ((k, n), v) in &self.dns {
+                let _ = writeln!(o, "{name}{{kind=\"{k}\",name=\"{}\"}} {}", esc(n), v[i]);
+            }
         }
         let gauges = [
             (

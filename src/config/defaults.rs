@@ -26,6 +26,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const WORKER_CONNECTIONS: usize = 10_000;
 /// After SIGTERM/SIGINT, in-flight requests get this long before the process exits anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// DNS endpoints: a record's TTL is raised to `DNS_MIN_TTL` (Consul answers with TTL 0; this
+/// keeps it at one query per name every 5 s, Envoy's refresh rate) and lowered to
+/// `DNS_MAX_TTL` (a removed endpoint keeps traffic at most this long).
+pub const DNS_MIN_TTL: Duration = Duration::from_secs(5);
+pub const DNS_MAX_TTL: Duration = Duration::from_secs(60);
 /// Health checks: probe every endpoint this often, give each probe this long.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);

@@ -36,6 +36,13 @@ pub enum Problem {
     BadRuntime(String),
     NoEndpoints,
     BadEndpoint(String),
+    /// An endpoint map must have exactly one of `address`, `dns` and `srv`.
+    EndpointSource,
+    BadDnsName(String),
+    /// A weight on an `srv` endpoint: SRV records carry their own.
+    SrvWeight,
+    /// `dns_min_ttl` above `dns_max_ttl`.
+    TtlBounds,
     BadPoolSize,
     BadSize(String),
     BadFieldCount,
@@ -108,6 +115,12 @@ impl fmt::Display for Problem {
             }
             Problem::NoEndpoints => write!(f, "a cluster needs at least one endpoint"),
             Problem::BadEndpoint(e) => write!(f, "`{e}` is not host:port or does not resolve"),
+            Problem::EndpointSource => {
+                write!(f, "an endpoint needs exactly one of `address`, `dns` and `srv`")
+            }
+            Problem::BadDnsName(n) => write!(f, "`{n}` is not a DNS name (with `:port` for `dns`)"),
+            Problem::SrvWeight => write!(f, "SRV records carry their own weights; remove `weight`"),
+            Problem::TtlBounds => write!(f, "`dns_min_ttl` is above `dns_max_ttl`"),
             Problem::BadPoolSize => write!(f, "must be a number from 0 to 65536"),
             Problem::BadSize(v) => write!(
                 f,

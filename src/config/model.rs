@@ -68,6 +68,39 @@ pub struct Config {
     pub warnings: Vec<ConfigError>,
     /// Endpoints written as host names, with the address each resolved to when loaded.
     pub resolved: Vec<Resolved>,
+    /// How `dns` and `srv` endpoints are resolved.
+    pub dns: DnsSettings,
+}
+
+/// The resolver thread's settings (top-level `resolvers`, `dns_min_ttl`, `dns_max_ttl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Name servers; empty: the system's (/etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
+    /// A record's TTL is clamped to `[min_ttl, max_ttl]` to decide when to ask again; a
+    /// failed lookup is retried after `min_ttl`.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            resolvers: Vec::new(),
+            min_ttl: defaults::DNS_MIN_TTL,
+            max_ttl: defaults::DNS_MAX_TTL,
+        }
+    }
+}
+
+/// A cluster's endpoints that come from DNS, refreshed while Apex runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Discovery {
+    /// Every A and AAAA address of `host`, at `port`, each with `weight`.
+    Dns { host: String, port: u16, weight: u32 },
+    /// The SRV records of `name`: their targets' addresses, ports and weights; only the records
+    /// of the lowest priority are used.
+    Srv { name: String },
 }
 
 /// A host-name endpoint and the address it resolved to (once, at load).
@@ -351,10 +384,15 @@ pub struct DirectResponse {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
-    /// Never empty: validation refuses a cluster with no endpoints.
+    /// The endpoints requests go to: the fixed ones, then those DNS gave (see `discovery`).
+    /// Empty only while none of a cluster's names has resolved yet (requests get 503).
     pub endpoints: Vec<SocketAddr>,
     /// One per endpoint, at least 1.
     pub weights: Vec<u32>,
+    /// The fixed endpoints (addresses and host names resolved at load) and their weights.
+    pub fixed: Vec<(SocketAddr, u32)>,
+    /// Endpoints from DNS, resolved by the resolver thread (`crate::discovery`).
+    pub discovery: Vec<Discovery>,
     pub policy: lb::Policy,
     pub health_check: Option<lb::HealthCheck>,
     pub outlier: Option<lb::Outlier>,
@@ -387,6 +425,8 @@ impl Cluster {
         Cluster {
             name: name.to_string(),
             weights: vec![1; endpoints.len()],
+            fixed: endpoints.iter().map(|&a| (a, 1)).collect(),
+            discovery: Vec::new(),
             endpoints,
             policy: lb::Policy::RoundRobin,
             health_check: None,

@@ -31,6 +31,13 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub clusters: Vec<RawCluster>,
+    /// Name servers for `dns`/`srv` endpoints (`ip:port`); default: /etc/resolv.conf's.
+    #[serde(default)]
+    pub resolvers: Option<Vec<String>>,
+    #[serde(default)]
+    pub dns_min_ttl: Option<String>,
+    #[serde(default)]
+    pub dns_max_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,7 +49,8 @@ pub struct RawAccessLog {
     pub buffer: Option<RawSize>,
 }
 
-/// `"10.0.0.1:80"` or `{ address: "10.0.0.1:80", weight: 3 }`.
+/// `"10.0.0.1:80"`, `{ address: "10.0.0.1:80", weight: 3 }`, `{ dns: "api.internal:8080" }`
+/// (every A/AAAA address of the name) or `{ srv: "_http._tcp.api.service.consul" }`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum RawEndpoint {
@@ -53,7 +61,12 @@ pub enum RawEndpoint {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawWeighted {
-    pub address: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub dns: Option<String>,
+    #[serde(default)]
+    pub srv: Option<String>,
     #[serde(default)]
     pub weight: Option<i64>,
 }

@@ -130,6 +130,7 @@ impl<'a> Validator<'a> {
                 .unwrap_or(defaults::ACCESS_LOG_BUFFER);
             Some(AccessLogConfig { target, format, buffer })
         });
+        let dns = self.dns(&raw);
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
@@ -178,7 +179,42 @@ impl<'a> Validator<'a> {
             clusters,
             warnings: self.warnings,
             resolved: self.resolved,
+            dns,
         })
+    }
+
+    /// An endpoint's weight, 1 to 1000 (default 1).
+    fn weight(&mut self, key: &str, raw: Option<i64>) -> u32 {
+        match raw {
+            None => 1,
+            Some(w) if (1..=1000).contains(&w) => w as u32,
+            Some(_) => {
+                self.err(format!("{key}.weight"), Problem::BadWeight);
+                1
+            }
+        }
+    }
+
+    /// The top-level DNS settings for `dns` and `srv` endpoints.
+    fn dns(&mut self, raw: &RawConfig) -> DnsSettings {
+        let mut resolvers = Vec::new();
+        for (i, r) in raw.resolvers.iter().flatten().enumerate() {
+            // A bare IP means port 53.
+            let parsed = r
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| r.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Some(a) => resolvers.push(a),
+                None => self.err(format!("resolvers[{i}]"), Problem::BadAddress(r.clone())),
+            }
+        }
+        let min_ttl = self.duration("dns_min_ttl".into(), &raw.dns_min_ttl, defaults::DNS_MIN_TTL);
+        let max_ttl = self.duration("dns_max_ttl".into(), &raw.dns_max_ttl, defaults::DNS_MAX_TTL);
+        if min_ttl > max_ttl {
+            self.err("dns_min_ttl".into(), Problem::TtlBounds);
+        }
+        DnsSettings { resolvers, min_ttl, max_ttl }
     }
 
     fn unique_names<'n>(&mut self, section: &str, names: impl Iterator<Item = &'n str>) {
@@ -258,21 +294,47 @@ impl<'a> Validator<'a> {
         if c.endpoints.is_empty() {
             self.err(format!("{p}.endpoints"), Problem::NoEndpoints);
         }
-        let mut endpoints = Vec::new();
-        let mut weights = Vec::new();
+        let mut fixed = Vec::new();
+        let mut discovery = Vec::new();
         for (j, e) in c.endpoints.iter().enumerate() {
+            let key = format!("{p}.endpoints[{j}]");
             let (address, weight) = match e {
                 RawEndpoint::Plain(a) => (a, None),
-                RawEndpoint::Weighted(w) => (&w.address, w.weight),
-            };
-            let weight = match weight {
-                None => 1,
-                Some(w) if (1..=1000).contains(&w) => w as u32,
-                Some(_) => {
-                    self.err(format!("{p}.endpoints[{j}].weight"), Problem::BadWeight);
-                    1
+                RawEndpoint::Weighted(w) => {
+                    let weight = w.weight;
+                    match (&w.address, &w.dns, &w.srv) {
+                        (Some(a), None, None) => (a, weight),
+                        (None, Some(d), None) => {
+                            let weight = self.weight(&key, weight);
+                            match parse_dns_target(d) {
+                                Some((host, port)) => {
+                                    discovery.push(Discovery::Dns { host, port, weight })
+                                }
+                                None => {
+                                    self.err(format!("{key}.dns"), Problem::BadDnsName(d.clone()))
+                                }
+                            }
+                            continue;
+                        }
+                        (None, None, Some(name)) => {
+                            if weight.is_some() {
+                                self.err(format!("{key}.weight"), Problem::SrvWeight);
+                            }
+                            if is_dns_name(name) {
+                                discovery.push(Discovery::Srv { name: name.clone() });
+                            } else {
+                                self.err(format!("{key}.srv"), Problem::BadDnsName(name.clone()));
+                            }
+                            continue;
+                        }
+                        _ => {
+                            self.err(key, Problem::EndpointSource);
+                            continue;
+                        }
+                    }
                 }
             };
+            let weight = self.weight(&key, weight);
             // Host names resolve here, once per config load, never per request.
             match address.to_socket_addrs().ok().and_then(|mut a| a.next()) {
                 Some(addr) => {
@@ -280,14 +342,13 @@ impl<'a> Validator<'a> {
                         let (cluster, name) = (c.name.clone(), address.clone());
                         self.resolved.push(Resolved { cluster, name, address: addr });
                     }
-                    endpoints.push(addr);
-                    weights.push(weight);
+                    fixed.push((addr, weight));
                 }
-                None => {
-                    self.err(format!("{p}.endpoints[{j}]"), Problem::BadEndpoint(address.clone()))
-                }
+                None => self.err(key, Problem::BadEndpoint(address.clone())),
             }
         }
+        let endpoints = fixed.iter().map(|e| e.0).collect();
+        let weights = fixed.iter().map(|e| e.1).collect();
         let policy = self.policy(&p, c);
         let health_check = c.health_check.as_ref().map(|h| self.health_check(&p, h));
         let outlier = self.outlier(&p, c.outlier_detection.as_ref());
@@ -314,6 +375,8 @@ impl<'a> Validator<'a> {
             name: c.name.clone(),
             endpoints,
             weights,
+            fixed,
+            discovery,
             policy,
             health_check,
             outlier,
@@ -561,6 +624,25 @@ impl<'a> Validator<'a> {
 }
 
 /// `api.example.com` → exact, `*.example.com` → suffix. Lower-cased; ports are not allowed.
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_` (SRV's `_http._tcp`), each
+/// 1 to 63 bytes, at most 253 in all; a final dot is allowed.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// `host:port` for a `dns` endpoint.
+fn parse_dns_target(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
+    is_dns_name(host).then(|| (host.to_string(), port))
+}
+
 fn parse_host_match(h: &str) -> Option<HostMatch> {
     let h = h.to_ascii_lowercase();
     let valid = |s: &str| {

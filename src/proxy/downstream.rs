@@ -198,7 +198,11 @@ fn route<R: Runtime>(
             *response_edits = route.response_edits.as_ref().map(|e| e.render(&vars));
             let fwd = Forwarding {
                 client: ctx.client.ip(),
-                default_host: &cluster.endpoints[0],
+                // No endpoint yet (DNS names not resolved): the request gets a 503 anyway.
+                default_host: match cluster.endpoints.first() {
+                    Some(a) => a,
+                    None => &cluster.name,
+                },
                 trusted: any_contains(&ctx.listener.trusted_proxies, ctx.client.ip()),
                 style: ctx.listener.forwarded,
                 proto: ctx.scheme,

@@ -85,7 +85,11 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
         // pick_upstream
         let on_ring = ring.zip(f.target.hash_key);
         let Ok(i) = balancer.pick(on_ring, healthy, fail_open, &tried[..attempts]) else {
-            warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
+            // Rate-limited like upstream failures: in an outage every request comes here.
+            let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+            if f.worker.failures.admit(nowhere, "no healthy endpoint", Instant::now()) {
+                warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
+            }
             return answer(f, ProxyError::NoHealthyEndpoint.status(), body.is_done(), None).await;
         };
         tried[attempts] = i;

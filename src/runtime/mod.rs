@@ -69,6 +69,10 @@ pub struct Server {
     _health_stop: Sender<()>,
     /// Dropping it stops the ticket-key rotation.
     _tickets_stop: Sender<()>,
+    /// What the resolver thread knows of each DNS name (for `/metrics` and reloads).
+    pub dns: crate::discovery::SharedDns,
+    /// Dropping it stops the resolver thread.
+    _dns_stop: Sender<()>,
     /// Each worker's last counters: a scrape that a busy worker does not answer in time uses
     /// them, so no counter ever goes backwards (Prometheus would read that as a reset).
     last_reports: Vec<crate::stats::StatsReport>,
@@ -124,6 +128,11 @@ impl Server {
                     total.cert_expiry.insert((l.name.clone(), name.clone()), t - now);
                 }
             }
+        }
+        for (key, state) in &self.dns.load().names {
+            let failing = u64::from(state.failing.is_some());
+            let v = [state.endpoints.len() as u64, failing, state.failures];
+            total.dns.insert((key.kind().to_string(), key.name().to_string()), v);
         }
         let verdicts = self.health.load();
         for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()) {
@@ -263,6 +272,15 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
     };
     let source = config.source.as_ref().map(|p| p.display().to_string());
     let shared = publish_first(config);
+    // DNS endpoints are looked up before the workers start, so that a cluster made only of
+    // names does not answer 503 to its first requests; a slow or dead name server delays the
+    // start by at most the lookup limit, then the names are served as they resolve.
+    let dns: crate::discovery::SharedDns = Arc::default();
+    let (dns_stop, first_lookups) =
+        crate::discovery::start(shared.clone(), dns.clone()).map_err(StartError::Spawn)?;
+    if first_lookups.recv_timeout(Duration::from_secs(6)).is_err() {
+        tracing::warn!("starting before every DNS name was looked up once");
+    }
     let health: SharedHealth = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
     let health_stop =
         crate::health::start(shared.clone(), health.clone()).map_err(StartError::Spawn)?;
@@ -332,6 +350,8 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         health,
         _health_stop: health_stop,
         _tickets_stop: tickets_stop,
+        dns,
+        _dns_stop: dns_stop,
         last_reports: vec![crate::stats::StatsReport::default(); count],
     })
 }

@@ -3,6 +3,7 @@
 //! sleeps.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod tls;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -545,7 +546,16 @@ impl Upstream {
     pub fn start(
         handler: impl Fn(&Received, &mut Wire) -> After + Send + Sync + 'static,
     ) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Upstream::start_on("127.0.0.1:0".parse().unwrap(), handler)
+    }
+
+    /// [`Upstream::start`] on a given address (another loopback address, say 127.0.0.2, with
+    /// the port of an upstream on 127.0.0.1: what DNS names with several A records need).
+    pub fn start_on(
+        at: SocketAddr,
+        handler: impl Fn(&Received, &mut Wire) -> After + Send + Sync + 'static,
+    ) -> Upstream {
+        let listener = TcpListener::bind(at).unwrap();
         let addr = listener.local_addr().unwrap();
         let accepts = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
