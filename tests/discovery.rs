@@ -176,7 +176,24 @@ fn a_cluster_whose_name_resolves_later_answers_503_until_then(rt: &str) {
     assert!(eventually(|| get(&mut c, "/") == (200, "late".into())), "never served");
 }
 
+fn a_reload_keeps_the_endpoints_its_names_resolved_to(rt: &str) {
+    let dns = FakeDns::start(1);
+    let up = Upstream::ok("one");
+    dns.set("api.test", vec![Record::A(Ipv4Addr::LOCALHOST)]);
+    let endpoints = format!("[ {{ dns: \"api.test:{}\" }} ]", up.addr.port());
+    let mut apex = Apex::start(&dns_config(&dns, &endpoints), rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(get(&mut c, "/"), (200, "one".into()));
+    // The same name under a changed cluster: the new snapshot has its addresses at once,
+    // without waiting for the name's next lookup.
+    let changed =
+        dns_config(&dns, &endpoints).replace("name: api\n", "name: api\n    connect_timeout: 1s\n");
+    assert!(apex.reload_with(&changed).contains("config reloaded"), "reload refused");
+    assert_eq!(get(&mut Wire::connect(apex.addr), "/"), (200, "one".into()));
+}
+
 under_each_driver!(
+    a_reload_keeps_the_endpoints_its_names_resolved_to,
     a_records_that_change_move_traffic_and_removed_endpoints_drain,
     srv_records_give_ports_and_weights_and_only_the_lowest_priority,
     a_name_that_stops_resolving_keeps_its_last_endpoints,
