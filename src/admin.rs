@@ -5,6 +5,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
@@ -17,24 +18,52 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest admin request head, in bytes.
 const MAX_HEAD: usize = 8 * 1024;
 
-/// Binds the admin API and serves it on a thread of its own; returns the bound address.
-pub fn start(addr: SocketAddr, events: Sender<Lifecycle>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+/// Binds the admin API (or serves on `inherited`, the socket an upgrade handed over) on a
+/// thread of its own; returns the bound address and a copy of the socket (for the next
+/// upgrade).
+pub fn start(
+    addr: SocketAddr,
+    events: Sender<Lifecycle>,
+    inherited: Option<TcpListener>,
+) -> io::Result<(SocketAddr, TcpListener)> {
+    let listener = match inherited {
+        Some(l)
+            if l.local_addr()
+                .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip())) =>
+        {
+            l
+        }
+        _ => TcpListener::bind(addr)?,
+    };
     let bound = listener.local_addr()?;
-    std::thread::Builder::new().name("apex-admin".into()).spawn(move || {
-        for stream in listener.incoming() {
-            match stream {
-                Ok(s) => {
-                    if let Err(e) = serve(s, &events) {
-                        warn!(error = %e, "admin request failed");
-                    }
+    let copy = listener.try_clone()?;
+    // Non-blocking, and waited on with poll: after an upgrade handed this socket to the new
+    // process, this thread stops accepting (the socket itself stays open for the new one).
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new().name("apex-admin".into()).spawn(move || loop {
+        if crate::upgrade::handed_over() {
+            return;
+        }
+        let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call; 200 ms bounds how long a
+        // handed-over process keeps this thread.
+        if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+            continue;
+        }
+        match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                if let Err(e) = serve(s, &events) {
+                    warn!(error = %e, "admin request failed");
                 }
-                Err(e) => warn!(error = %e, "admin accept failed"),
             }
+            // The new process took it first, or a spurious wake-up.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!(error = %e, "admin accept failed"),
         }
     })?;
     info!(address = %bound, "admin API listening");
-    Ok(bound)
+    Ok((bound, copy))
 }
 
 fn ask<T>(events: &Sender<Lifecycle>, make: impl FnOnce(Sender<T>) -> Lifecycle) -> Option<T> {

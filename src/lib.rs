@@ -24,3 +24,4 @@ pub mod snapshot;
 pub mod stats;
 pub mod timefmt;
 pub mod tls;
+pub mod upgrade;

@@ -21,10 +21,14 @@ pub enum Lifecycle {
     ShowConfig(Sender<String>),
     /// SIGUSR1: reopen the access log file (after logrotate moved it).
     ReopenLogs,
+    /// SIGUSR2: start the binary again and hand it the listening sockets.
+    Upgrade,
+    /// How an upgrade ended: the new process's PID once it serves, or why it failed.
+    UpgradeDone(Result<u32, String>),
 }
 
 /// The signals Apex handles itself.
-const HANDLED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1];
+const HANDLED: [i32; 5] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
 
 fn handled_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set they are given, which lives on the stack.
@@ -63,6 +67,7 @@ pub fn forward_signals(events: Sender<Lifecycle>) -> io::Result<()> {
             let event = match sig {
                 libc::SIGHUP => Lifecycle::Reload(None),
                 libc::SIGUSR1 => Lifecycle::ReopenLogs,
+                libc::SIGUSR2 => Lifecycle::Upgrade,
                 _ => Lifecycle::Stop(sig),
             };
             if events.send(event).is_err() {
@@ -78,6 +83,7 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR2 => "SIGUSR2",
         _ => "signal",
     }
 }

@@ -53,6 +53,16 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>
         probe.listen(1).map_err(|e| map_err(addr, e))?;
         drop(probe);
     }
+    bind_group(addr, count)
+}
+
+/// Adds `count` sockets to the `SO_REUSEPORT` group already listening on `addr` (sockets an
+/// upgrade handed over, when this process has more workers than the old one had).
+pub fn bind_more(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, BindError> {
+    bind_group(addr, count)
+}
+
+fn bind_group(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, BindError> {
     let mut out = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count {

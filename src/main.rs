@@ -19,6 +19,9 @@ use apex::reload::{Overrides, Reloader};
 use tracing::{error, info, warn};
 
 const DEFAULT_CONFIG: &str = "configs/apex.yaml";
+/// How long an upgrade waits for the new process to serve (its DNS names and workers
+/// included) before killing it and keeping the old one.
+const UPGRADE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(name = "apex", version, about = "A thread-per-core HTTP reverse proxy on io_uring")]
@@ -48,6 +51,16 @@ enum Command {
     },
     /// Proxy without a config file, round robin over the `--to` endpoints.
     Proxy(ProxyArgs),
+    /// Upgrade a running Apex to the binary now at its path, without dropping a connection:
+    /// sends it SIGUSR2 and waits until it has handed its sockets over and drained.
+    Upgrade {
+        /// The running process.
+        #[arg(long)]
+        pid: i32,
+        /// How long to wait for the old process to exit (default 60s).
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
 }
 
 /// `apex proxy`'s settings.
@@ -216,19 +229,70 @@ fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
     })
 }
 
+/// `apex upgrade --pid PID`: SIGUSR2, then wait until the old process exits (it exits only
+/// after the new one serves and the old one has drained).
+fn upgrade_command(pid: i32, timeout: &str) -> anyhow::Result<()> {
+    let limit =
+        config::parse_duration(timeout).ok_or_else(|| anyhow!("bad --timeout `{timeout}`"))?;
+    // A pidfd turns "wait until that process exits" into a poll, with no sleep loop.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(anyhow!("no process {pid}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pidfd_open succeeded: `fd` is ours.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: kill with a valid signal number.
+    if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
+        return Err(anyhow!("cannot signal {pid}: {}", std::io::Error::last_os_error()));
+    }
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } > 0 {
+        println!("apex {pid} handed its sockets over and exited");
+        return Ok(());
+    }
+    Err(anyhow!(
+        "apex {pid} is still running after {timeout}: the upgrade failed or its drain is not over (see its log)"
+    ))
+}
+
 /// Runs until SIGTERM/SIGINT and a graceful drain (at most `drain_timeout`); a second signal
 /// exits at once.
 fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow::Result<()> {
     log_config_notes(&config);
+    // Started by an upgrade: the old process's sockets, taken before anything else starts.
+    let mut inherited = apex::upgrade::Inherited::from_env()
+        .context("cannot take over the listening sockets of the process being upgraded")?;
+    let inherited_listeners =
+        inherited.as_mut().map(|i| std::mem::take(&mut i.listeners)).unwrap_or_default();
+    let inherited_admin = inherited.as_mut().and_then(|i| i.admin.take());
+    // The binary to start on an upgrade: this path, whatever file is there by then.
+    let exe = std::env::current_exe().context("cannot find apex's own executable")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let (events, lifecycle_events) = mpsc::channel();
     let mut reloader = Reloader::new(config.clone(), overrides);
-    let mut server =
-        apex::runtime::start(config, events.clone()).context("apex could not start")?;
+    let mut server = apex::runtime::start(config, events.clone(), inherited_listeners)
+        .context("apex could not start")?;
+    let mut admin_socket = None;
     if let Some(admin) = reloader.config.admin {
-        apex::admin::start(admin, events.clone())
+        let (_, socket) = apex::admin::start(admin, events.clone(), inherited_admin)
             .with_context(|| format!("cannot start the admin API on {admin}"))?;
+        admin_socket = Some(socket);
     }
-    lifecycle::forward_signals(events).context("cannot start the signal thread")?;
+    lifecycle::forward_signals(events.clone()).context("cannot start the signal thread")?;
+    if let Some(i) = inherited {
+        i.ready().context("cannot tell the old process that this one serves")?;
+        info!("upgrade: serving on the sockets of the old process, which now drains");
+    }
+    // systemd (Type=notify, NotifyAccess=all): this process is the service's main process.
+    apex::upgrade::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
+    let mut upgrading = false;
     let mut alive = server.workers;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -269,6 +333,47 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
                 if let Some(reply) = reply {
                     let _ = reply.send(outcome);
                 }
+            }
+            Ok(Lifecycle::Upgrade) if deadline.is_some() || upgrading => {
+                warn!("upgrade refused: an upgrade or a drain is already under way");
+            }
+            Ok(Lifecycle::Upgrade) => {
+                let admin_fd = admin_socket.as_ref().map(std::os::fd::AsFd::as_fd);
+                match apex::upgrade::begin(&exe, &args, &server.sockets, admin_fd) {
+                    Ok(h) => {
+                        upgrading = true;
+                        info!(binary = %exe.display(), "upgrade: started the new process; serving until it does");
+                        let events = events.clone();
+                        let wait = std::thread::Builder::new().name("apex-upgrade".into()).spawn(
+                            move || {
+                                let r = h.wait_ready(UPGRADE_LIMIT);
+                                let _ = events.send(Lifecycle::UpgradeDone(r));
+                            },
+                        );
+                        if let Err(e) = wait {
+                            upgrading = false;
+                            error!("upgrade failed: {e}; still serving");
+                        }
+                    }
+                    Err(e) => {
+                        error!("upgrade failed: cannot start {}: {e}; still serving", exe.display())
+                    }
+                }
+            }
+            Ok(Lifecycle::UpgradeDone(Ok(pid))) => {
+                upgrading = false;
+                apex::upgrade::mark_handed_over();
+                info!(
+                    new_pid = pid,
+                    timeout = ?reloader.config.drain_timeout,
+                    "upgrade: the new process serves; draining: no new connections, finishing requests in flight"
+                );
+                server.drain();
+                deadline = Some(Instant::now() + reloader.config.drain_timeout);
+            }
+            Ok(Lifecycle::UpgradeDone(Err(e))) => {
+                upgrading = false;
+                error!("upgrade failed: {e}; still serving");
             }
             Ok(Lifecycle::ReopenLogs) => {
                 if let Some(log) = &server.access_log {
@@ -344,6 +449,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Upgrade { pid, timeout }) => upgrade_command(pid, &timeout),
         Some(Command::Proxy(args)) => {
             quick_proxy_config(&args).and_then(|c| run(c, Overrides::default(), logs.as_ref()))
         }

@@ -166,6 +166,9 @@ impl Reloader {
                 server.order(w, Control::RemoveListener(name.clone()));
             }
             server.listeners.retain(|(n, _)| n != name);
+            // Its sockets are no longer handed over on an upgrade (and close once every
+            // worker has stopped accepting on them).
+            server.sockets.retain(|(n, _)| n != name);
         }
         for (l, socks) in opened {
             let bound = socks[0]
@@ -173,6 +176,11 @@ impl Reloader {
                 .map_err(|e| ReloadError::Bind(BindError::Other(l.address, e)))?;
             let mut resolved = l.clone();
             resolved.address = bound;
+            let copies = socks.iter().map(|s| s.try_clone()).collect::<Result<Vec<_>, _>>();
+            server.sockets.push((
+                l.name.clone(),
+                copies.map_err(|e| ReloadError::Bind(BindError::Other(bound, e)))?,
+            ));
             info!(listener = %l.name, address = %bound, "listening");
             for (w, s) in socks.into_iter().enumerate() {
                 server.order(w, Control::AddListener(Box::new(resolved.clone()), s));

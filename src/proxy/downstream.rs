@@ -56,7 +56,7 @@ enum HeadRead {
 }
 
 /// Waits until `rbuf` holds a complete request head. While nothing of a request has arrived,
-/// the wait also ends when the worker starts draining.
+/// the wait also ends at the drain's cutoff for idle connections.
 async fn read_request_head<R: Runtime>(
     worker: &Worker<R>,
     client: &mut Transport<R::Stream>,
@@ -91,9 +91,10 @@ async fn read_request_head<R: Runtime>(
                 R::timeout(wait.max(Duration::from_millis(1)), read_some(client, rbuf, spare));
             Box::pin(read).await
         } else {
-            // Nothing yet: the worker's coarse idle deadline, and the drain.
+            // Nothing yet: the worker's coarse idle deadline, which the drain brings forward
+            // (a request that arrives meanwhile is still served, with `Connection: close`).
             let idle = worker.idle.until(Instant::now() + wait);
-            match race(read_some(client, rbuf, spare), race(worker.drain.wait(), idle)).await {
+            match race(read_some(client, rbuf, spare), idle).await {
                 Either::Left(r) => Some(r),
                 Either::Right(_) => return HeadRead::Closed,
             }

@@ -71,7 +71,13 @@ pub trait Runtime: 'static {
     /// A listening socket on this runtime.
     type Listener: 'static;
     fn listener_from_std(l: std::net::TcpListener) -> io::Result<Self::Listener>;
-    async fn accept(l: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)>;
+    /// The next connection, or `None` once `stop` finishes first. Stopping never loses a
+    /// connection: one the kernel handed over while the accept was being stopped is returned
+    /// (and must be served), never dropped unseen.
+    async fn accept(
+        l: &Self::Listener,
+        stop: impl Future<Output = ()>,
+    ) -> Option<io::Result<(Self::Stream, SocketAddr)>>;
     /// Stops listening now, not whenever the runtime gets to closing the descriptor: once this
     /// returns, new connections to this socket are refused.
     fn close_listener(l: Self::Listener);
@@ -85,7 +91,14 @@ pub trait Runtime: 'static {
 
 /// Stops a listening socket synchronously: `shutdown(SHUT_RDWR)` on a listener makes the
 /// kernel leave the LISTEN state at once, even if closing the descriptor is deferred.
+///
+/// Not after an upgrade handed the socket to a new process: the socket is shared with it, and a
+/// shutdown would stop it there too (resetting the connections queued on it). Closing this
+/// process's descriptor is then enough.
 pub fn stop_listening(fd: std::os::fd::RawFd) {
+    if crate::upgrade::handed_over() {
+        return;
+    }
     // SAFETY: `fd` is a listening socket owned by the caller; shutdown does not invalidate it.
     unsafe {
         libc::shutdown(fd, libc::SHUT_RDWR);

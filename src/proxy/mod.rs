@@ -133,6 +133,11 @@ pub struct Worker<R: Runtime> {
     tickets: crate::tls::SharedTicketKeys,
 }
 
+/// How long an idle client connection may still send one request once the drain started.
+/// Clients that keep a connection busy send their next request within microseconds; the
+/// grace covers them with room to spare, and bounds how long idle connections delay an exit.
+pub const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The generations of a health map and of a snapshot.
 type Generations = (u64, u64);
 
@@ -272,6 +277,11 @@ impl<R: Runtime> Worker<R> {
     /// Begins the graceful drain: accept loops stop, idle connections close, and responses in
     /// flight go out with `Connection: close`.
     pub fn start_drain(&self) {
+        // An idle keep-alive connection may have its next request on the wire right now:
+        // closing it at once would lose that request (or reset the connection, when the
+        // request is already in our receive buffer). So idle connections get a short grace in
+        // which a request is still answered (with `Connection: close`); then they close.
+        self.idle.cut_off(Instant::now() + DRAIN_IDLE_GRACE);
         self.drain.fire();
         // Accept loops parked at the connection cap wait on `closed`.
         self.closed.wake_all();

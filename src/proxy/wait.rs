@@ -140,17 +140,30 @@ impl WakeList {
 #[derive(Default)]
 pub struct IdleTimers {
     waiters: WaiterSlots<Instant>,
+    /// Set by the drain: no idle wait lasts past this, whatever its own deadline.
+    cutoff: Cell<Option<Instant>>,
 }
 
 impl IdleTimers {
-    /// Completes once `deadline` has passed and a sweep (or a poll) notices.
+    /// Completes once `deadline` (or the cutoff, if earlier) has passed and a sweep (or a
+    /// poll) notices.
     pub fn until(&self, deadline: Instant) -> IdleWait<'_> {
         IdleWait { timers: self, deadline, slot: None }
     }
 
+    /// Ends every idle wait, current and future, at `at` at the latest.
+    pub fn cut_off(&self, at: Instant) {
+        let at = self.cutoff.get().map_or(at, |c| c.min(at));
+        self.cutoff.set(Some(at));
+    }
+
+    fn due(&self, deadline: Instant) -> Instant {
+        self.cutoff.get().map_or(deadline, |c| c.min(deadline))
+    }
+
     /// Wakes every waiter whose deadline has passed.
     pub fn sweep(&self, now: Instant) {
-        self.waiters.wake_where(|deadline| *deadline <= now);
+        self.waiters.wake_where(|deadline| self.due(*deadline) <= now);
     }
 }
 
@@ -164,7 +177,7 @@ impl Future for IdleWait<'_> {
     type Output = ();
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if Instant::now() >= self.deadline {
+        if Instant::now() >= self.timers.due(self.deadline) {
             return Poll::Ready(());
         }
         let this = &mut *self;

@@ -40,10 +40,12 @@ pub enum Control {
     Scrape(Sender<(usize, StatsReport)>),
 }
 
-/// The worker's accept loops by listener name, each with the event that stops it.
+/// The worker's accept loops by listener name, each with the event that stops it. A worker
+/// usually has one socket per listener; after an upgrade from a process with more workers it
+/// may have several.
 #[derive(Default)]
 struct Acceptors {
-    stops: RefCell<HashMap<String, Rc<Event>>>,
+    stops: RefCell<HashMap<String, Vec<Rc<Event>>>>,
     running: Cell<usize>,
 }
 
@@ -89,9 +91,7 @@ fn start_acceptor<R: Runtime>(
 ) -> Result<(), String> {
     let l = R::listener_from_std(sock).map_err(|e| format!("listener {}: {e}", cfg.name))?;
     let stop = Rc::new(Event::default());
-    if let Some(old) = acceptors.stops.borrow_mut().insert(cfg.name.clone(), Rc::clone(&stop)) {
-        old.fire();
-    }
+    acceptors.stops.borrow_mut().entry(cfg.name.clone()).or_default().push(Rc::clone(&stop));
     acceptors.running.set(acceptors.running.get() + 1);
     let (worker, acceptors) = (Rc::clone(worker), Rc::clone(acceptors));
     R::spawn(async move {
@@ -128,7 +128,7 @@ async fn control_task<R: Runtime>(
                     let _ = reply.send((worker.id, worker.report()));
                 }
                 Control::RemoveListener(name) => {
-                    if let Some(stop) = acceptors.stops.borrow_mut().remove(&name) {
+                    for stop in acceptors.stops.borrow_mut().remove(&name).unwrap_or_default() {
                         stop.fire();
                     }
                 }
@@ -165,10 +165,14 @@ async fn accept_loop<R: Runtime>(
         if worker.is_draining() || stop.is_fired() {
             return;
         }
-        let stopping = race(worker.drain.wait(), stop.wait());
-        match race(R::accept(l), stopping).await {
-            Either::Right(_) => return,
-            Either::Left(Ok((stream, peer))) => {
+        let stopping = async {
+            race(worker.drain.wait(), stop.wait()).await;
+        };
+        match R::accept(l, stopping).await {
+            None => return,
+            // Also after a stop, when the connection arrived while the accept was stopping:
+            // it is served (a draining worker answers it with `Connection: close`).
+            Some(Ok((stream, peer))) => {
                 let guard = worker.connection_opened();
                 let removed = Rc::clone(stop);
                 let conn = serve_downstream::<R>(
@@ -184,7 +188,7 @@ async fn accept_loop<R: Runtime>(
                     error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
                 }));
             }
-            Either::Left(Err(e)) => {
+            Some(Err(e)) => {
                 // EMFILE/ENFILE and the like: back off instead of spinning, and say so at most
                 // once a second.
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -230,16 +234,23 @@ const TICK: Duration = Duration::from_millis(100);
 /// and orphaned connections, and the count of suppressed failure logs.
 const SLOW_CHORES_EVERY: u32 = 10;
 
-/// The worker's one housekeeping task, until the drain (which wakes every idle connection
-/// itself): wakes idle connections whose deadline passed; once a second, closes pooled
-/// upstream connections that expired, that their upstream closed, or whose endpoint a reload
-/// removed, and reports failures the log limiter suppressed.
+/// The worker's one housekeeping task: wakes idle connections whose deadline passed; once a
+/// second, closes pooled upstream connections that expired, that their upstream closed, or
+/// whose endpoint a reload removed, and reports failures the log limiter suppressed. During the
+/// drain it only ends idle connections (at the drain's cutoff), until none is open.
 async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
     let mut ticks = 0u32;
     loop {
-        if let Either::Right(()) = race(R::sleep(TICK), worker.drain.wait()).await {
-            return;
+        if worker.is_draining() {
+            if worker.open_connections() == 0 {
+                return;
+            }
+            R::sleep(TICK).await;
+            worker.idle.sweep(Instant::now());
+            continue;
         }
+        // The drain wakes this at once, so that the cutoff it sets is swept on time.
+        let _ = race(R::sleep(TICK), worker.drain.wait()).await;
         let now = Instant::now();
         worker.idle.sweep(now);
         ticks += 1;

@@ -4,6 +4,7 @@
 pub mod monoio;
 pub mod tokio;
 
+use std::collections::HashMap;
 use std::io;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -22,7 +23,7 @@ use crate::access_log::{start_writer, Format, LogMessage};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::health::{HealthMap, SharedHealth};
 use crate::lifecycle::Lifecycle;
-use crate::listener::{bind_reuseport, BindError};
+use crate::listener::{bind_more, bind_reuseport, BindError};
 use crate::proxy::worker_tasks::{self, Control};
 use crate::snapshot::{publish_first, SharedSnapshot};
 use arc_swap::ArcSwap;
@@ -57,6 +58,8 @@ impl std::error::Error for StartError {}
 pub struct Server {
     /// Each configured listener's name and the address it is bound to (port 0 resolved).
     pub listeners: Vec<(String, SocketAddr)>,
+    /// A copy of each listener's sockets (one per worker), for an upgrade to hand over.
+    pub sockets: Vec<(String, Vec<TcpListener>)>,
     pub shared: SharedSnapshot,
     pub workers: usize,
     controls: Vec<WorkerControl>,
@@ -232,6 +235,12 @@ fn build_epoll() -> Result<EpollRuntime, io::Error> {
     RuntimeBuilder::<LegacyDriver>::new().enable_timer().build()
 }
 
+/// Whether inherited sockets are bound where `want` says (any port when it says port 0).
+fn same_address(socks: &[TcpListener], want: SocketAddr) -> bool {
+    let Some(at) = socks.first().and_then(|s| s.local_addr().ok()) else { return false };
+    at == want || (want.port() == 0 && at.ip() == want.ip())
+}
+
 /// How many workers `workers` means on this machine.
 pub fn worker_count(workers: Workers) -> usize {
     match workers {
@@ -246,18 +255,43 @@ pub fn worker_count(workers: Workers) -> usize {
 
 /// Binds every listener once per worker, starts the workers and returns once each is serving.
 /// Each worker's end is reported on `events`.
-pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartError> {
+///
+/// `inherited` holds the listening sockets an upgrade handed over, by listener name: a
+/// listener of the same name and address (any port when the config says port 0) serves on them
+/// instead of new sockets, so no connection queued on them is lost.
+pub fn start(
+    config: Config,
+    events: Sender<Lifecycle>,
+    mut inherited: HashMap<String, Vec<TcpListener>>,
+) -> Result<Server, StartError> {
     let count = worker_count(config.workers);
     let mut per_worker: Vec<Vec<(Listener, TcpListener)>> =
         (0..count).map(|_| Vec::new()).collect();
     let mut listeners = Vec::new();
+    let mut sockets = Vec::new();
     for l in &config.listeners {
-        let socks = bind_reuseport(l.address, count).map_err(StartError::Bind)?;
+        let socks = match inherited.remove(&l.name).filter(|s| same_address(s, l.address)) {
+            Some(mut socks) => {
+                // More workers than the old process had: more sockets in the same group.
+                if socks.len() < count {
+                    let at = socks[0].local_addr().map_err(StartError::Spawn)?;
+                    let more = bind_more(at, count - socks.len()).map_err(StartError::Bind)?;
+                    socks.extend(more);
+                }
+                socks
+            }
+            None => bind_reuseport(l.address, count).map_err(StartError::Bind)?,
+        };
         let bound = socks[0].local_addr().map_err(StartError::Spawn)?;
         let mut resolved = l.clone();
         resolved.address = bound;
-        for (w, s) in socks.into_iter().enumerate() {
-            per_worker[w].push((resolved.clone(), s));
+        // Kept by the control plane to hand over on an upgrade (the same sockets, not new ones).
+        let copies = socks.iter().map(TcpListener::try_clone).collect::<Result<Vec<_>, _>>();
+        sockets.push((l.name.clone(), copies.map_err(StartError::Spawn)?));
+        // Fewer workers than the old process had: some take two of its sockets, so that every
+        // socket of the group keeps being accepted from.
+        for (i, s) in socks.into_iter().enumerate() {
+            per_worker[i % count].push((resolved.clone(), s));
         }
         listeners.push((l.name.clone(), bound));
     }
@@ -340,7 +374,11 @@ pub fn start(config: Config, events: Sender<Lifecycle>) -> Result<Server, StartE
         config = source.as_deref().unwrap_or("(command line)"),
         "apex started"
     );
+    for (name, _) in inherited {
+        info!(listener = %name, "a listener the new config does not have: its sockets close");
+    }
     Ok(Server {
+        sockets,
         listeners,
         shared,
         workers: count,

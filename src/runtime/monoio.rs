@@ -16,6 +16,7 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::proxy::io::{socket_is_stale, stop_listening, ReadHalf, Runtime, Stream, WriteHalf};
+use crate::proxy::wait::{race, Either};
 
 /// Marker type for the monoio runtime (either driver: the driver is chosen when the worker's
 /// runtime is built, and the same futures run on both).
@@ -182,11 +183,31 @@ impl Runtime for Monoio {
         monoio::net::TcpListener::from_std(l)
     }
 
-    async fn accept(l: &Self::Listener) -> io::Result<(MonoioStream, SocketAddr)> {
-        let (s, peer) = l.accept().await?;
-        // Heads and small bodies go out in one write each; Nagle would only delay them.
-        let _ = s.set_nodelay(true);
-        Ok((MonoioStream(s), peer))
+    async fn accept(
+        l: &Self::Listener,
+        stop: impl Future<Output = ()>,
+    ) -> Option<io::Result<(MonoioStream, SocketAddr)>> {
+        // Dropping an io_uring accept in flight would lose a connection the kernel completed
+        // meanwhile (monoio discards an abandoned operation's result: the new socket would
+        // stay open, unserved, until the process exits). So a stop cancels the operation and
+        // waits for its completion: ECANCELED, or a connection that must be served.
+        let canceller = monoio::io::Canceller::new();
+        let mut accept = std::pin::pin!(l.cancelable_accept(canceller.handle()));
+        let result = match race(accept.as_mut(), stop).await {
+            Either::Left(r) => r,
+            Either::Right(()) => {
+                let _ = canceller.cancel();
+                match accept.await {
+                    Ok(c) => Ok(c),
+                    Err(_) => return None,
+                }
+            }
+        };
+        Some(result.map(|(s, peer)| {
+            // Heads and small bodies go out in one write each; Nagle would only delay them.
+            let _ = s.set_nodelay(true);
+            (MonoioStream(s), peer)
+        }))
     }
 
     fn close_listener(l: Self::Listener) {

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use crate::proxy::io::{socket_is_stale, stop_listening, ReadHalf, Runtime, Stream, WriteHalf};
+use crate::proxy::wait::{race, Either};
 
 /// Marker type for the Tokio runtime; tasks are spawned on the worker's `LocalSet`.
 pub struct Tokio;
@@ -97,10 +98,20 @@ impl Runtime for Tokio {
         TcpListener::from_std(l)
     }
 
-    async fn accept(l: &TcpListener) -> io::Result<(TokioStream, SocketAddr)> {
-        let (s, peer) = l.accept().await?;
+    async fn accept(
+        l: &TcpListener,
+        stop: impl Future<Output = ()>,
+    ) -> Option<io::Result<(TokioStream, SocketAddr)>> {
+        // Tokio's accept is readiness-based and cancel-safe: dropping it takes no connection.
+        let (s, peer) = match race(l.accept(), stop).await {
+            Either::Left(r) => match r {
+                Ok(c) => c,
+                Err(e) => return Some(Err(e)),
+            },
+            Either::Right(()) => return None,
+        };
         let _ = s.set_nodelay(true);
-        Ok((TokioStream(s), peer))
+        Some(Ok((TokioStream(s), peer)))
     }
 
     fn close_listener(l: TcpListener) {

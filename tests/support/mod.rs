@@ -241,6 +241,19 @@ impl Apex {
         Some(status.code().unwrap_or(-1))
     }
 
+    /// Waits for the process to exit, for at most `PATIENCE`, without waiting for its log
+    /// pipe to close (a process it started, like an upgrade's new one, may hold the pipe).
+    pub fn wait_process_exit(&mut self) -> Option<i32> {
+        if !wait_pid_exit(self.child.id(), PATIENCE) {
+            return None;
+        }
+        let status = self.child.wait().expect("wait for apex");
+        for line in self.logs.try_iter() {
+            self.seen.push(line);
+        }
+        Some(status.code().unwrap_or(-1))
+    }
+
     /// Resident set size of the process, in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
         self.status_kib("VmRSS:")
@@ -262,6 +275,34 @@ impl Drop for Apex {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Whether process `pid` exits within `limit` (a pidfd polled: no sleep loop). `true` also when
+/// it no longer exists.
+pub fn wait_pid_exit(pid: u32, limit: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    if fd < 0 {
+        return true;
+    }
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd; `fd` is closed right after.
+    let ready = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) } > 0;
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    ready
+}
+
+/// A process the test did not start itself (an upgrade's new Apex): killed when dropped, so a
+/// failing test leaves nothing running.
+pub struct Stray(pub u32);
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        // SAFETY: kill with a valid signal; the pid was reported by the process itself.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        wait_pid_exit(self.0, PATIENCE);
     }
 }
 
