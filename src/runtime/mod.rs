@@ -493,3 +493,47 @@ fn run_worker(w: WorkerStart) {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::io::Runtime;
+    use crate::proxy::wait::Event;
+
+    /// A connection already queued when an accept is stopped: either that accept returns it
+    /// or it stays queued for the next one. (Dropping an io_uring accept in flight instead
+    /// loses it: the kernel completes the accept at submission, and monoio discards the result
+    /// of an abandoned operation, so the socket stays open and unserved.)
+    async fn a_stopped_accept_loses_no_connection() {
+        let std_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_l.local_addr().unwrap();
+        std_l.set_nonblocking(true).unwrap();
+        let l = Monoio::listener_from_std(std_l).unwrap();
+        for round in 0..10 {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let stop = Event::default();
+            stop.fire();
+            // The accept is polled first (its operation queued), then the stop is seen.
+            if Monoio::accept(&l, stop.wait()).await.is_some() {
+                continue;
+            }
+            let next =
+                Monoio::timeout(Duration::from_secs(2), Monoio::accept(&l, std::future::pending()));
+            assert!(
+                matches!(next.await, Some(Some(Ok(_)))),
+                "round {round}: the queued connection was lost"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stopped_accept_loses_no_connection_on_io_uring() {
+        let (mut rt, _) = build_uring().expect("io_uring on this machine");
+        rt.block_on(a_stopped_accept_loses_no_connection());
+    }
+
+    #[test]
+    fn a_stopped_accept_loses_no_connection_on_epoll() {
+        build_epoll().unwrap().block_on(a_stopped_accept_loses_no_connection());
+    }
+}
