@@ -139,7 +139,46 @@ fn a_failed_upgrade_leaves_the_old_process_serving(rt: &str) {
     assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200, "the new one serves");
 }
 
+/// `apex upgrade --pid` signals the process and returns once it has handed over and exited;
+/// under systemd (`NOTIFY_SOCKET`), each process reports itself as the main one once it serves.
+fn the_upgrade_command_waits_for_the_handover_and_systemd_hears_the_new_pid(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let notify_path = dir.0.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(PATIENCE)).unwrap();
+    let config = dir.write("apex.yaml", &proxy_config(&[up.addr], ""));
+    let args = ["--config", config.to_str().unwrap(), "--runtime", rt];
+    let mut old = Apex::spawn_with(&args, |c| {
+        c.env("NOTIFY_SOCKET", &notify_path);
+    })
+    .unwrap();
+    let mut buf = [0u8; 256];
+    let mut said = || {
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(said(), format!("READY=1\nMAINPID={}", old.pid()));
+    let out = std::process::Command::new(apex_bin())
+        .args(["upgrade", "--pid", &old.pid().to_string(), "--timeout", "20s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("handed its sockets over and exited"));
+    assert!(
+        wait_pid_exit(old.pid(), std::time::Duration::ZERO),
+        "the command returned before the old process exited"
+    );
+    let line = old.wait_for_log(&["upgrade: the new process serves"]).unwrap();
+    let new = Stray(field(&line, "new_pid").unwrap().parse().unwrap());
+    assert_eq!(said(), format!("READY=1\nMAINPID={}", new.0), "systemd's main PID moves");
+    assert_eq!(old.wait_process_exit(), Some(0));
+    let mut c = Wire::connect(old.addr);
+    assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+}
+
 under_each_driver!(
+    the_upgrade_command_waits_for_the_handover_and_systemd_hears_the_new_pid,
     an_upgrade_under_keepalive_load_fails_no_request,
     a_failed_upgrade_leaves_the_old_process_serving,
 );
