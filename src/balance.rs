@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::lb::{Outlier, Policy};
 use crate::config::Cluster;
+use crate::proxy::wait::{race, Either, IdleTimers, WakeList};
 
 /// Virtual nodes per unit of weight on the hash ring: enough that removing one of ten
 /// endpoints moves close to the ideal tenth of the keys.
@@ -66,16 +67,47 @@ pub struct EndpointState {
     connect_failures: Cell<u32>,
     ejected_until: Cell<Option<Instant>>,
     ejections: Cell<u32>,
+    /// When the endpoint's slow start began (added, back from unhealthy, or ejection over).
+    ramp_from: Cell<Option<Instant>>,
+    /// The active health verdict last seen, to notice a recovery (slow start).
+    was_unhealthy: Cell<bool>,
+}
+
+/// Requests waiting for an endpoint below `max_connections`, per cluster and worker; shared
+/// by the balancers of a cluster across reloads, like the endpoints' state.
+#[derive(Default)]
+pub struct Queue {
+    waiters: WakeList,
+    queued: Cell<usize>,
 }
 
 /// Counts one request in flight to an endpoint until dropped, however the request ends (a
-/// response relayed, an error, a client gone, or a panic unwinding the connection task).
+/// response relayed, an error, a client gone, or a panic unwinding the connection task);
+/// the drop lets a queued request look for room again.
 #[derive(Debug)]
-pub struct InFlight(Rc<EndpointState>);
+pub struct InFlight(Rc<EndpointState>, Rc<Queue>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.set(self.0.inflight.get().saturating_sub(1));
+        if self.1.queued.get() > 0 {
+            self.1.waiters.wake_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Queue({} waiting)", self.queued.get())
+    }
+}
+
+/// A place in the queue, given back however the wait ends (the client may go away).
+struct Queued<'a>(&'a Queue);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.set(self.0.queued.get() - 1);
     }
 }
 
@@ -100,11 +132,23 @@ pub struct Balancer {
     rng: Cell<u64>,
     outlier: Option<Outlier>,
     endpoints: Vec<Rc<EndpointState>>,
+    max_connections: Option<u32>,
+    max_queue: usize,
+    queue: Rc<Queue>,
+    slow_start: Option<Duration>,
 }
 
 /// Why no endpoint could be picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoHealthyEndpoint;
+pub enum Unavailable {
+    /// No endpoint is healthy (and the cluster does not fail open), or there is none yet.
+    NoHealthyEndpoint,
+    /// Every usable endpoint has `max_connections` requests in flight on this worker.
+    Full,
+}
+
+/// Weights are scaled by this internally, so that slow start can ramp a weight of 1.
+const WEIGHT_SCALE: u64 = 100;
 
 impl Balancer {
     /// `worker` spreads workers over different first picks of the round robin; `seed` starts
@@ -113,14 +157,23 @@ impl Balancer {
     /// their state.
     pub fn new(cluster: &Cluster, worker: usize, seed: u64, previous: Option<&Balancer>) -> Self {
         let n = cluster.endpoints.len();
+        let now = Instant::now();
         let endpoints = cluster
             .endpoints
             .iter()
             .map(|addr| {
-                previous
+                let kept = previous
                     .and_then(|p| p.addrs.iter().position(|a| a == addr).map(|j| &p.endpoints[j]))
-                    .map(Rc::clone)
-                    .unwrap_or_default()
+                    .map(Rc::clone);
+                kept.unwrap_or_else(|| {
+                    let e = EndpointState::default();
+                    // New since the last view (a reload or DNS added it): slow start. Not at
+                    // startup, where every endpoint is new.
+                    if previous.is_some() && cluster.slow_start.is_some() {
+                        e.ramp_from.set(Some(now));
+                    }
+                    Rc::new(e)
+                })
             })
             .collect();
         let b = Balancer {
@@ -132,11 +185,15 @@ impl Balancer {
             rng: Cell::new(hash64(("apex-rng", worker, seed)) | 1),
             outlier: cluster.outlier.clone(),
             endpoints,
+            max_connections: cluster.max_connections,
+            max_queue: cluster.max_queue,
+            queue: previous.map(|p| Rc::clone(&p.queue)).unwrap_or_default(),
+            slow_start: cluster.slow_start,
         };
         // Start each worker at a different point of the smooth round robin sequence.
         if matches!(b.policy, Policy::RoundRobin) && n > 0 {
             for _ in 0..worker % n.max(1) {
-                b.smooth_round_robin(&|_| true);
+                b.smooth_round_robin(&|_| true, now);
             }
         }
         b
@@ -176,21 +233,37 @@ impl Balancer {
         healthy: Option<&[bool]>,
         fail_open: bool,
         tried: &[usize],
-    ) -> Result<usize, NoHealthyEndpoint> {
+    ) -> Result<usize, Unavailable> {
         let n = self.weights.len();
         if n == 0 {
             // A cluster whose DNS names have not resolved yet.
-            return Err(NoHealthyEndpoint);
+            return Err(Unavailable::NoHealthyEndpoint);
         }
         let now = Instant::now();
         let is_healthy = |i: usize| healthy.is_none_or(|h| h.get(i).copied().unwrap_or(true));
+        if self.slow_start.is_some() && healthy.is_some() {
+            // A recovery starts a slow start.
+            for i in 0..n {
+                let down = !is_healthy(i);
+                let e = &self.endpoints[i];
+                if e.was_unhealthy.get() && !down {
+                    e.ramp_from.set(Some(now));
+                }
+                e.was_unhealthy.set(down);
+            }
+        }
         let any_healthy = (0..n).any(is_healthy);
         if !any_healthy && !fail_open {
-            return Err(NoHealthyEndpoint);
+            return Err(Unavailable::NoHealthyEndpoint);
         }
-        // Usable: healthy (or everything is down and we fail open), not ejected, not tried.
-        // Each restriction is dropped in turn when it would leave nothing.
-        let base = |i: usize| !any_healthy || is_healthy(i);
+        // Usable: healthy (or everything is down and we fail open) and below max_connections,
+        // then not ejected, not tried. Each of the last two restrictions is dropped in turn
+        // when it would leave nothing; max_connections never is.
+        let room = |i: usize| self.has_room(i);
+        if !(0..n).any(|i| (!any_healthy || is_healthy(i)) && room(i)) {
+            return Err(Unavailable::Full);
+        }
+        let base = |i: usize| (!any_healthy || is_healthy(i)) && room(i);
         let fresh = |i: usize| base(i) && !tried.contains(&i);
         let best = |i: usize| fresh(i) && !self.ejected(i, now);
         if let Some((ring, key)) = ring {
@@ -199,7 +272,7 @@ impl Balancer {
                 .walk(key)
                 .find(|&i| best(i))
                 .or_else(|| ring.walk(key).find(|&i| base(i)))
-                .ok_or(NoHealthyEndpoint);
+                .ok_or(Unavailable::NoHealthyEndpoint);
         }
         // No allocation per request: the policies take the predicate itself.
         let usable: &dyn Fn(usize) -> bool = if (0..n).any(best) {
@@ -210,15 +283,16 @@ impl Balancer {
             &base
         };
         Ok(match &self.policy {
-            Policy::RoundRobin => self.smooth_round_robin(usable),
+            Policy::RoundRobin => self.smooth_round_robin(usable, now),
             // Without a key a consistent-hash request is balanced at random.
-            Policy::Random | Policy::ConsistentHash(_) => self.weighted_random(usable),
+            Policy::Random | Policy::ConsistentHash(_) => self.weighted_random(usable, now),
             Policy::LeastRequest => {
-                let a = self.weighted_random(usable);
-                let b = self.weighted_random(usable);
+                let a = self.weighted_random(usable, now);
+                let b = self.weighted_random(usable, now);
                 // Fewer in flight per unit of weight wins.
                 let load = |i: usize| {
-                    u64::from(self.endpoints[i].inflight.get()) * 1000 / u64::from(self.weights[i])
+                    u64::from(self.endpoints[i].inflight.get()) * 1000 * WEIGHT_SCALE
+                        / self.weight(i, now)
                 };
                 if load(b) < load(a) {
                     b
@@ -229,11 +303,50 @@ impl Balancer {
         })
     }
 
-    fn smooth_round_robin(&self, usable: &dyn Fn(usize) -> bool) -> usize {
+    /// Endpoint `i`'s weight now (scaled by `WEIGHT_SCALE`): during a slow start, from 10% of
+    /// its configured weight to all of it, linearly.
+    fn weight(&self, i: usize, now: Instant) -> u64 {
+        let full = u64::from(self.weights[i]) * WEIGHT_SCALE;
+        let (Some(window), Some(from)) = (self.slow_start, self.endpoints[i].ramp_from.get())
+        else {
+            return full;
+        };
+        let elapsed = now.saturating_duration_since(from);
+        if elapsed >= window {
+            return full;
+        }
+        let permille = 100 + 900 * elapsed.as_micros() as u64 / window.as_micros().max(1) as u64;
+        (full * permille / 1000).max(1)
+    }
+
+    /// Requests waiting in this cluster's queue on this worker.
+    pub fn queued(&self) -> usize {
+        self.queue.queued.get()
+    }
+
+    /// Whether endpoint `i` is below `max_connections` on this worker.
+    fn has_room(&self, i: usize) -> bool {
+        self.max_connections.is_none_or(|m| self.endpoints[i].inflight.get() < m)
+    }
+
+    /// Waits, in the cluster's queue, until an endpoint may have room (then the caller picks
+    /// again) or until `deadline`. `false` at once when the queue is full, and at the deadline.
+    pub async fn wait_for_room(&self, timers: &IdleTimers, deadline: Instant) -> bool {
+        let q = &self.queue;
+        if q.queued.get() >= self.max_queue {
+            return false;
+        }
+        q.queued.set(q.queued.get() + 1);
+        let _place = Queued(q);
+        let room = q.waiters.until(|| (0..self.endpoints.len()).any(|i| self.has_room(i)));
+        matches!(race(room, timers.until(deadline)).await, Either::Left(()))
+    }
+
+    fn smooth_round_robin(&self, usable: &dyn Fn(usize) -> bool, now: Instant) -> usize {
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for i in (0..self.weights.len()).filter(|&i| usable(i)) {
-            let w = i64::from(self.weights[i]);
+            let w = self.weight(i, now) as i64;
             let c = self.current[i].get() + w;
             self.current[i].set(c);
             total += w;
@@ -246,15 +359,15 @@ impl Balancer {
         b
     }
 
-    fn weighted_random(&self, usable: &dyn Fn(usize) -> bool) -> usize {
+    fn weighted_random(&self, usable: &dyn Fn(usize) -> bool, now: Instant) -> usize {
         let n = self.weights.len();
-        let total: u64 = (0..n).filter(|&i| usable(i)).map(|i| u64::from(self.weights[i])).sum();
+        let total: u64 = (0..n).filter(|&i| usable(i)).map(|i| self.weight(i, now)).sum();
         if total == 0 {
             return 0;
         }
         let mut r = self.next_random() % total;
         for i in (0..n).filter(|&i| usable(i)) {
-            let w = u64::from(self.weights[i]);
+            let w = self.weight(i, now);
             if r < w {
                 return i;
             }
@@ -267,7 +380,7 @@ impl Balancer {
     pub fn started(&self, i: usize) -> InFlight {
         let e = &self.endpoints[i];
         e.inflight.set(e.inflight.get() + 1);
-        InFlight(Rc::clone(e))
+        InFlight(Rc::clone(e), Rc::clone(&self.queue))
     }
 
     /// Passive health: records how an attempt on endpoint `i` went. Returns the ejection time
@@ -302,6 +415,10 @@ impl Balancer {
         let factor = 1u32 << p.ejections.get().min(16);
         let time = (o.base_ejection * factor).min(o.max_ejection);
         p.ejected_until.set(Some(now + time));
+        // Back after the ejection: slow start from then.
+        if self.slow_start.is_some() {
+            p.ramp_from.set(Some(now + time));
+        }
         p.ejections.set(p.ejections.get() + 1);
         p.failures.set(0);
         p.connect_failures.set(0);
@@ -416,7 +533,10 @@ mod tests {
         // A second endpoint may not be ejected: 50% of 3 is one.
         b.report(2, Outcome::Failed);
         assert_eq!(b.report(2, Outcome::Failed), None);
-        assert_eq!(b.pick(None, Some(&[false, false, false]), false, &[]), Err(NoHealthyEndpoint));
+        assert_eq!(
+            b.pick(None, Some(&[false, false, false]), false, &[]),
+            Err(Unavailable::NoHealthyEndpoint)
+        );
         assert!(b.pick(None, Some(&[false, false, false]), true, &[]).is_ok(), "fail open");
     }
 
@@ -435,5 +555,39 @@ mod tests {
             })
             .count();
         assert!(kept >= 8_500, "kept {kept} of 10000");
+    }
+
+    #[test]
+    fn max_connections_is_a_hard_limit_per_endpoint() {
+        let mut c = cluster(&[1, 1], Policy::RoundRobin);
+        c.max_connections = Some(1);
+        let b = Balancer::new(&c, 0, 7, None);
+        let first = b.pick(None, None, true, &[]).unwrap();
+        let g1 = b.started(first);
+        let second = b.pick(None, None, true, &[]).unwrap();
+        assert_ne!(first, second, "the full endpoint is skipped");
+        let g2 = b.started(second);
+        assert_eq!(b.pick(None, None, true, &[]), Err(Unavailable::Full));
+        // Even a retry that tried every endpoint does not go over the limit.
+        assert_eq!(b.pick(None, None, true, &[0, 1]), Err(Unavailable::Full));
+        drop(g1);
+        assert_eq!(b.pick(None, None, true, &[]), Ok(first), "room again once one finishes");
+        drop(g2);
+    }
+
+    #[test]
+    fn slow_start_ramps_an_added_endpoint_from_a_tenth_of_its_weight() {
+        let mut c = cluster(&[4], Policy::RoundRobin);
+        c.slow_start = Some(Duration::from_secs(10));
+        let before = Balancer::new(&c, 0, 7, None);
+        assert_eq!(before.weight(0, Instant::now()), 400, "no slow start at startup");
+        let mut next = cluster(&[4, 4], Policy::RoundRobin);
+        next.slow_start = c.slow_start;
+        let after = Balancer::new(&next, 0, 7, Some(&before));
+        let from = after.endpoints[1].ramp_from.get().expect("the added one ramps");
+        assert_eq!(after.weight(0, from), 400, "the one that stayed does not");
+        assert_eq!(after.weight(1, from), 40);
+        assert_eq!(after.weight(1, from + Duration::from_secs(5)), 220);
+        assert_eq!(after.weight(1, from + Duration::from_secs(10)), 400);
     }
 }

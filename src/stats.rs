@@ -47,6 +47,9 @@ pub struct ClusterStats {
     pub retries_skipped: Cell<u64>,
     pub pool_hits: Cell<u64>,
     pub pool_misses: Cell<u64>,
+    /// Requests answered 503 because every endpoint was at `max_connections` and the queue
+    /// was full or the wait timed out.
+    pub queue_rejected: Cell<u64>,
     /// Cumulative counts per bucket of [`LATENCY_BUCKETS`], plus +Inf at the end.
     pub latency: [Cell<u64>; 13],
     pub latency_sum_us: Cell<u64>,
@@ -62,6 +65,9 @@ impl ClusterStats {
     }
     pub fn connect_error(&self) {
         bump(&self.connect_errors);
+    }
+    pub fn queue_rejected(&self) {
+        bump(&self.queue_rejected);
     }
     pub fn timeout(&self) {
         bump(&self.timeouts);
@@ -176,6 +182,8 @@ pub struct StatsReport {
     pub cert_expiry: BTreeMap<(String, String), i64>,
     /// `(cluster, endpoint)` → workers that have the endpoint ejected now.
     pub ejected: BTreeMap<(String, String), u64>,
+    /// Cluster → requests waiting for an endpoint below `max_connections`, over all workers.
+    pub queue_depth: BTreeMap<String, u64>,
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
     /// clusters with health checks. Filled by the control plane, not by workers.
     pub healthy: BTreeMap<(String, String), u64>,
@@ -193,6 +201,7 @@ pub struct ClusterTotals {
     pub retries_skipped: u64,
     pub pool_hits: u64,
     pub pool_misses: u64,
+    pub queue_rejected: u64,
     pub latency: [u64; 13],
     pub latency_sum_us: u64,
 }
@@ -211,6 +220,7 @@ impl ClusterTotals {
         self.retries_skipped += s.retries_skipped.get();
         self.pool_hits += s.pool_hits.get();
         self.pool_misses += s.pool_misses.get();
+        self.queue_rejected += s.queue_rejected.get();
         self.latency_sum_us += s.latency_sum_us.get();
     }
 
@@ -227,6 +237,7 @@ impl ClusterTotals {
         self.retries_skipped += o.retries_skipped;
         self.pool_hits += o.pool_hits;
         self.pool_misses += o.pool_misses;
+        self.queue_rejected += o.queue_rejected;
         self.latency_sum_us += o.latency_sum_us;
     }
 }
@@ -288,6 +299,9 @@ impl StatsReport {
         for (k, v) in &o.ejected {
             *self.ejected.entry(k.clone()).or_default() += v;
         }
+        for (k, v) in &o.queue_depth {
+            *self.queue_depth.entry(k.clone()).or_default() += v;
+        }
         for (k, v) in &o.healthy {
             self.healthy.insert(k.clone(), *v);
         }
@@ -311,7 +325,7 @@ impl StatsReport {
                 }
             }
         }
-        let counters: [CounterSeries; 6] = [
+        let counters: [CounterSeries; 7] = [
             ("apex_upstream_connect_errors_total", "Failed upstream connects.", |c| {
                 c.connect_errors
             }),
@@ -332,6 +346,11 @@ impl StatsReport {
             ("apex_pool_misses_total", "Requests that opened a new upstream connection.", |c| {
                 c.pool_misses
             }),
+            (
+                "apex_upstream_queue_rejected_total",
+                "Requests answered 503: every endpoint at max_connections, and the queue full or the wait over.",
+                |c| c.queue_rejected,
+            ),
         ];
         for (name, help, get) in counters {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -424,6 +443,10 @@ impl StatsReport {
                 esc(listener),
                 esc(cert)
             );
+        }
+        o.push_str("# HELP apex_upstream_queue_depth Requests waiting for an endpoint below max_connections.\n# TYPE apex_upstream_queue_depth gauge\n");
+        for (cluster, n) in &self.queue_depth {
+            let _ = writeln!(o, "apex_upstream_queue_depth{{cluster=\"{}\"}} {n}", esc(cluster));
         }
         let dns = [
             (

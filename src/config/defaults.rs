@@ -26,6 +26,10 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const WORKER_CONNECTIONS: usize = 10_000;
 /// After SIGTERM/SIGINT, in-flight requests get this long before the process exits anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// With `max_connections`: requests per cluster and worker that may wait for a free endpoint,
+/// and for how long (HAProxy's `timeout queue` defaults to the connect timeout; so does this).
+pub const MAX_QUEUE: usize = 128;
+pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 /// DNS endpoints: a record's TTL is raised to `DNS_MIN_TTL` (Consul answers with TTL 0; this
 /// keeps it at one query per name every 5 s, Envoy's refresh rate) and lowered to
 /// `DNS_MAX_TTL` (a removed endpoint keeps traffic at most this long).

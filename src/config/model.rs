@@ -406,6 +406,17 @@ pub struct Cluster {
     pub send_proxy_protocol: bool,
     /// TLS to the endpoints.
     pub tls: Option<UpstreamTls>,
+    /// Requests in flight per endpoint on each worker; `None`: no limit.
+    pub max_connections: Option<u32>,
+    /// Requests a worker lets wait for an endpoint below `max_connections`; more get 503.
+    pub max_queue: usize,
+    /// How long a request waits in that queue before it gets 503.
+    pub queue_timeout: Duration,
+    /// Requests an upstream connection carries before it is closed; `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
+    /// An endpoint added (by a reload or DNS) or back from unhealthy or ejected ramps its
+    /// weight from 10% to 100% over this long; `None`: at once.
+    pub slow_start: Option<Duration>,
 }
 
 /// How a cluster speaks TLS to its endpoints; each worker builds its own rustls client config
@@ -438,6 +449,11 @@ impl Cluster {
             pool_idle_timeout: defaults::POOL_IDLE_TIMEOUT,
             send_proxy_protocol: false,
             tls: None,
+            max_connections: None,
+            max_queue: defaults::MAX_QUEUE,
+            queue_timeout: defaults::QUEUE_TIMEOUT,
+            max_requests_per_connection: None,
+            slow_start: None,
         }
     }
 }

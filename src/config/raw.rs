@@ -428,6 +428,18 @@ pub struct RawCluster {
     pub proxy_protocol: Option<String>,
     #[serde(default)]
     pub tls: Option<RawUpstreamTls>,
+    /// Requests in flight per endpoint and worker; more wait in the cluster's queue.
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    #[serde(default)]
+    pub max_queue: Option<i64>,
+    #[serde(default)]
+    pub queue_timeout: Option<String>,
+    /// Requests per upstream connection before it is closed instead of pooled.
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    #[serde(default)]
+    pub slow_start: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

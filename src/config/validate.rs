@@ -369,7 +369,46 @@ impl<'a> Validator<'a> {
             }
         };
         let tls = self.upstream_tls(&p, &c.tls);
+        let max_connections = c.max_connections.map(|_| {
+            self.count(
+                format!("{p}.max_connections"),
+                c.max_connections,
+                1,
+                1,
+                1_000_000,
+                "from 1 to 1000000",
+            )
+        });
+        let max_queue = self.count(
+            format!("{p}.max_queue"),
+            c.max_queue,
+            defaults::MAX_QUEUE as u32,
+            0,
+            1_000_000,
+            "from 0 to 1000000",
+        ) as usize;
+        let queue_timeout =
+            self.duration(format!("{p}.queue_timeout"), &c.queue_timeout, defaults::QUEUE_TIMEOUT);
+        let max_requests_per_connection = c.max_requests_per_connection.map(|_| {
+            self.count(
+                format!("{p}.max_requests_per_connection"),
+                c.max_requests_per_connection,
+                1,
+                1,
+                i64::from(u32::MAX),
+                "from 1 to 4294967295",
+            )
+        });
+        let slow_start = c
+            .slow_start
+            .as_ref()
+            .map(|_| self.duration(format!("{p}.slow_start"), &c.slow_start, Duration::ZERO));
         Cluster {
+            max_connections,
+            max_queue,
+            queue_timeout,
+            max_requests_per_connection,
+            slow_start,
             tls,
             send_proxy_protocol,
             name: c.name.clone(),

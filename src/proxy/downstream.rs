@@ -558,6 +558,7 @@ pub async fn serve_requests<R: Runtime>(
                     client_addr: peer,
                     bufs: &mut bufs,
                     tunnel: None,
+                    upstream_uses: 0,
                 };
                 // Boxed: the forwarding state machine is large, and unboxed it would be part of
                 // every idle connection's task (a future is as large as its largest await point).

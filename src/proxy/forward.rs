@@ -13,7 +13,7 @@ use super::relay::{read_response_head, relay_response, ResponsePlan};
 use super::request::{body_over_limit, Served, Timeouts};
 use super::transport::Transport;
 use super::Forward;
-use crate::balance::Outcome;
+use crate::balance::{Outcome, Unavailable};
 use crate::config::lb::RetryOn;
 use crate::http::body::BodyRelay;
 use crate::proxy_protocol::encode_v2;
@@ -84,13 +84,34 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
     loop {
         // pick_upstream
         let on_ring = ring.zip(f.target.hash_key);
-        let Ok(i) = balancer.pick(on_ring, healthy, fail_open, &tried[..attempts]) else {
-            // Rate-limited like upstream failures: in an outage every request comes here.
-            let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
-            if f.worker.failures.admit(nowhere, "no healthy endpoint", Instant::now()) {
-                warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
+        let mut queued_until = None;
+        let i = loop {
+            match balancer.pick(on_ring, healthy, fail_open, &tried[..attempts]) {
+                Ok(i) => break i,
+                Err(Unavailable::NoHealthyEndpoint) => {
+                    // Rate-limited like upstream failures: in an outage every request comes here.
+                    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+                    if f.worker.failures.admit(nowhere, "no healthy endpoint", Instant::now()) {
+                        warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
+                    }
+                    return answer(f, ProxyError::NoHealthyEndpoint.status(), body.is_done(), None)
+                        .await;
+                }
+                Err(Unavailable::Full) => {
+                    // Every endpoint is at max_connections on this worker: wait in the
+                    // cluster's queue (one deadline for the whole wait), then 503.
+                    let until =
+                        *queued_until.get_or_insert_with(|| Instant::now() + cluster.queue_timeout);
+                    if !balancer.wait_for_room(&f.worker.idle, until).await {
+                        stats.queue_rejected();
+                        let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+                        if f.worker.failures.admit(nowhere, "endpoints full", Instant::now()) {
+                            warn!(cluster = %cluster.name, "every endpoint at max_connections and the queue full or timed out: answering 503");
+                        }
+                        return answer(f, 503, body.is_done(), None).await;
+                    }
+                }
             }
-            return answer(f, ProxyError::NoHealthyEndpoint.status(), body.is_done(), None).await;
         };
         tried[attempts] = i;
         attempts += 1;
@@ -281,8 +302,9 @@ async fn attempt<R: Runtime>(
             stats.pool(reused);
         }
         let may_replay = reused && stale_replay && !retried;
+        f.upstream_uses = pooled.as_ref().map_or(1, |p| p.1.saturating_add(1));
         let mut up = match pooled {
-            Some(s) => s,
+            Some((s, _)) => s,
             None => {
                 let connected = connect_upstream::<R>(addr, timeouts.connect).await;
                 let connected = match connected {

@@ -59,6 +59,8 @@ pub struct Forward<'a, R: Runtime> {
     pub bufs: &'a mut Buffers,
     /// After a `101`: the upstream connection that becomes a tunnel with the client.
     pub tunnel: Option<transport::Transport<R::Stream>>,
+    /// Requests the current upstream connection has carried, this one included.
+    pub upstream_uses: u32,
 }
 
 /// What one worker serves from: the snapshot plus this worker's own per-snapshot state.
@@ -251,6 +253,9 @@ impl<R: Runtime> Worker<R> {
         r.access_log_dropped = self.access.as_ref().map_or(0, |l| l.dropped());
         let view = self.view.borrow();
         for (c, b) in view.snap.config.clusters.iter().zip(&view.balancers) {
+            if c.max_connections.is_some() {
+                r.queue_depth.insert(c.name.clone(), b.queued() as u64);
+            }
             for (i, addr) in b.addrs().iter().enumerate() {
                 let key = (c.name.clone(), addr.to_string());
                 r.ejected.insert(key, u64::from(b.is_ejected(i)));

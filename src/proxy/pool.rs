@@ -11,6 +11,8 @@ use super::io::Stream;
 struct Idle<S> {
     stream: S,
     since: Instant,
+    /// Requests the connection has carried (for `max_requests_per_connection`).
+    uses: u32,
 }
 
 /// Keyed by endpoint address, so idle connections outlive a config reload that keeps the
@@ -35,7 +37,7 @@ impl<S: Stream> Pool<S> {
         addr: SocketAddr,
         idle_timeout: Duration,
         check_stale: bool,
-    ) -> Option<S> {
+    ) -> Option<(S, u32)> {
         let mut idle = self.idle.borrow_mut();
         let stack = idle.get_mut(&addr)?;
         let now = Instant::now();
@@ -46,7 +48,7 @@ impl<S: Stream> Pool<S> {
                 return None;
             }
             if !check_stale || !c.stream.is_stale() {
-                return Some(c.stream);
+                return Some((c.stream, c.uses));
             }
         }
         None
@@ -54,7 +56,7 @@ impl<S: Stream> Pool<S> {
 
     /// Returns a connection that finished a response cleanly. At the cap the oldest idle
     /// connection is closed: it is the one most likely to be closed by the upstream anyway.
-    pub fn checkin(&self, addr: SocketAddr, stream: S, max_idle: usize) {
+    pub fn checkin(&self, addr: SocketAddr, stream: S, uses: u32, max_idle: usize) {
         if max_idle == 0 {
             return;
         }
@@ -63,7 +65,7 @@ impl<S: Stream> Pool<S> {
         if stack.len() >= max_idle {
             stack.remove(0);
         }
-        stack.push(Idle { stream, since: Instant::now() });
+        stack.push(Idle { stream, since: Instant::now(), uses });
     }
 
     /// Housekeeping: closes idle connections older than `keep_for(addr)`, those the upstream

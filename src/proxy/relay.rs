@@ -396,10 +396,12 @@ async fn relay_compressed<R: Runtime>(
 }
 
 /// Returns a connection that finished a response cleanly to the worker's pool, unless it
-/// carries one client's PROXY header.
+/// carries one client's PROXY header or has carried `max_requests_per_connection` requests
+/// (then it closes here).
 fn give_back<R: Runtime>(f: &Forward<'_, R>, addr: SocketAddr, up: Transport<R::Stream>) {
     let cluster = &f.view.snap.config.clusters[f.target.cluster];
-    if !cluster.send_proxy_protocol {
-        f.worker.pool.checkin(addr, up, cluster.pool_max_idle);
+    let worn_out = cluster.max_requests_per_connection.is_some_and(|m| f.upstream_uses >= m);
+    if !cluster.send_proxy_protocol && !worn_out {
+        f.worker.pool.checkin(addr, up, f.upstream_uses, cluster.pool_max_idle);
     }
 }
