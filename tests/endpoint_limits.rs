@@ -42,11 +42,10 @@ fn send(addr: std::net::SocketAddr) -> std::thread::JoinHandle<(u16, Duration)> 
 
 fn max_connections_queues_then_answers_503(rt: &str) {
     let (up, arrived, release) = gated();
-    let yaml = with_admin(&cluster(
-        &[up.addr],
-        "    max_connections: 1\n    max_queue: 1\n    queue_timeout: 500ms\n",
-    ));
-    let mut apex = Apex::start(&yaml, rt);
+    // A long queue timeout first: the queued request must go on when room frees up, not when
+    // its wait runs out.
+    let limits = "    max_connections: 1\n    max_queue: 1\n    queue_timeout: 5s\n";
+    let mut apex = Apex::start(&with_admin(&cluster(&[up.addr], limits)), rt);
     let at = admin_addr(&mut apex);
     let depth = "apex_upstream_queue_depth{cluster=\"backend\"}";
 
@@ -70,11 +69,20 @@ fn max_connections_queues_then_answers_503(rt: &str) {
     // The first one finishing lets the queued one through.
     release.send(()).unwrap();
     assert_eq!(a.join().unwrap().0, 200);
-    arrived.recv_timeout(PATIENCE).expect("the queued request went on when there was room");
+    arrived
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the queued request went on as soon as there was room");
     release.send(()).unwrap();
     assert_eq!(b.join().unwrap().0, 200);
+    assert_eq!(
+        metric(&metrics(at), "apex_upstream_queue_rejected_total{cluster=\"backend\"}"),
+        Some(1)
+    );
 
     // A queued request that finds no room within queue_timeout gets 503.
+    let limits = limits.replace("5s", "500ms");
+    let outcome = apex.reload_with(&with_admin(&cluster(&[up.addr], &limits)));
+    assert!(outcome.contains("config reloaded"), "{outcome}");
     let held = send(apex.addr);
     arrived.recv_timeout(PATIENCE).unwrap();
     let (status, waited) = send(apex.addr).join().unwrap();
