@@ -590,4 +590,20 @@ mod tests {
         assert_eq!(after.weight(1, from + Duration::from_secs(5)), 220);
         assert_eq!(after.weight(1, from + Duration::from_secs(10)), 400);
     }
+
+    #[test]
+    fn slow_start_follows_a_recovery_from_unhealthy_and_from_an_ejection() {
+        let mut c = cluster(&[1, 1], Policy::RoundRobin);
+        c.slow_start = Some(Duration::from_secs(10));
+        let b = Balancer::new(&c, 0, 7, None);
+        b.pick(None, Some(&[true, false]), true, &[]).unwrap();
+        assert!(b.endpoints[1].ramp_from.get().is_none(), "down: nothing to ramp yet");
+        b.pick(None, Some(&[true, true]), true, &[]).unwrap();
+        let from = b.endpoints[1].ramp_from.get().expect("healthy again: ramps");
+        assert_eq!(b.weight(1, from), 10);
+        let ejected_for = b.report(0, Outcome::ConnectFailed).expect("ejected");
+        let back = b.endpoints[0].ramp_from.get().expect("ramps once the ejection ends");
+        assert!(back >= Instant::now() + ejected_for - Duration::from_secs(1));
+        assert_eq!(b.weight(0, back), 10);
+    }
 }
