@@ -97,6 +97,14 @@ fn serve(mut s: TcpStream, events: &Sender<Lifecycle>) -> io::Result<()> {
     let unavailable = || "the main thread did not answer\n".to_string();
     match (method.as_str(), path.as_str()) {
         ("GET", "/healthz") => respond(&mut s, 200, "text/plain", "ok\n"),
+        ("GET", "/") => match ask(events, Lifecycle::Status) {
+            Some(status) => respond(&mut s, 200, "text/html; charset=utf-8", &status.to_html()),
+            None => respond(&mut s, 503, "text/plain", &unavailable()),
+        },
+        ("GET", "/endpoints") => match ask(events, Lifecycle::Status) {
+            Some(status) => respond(&mut s, 200, "application/json", &status.to_json()),
+            None => respond(&mut s, 503, "text/plain", &unavailable()),
+        },
         ("GET", "/metrics") => match ask(events, Lifecycle::Scrape) {
             Some(text) => respond(&mut s, 200, "text/plain; version=0.0.4", &text),
             None => respond(&mut s, 503, "text/plain", &unavailable()),
@@ -112,14 +120,14 @@ fn serve(mut s: TcpStream, events: &Sender<Lifecycle>) -> io::Result<()> {
             Some(Err(e)) => respond(&mut s, 400, "text/plain", &format!("{e}\n")),
             None => respond(&mut s, 503, "text/plain", &unavailable()),
         },
-        (_, "/healthz" | "/metrics" | "/config" | "/reload") => {
+        (_, "/" | "/endpoints" | "/healthz" | "/metrics" | "/config" | "/reload") => {
             respond(&mut s, 405, "text/plain", "method not allowed\n")
         }
         _ => respond(
             &mut s,
             404,
             "text/plain",
-            "not found: try /metrics, /healthz, /config, POST /reload\n",
+            "not found: try /, /endpoints, /metrics, /healthz, /config, POST /reload\n",
         ),
     }
 }

@@ -71,6 +71,7 @@ pub struct EndpointState {
     ramp_from: Cell<Option<Instant>>,
     /// The active health verdict last seen, to notice a recovery (slow start).
     was_unhealthy: Cell<bool>,
+    pub counters: crate::stats::EndpointCounters,
 }
 
 /// Requests waiting for an endpoint below `max_connections`, per cluster and worker; shared
@@ -317,6 +318,21 @@ impl Balancer {
         }
         let permille = 100 + 900 * elapsed.as_micros() as u64 / window.as_micros().max(1) as u64;
         (full * permille / 1000).max(1)
+    }
+
+    /// Counts an attempt on endpoint `i` in its per-endpoint series.
+    pub fn record(&self, i: usize, failed: bool, took: Duration) {
+        self.endpoints[i].counters.record(failed, took);
+    }
+
+    /// Endpoint `i`'s counters on this worker.
+    pub fn totals(&self, i: usize) -> crate::stats::EndpointTotals {
+        self.endpoints[i].counters.totals()
+    }
+
+    /// Endpoint `i`'s weight now, slow start included (for the status page).
+    pub fn current_weight(&self, i: usize) -> f64 {
+        self.weight(i, Instant::now()) as f64 / WEIGHT_SCALE as f64
     }
 
     /// Requests waiting in this cluster's queue on this worker.

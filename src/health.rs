@@ -32,6 +32,11 @@ pub struct HealthMap {
 
 pub type SharedHealth = Arc<ArcSwap<HealthMap>>;
 
+/// The last probe of each checked endpoint, for the status page: whether it passed and when.
+/// Apart from the verdicts (workers never read this, so publishing it per probe costs them
+/// nothing).
+pub type SharedProbes = Arc<ArcSwap<HashMap<(String, SocketAddr), (bool, std::time::SystemTime)>>>;
+
 /// How often the checker looks for config changes (new, changed or removed checks) and for
 /// the order to stop.
 const LOOK_EVERY: Duration = Duration::from_millis(250);
@@ -111,7 +116,11 @@ async fn probe_loop(
 
 /// Starts the checker thread. It follows config reloads (it reads the published snapshot every
 /// `LOOK_EVERY`) and ends when `stop` is dropped.
-pub fn start(config: SharedSnapshot, health: SharedHealth) -> std::io::Result<mpsc::Sender<()>> {
+pub fn start(
+    config: SharedSnapshot,
+    health: SharedHealth,
+    probes: SharedProbes,
+) -> std::io::Result<mpsc::Sender<()>> {
     let (stop, stopped) = mpsc::channel::<()>();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new()
@@ -119,12 +128,18 @@ pub fn start(config: SharedSnapshot, health: SharedHealth) -> std::io::Result<mp
         // Probe tasks are local to this thread: a probe's stream (the proxy's `Transport`)
         // need not be `Send`.
         .spawn(move || {
-            tokio::task::LocalSet::new().block_on(&rt, check(config, health, stopped))
+            tokio::task::LocalSet::new().block_on(&rt, check(config, health, probes, stopped))
         })?;
     Ok(stop)
 }
 
-async fn check(config: SharedSnapshot, health: SharedHealth, stopped: mpsc::Receiver<()>) {
+async fn check(
+    config: SharedSnapshot,
+    health: SharedHealth,
+    probes: SharedProbes,
+    stopped: mpsc::Receiver<()>,
+) {
+    let mut last: HashMap<(String, SocketAddr), (bool, std::time::SystemTime)> = HashMap::new();
     let (results_tx, mut results) = unbounded_channel::<(Key, bool)>();
     let mut probers: HashMap<Key, Prober> = HashMap::new();
     let mut generation = 0u64;
@@ -184,6 +199,9 @@ async fn check(config: SharedSnapshot, health: SharedHealth, stopped: mpsc::Rece
         let until = Instant::now() + LOOK_EVERY;
         while let Ok(Some((key, ok))) = tokio::time::timeout_at(until, results.recv()).await {
             let Some(p) = probers.get_mut(&key) else { continue };
+            last.insert(key.clone(), (ok, std::time::SystemTime::now()));
+            last.retain(|k, _| live.contains(k));
+            probes.store(Arc::new(last.clone()));
             if ok == p.healthy {
                 p.streak = 0;
                 continue;

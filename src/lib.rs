@@ -22,6 +22,7 @@ pub mod routing;
 pub mod runtime;
 pub mod snapshot;
 pub mod stats;
+pub mod status;
 pub mod timefmt;
 pub mod tls;
 pub mod upgrade;

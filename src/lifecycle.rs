@@ -17,6 +17,8 @@ pub enum Lifecycle {
     Reload(Option<Sender<Result<String, String>>>),
     /// `GET /metrics`: the summed counters of every worker, as Prometheus text.
     Scrape(Sender<String>),
+    /// `GET /` and `GET /endpoints`: every cluster's endpoints with state and traffic.
+    Status(Sender<crate::status::Status>),
     /// `GET /config`: the active config's text, hash and load time.
     ShowConfig(Sender<String>),
     /// SIGUSR1: reopen the access log file (after logrotate moved it).

@@ -204,6 +204,7 @@ fn quick_proxy_config(q: &ProxyArgs) -> anyhow::Result<Config> {
         admin: None,
         access_log: None,
         dns: config::DnsSettings::default(),
+        max_endpoint_series: config::defaults::MAX_ENDPOINT_SERIES,
         listeners: vec![Listener::with_defaults("proxy", listen)],
         routes: vec![Route {
             name: "proxy".into(),
@@ -380,6 +381,9 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
                     let _ = log.send(apex::access_log::LogMessage::Reopen);
                     info!("access log reopened");
                 }
+            }
+            Ok(Lifecycle::Status(reply)) => {
+                let _ = reply.send(server.status());
             }
             Ok(Lifecycle::Scrape(reply)) => {
                 let _ = reply.send(server.scrape().to_prometheus());

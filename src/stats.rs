@@ -15,6 +15,83 @@ use std::time::Duration;
 pub const LATENCY_BUCKETS: [f64; 12] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
+/// One endpoint's counters on one worker (kept with the balancer's endpoint state, so they
+/// follow the endpoint across reloads and vanish with it).
+#[derive(Debug, Default)]
+pub struct EndpointCounters {
+    requests: Cell<u64>,
+    /// 5xx answers and failed attempts (connect, timeout, broken response).
+    errors: Cell<u64>,
+    latency: [Cell<u64>; 13],
+    latency_sum_us: Cell<u64>,
+}
+
+impl EndpointCounters {
+    /// One attempt on the endpoint, from its start to its end (the last response byte, or the
+    /// failure).
+    pub fn record(&self, failed: bool, took: Duration) {
+        bump(&self.requests);
+        if failed {
+            bump(&self.errors);
+        }
+        let secs = took.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        bump(&self.latency[i]);
+        self.latency_sum_us.set(self.latency_sum_us.get() + took.as_micros() as u64);
+    }
+
+    pub fn totals(&self) -> EndpointTotals {
+        EndpointTotals {
+            requests: self.requests.get(),
+            errors: self.errors.get(),
+            latency: self.latency.each_ref().map(Cell::get),
+            latency_sum_us: self.latency_sum_us.get(),
+        }
+    }
+}
+
+/// An endpoint's counters summed over workers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EndpointTotals {
+    pub requests: u64,
+    pub errors: u64,
+    /// Per bucket of [`LATENCY_BUCKETS`] (not cumulative), plus +Inf at the end.
+    pub latency: [u64; 13],
+    pub latency_sum_us: u64,
+}
+
+impl EndpointTotals {
+    fn merge(&mut self, o: &EndpointTotals) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        for i in 0..13 {
+            self.latency[i] += o.latency[i];
+        }
+        self.latency_sum_us += o.latency_sum_us;
+    }
+
+    /// The latency below which a fraction `q` of the attempts fell, in seconds: the upper
+    /// bound of the bucket where the quantile lies (`None` without attempts; +Inf as 5 s+).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+}
+
+/// A per-endpoint counter: its name, help, and how to read it.
+type EndpointSeries = (&'static str, &'static str, fn(&EndpointTotals) -> u64);
+
 /// Status classes 1xx..5xx, indexed 0..5.
 fn class_index(status: u16) -> usize {
     (usize::from(status / 100)).clamp(1, 5) - 1
@@ -184,6 +261,9 @@ pub struct StatsReport {
     pub ejected: BTreeMap<(String, String), u64>,
     /// Cluster → requests waiting for an endpoint below `max_connections`, over all workers.
     pub queue_depth: BTreeMap<String, u64>,
+    /// `(cluster, endpoint)` → the endpoint's counters; only for clusters with at most
+    /// `max_endpoint_series` endpoints (the cardinality guard).
+    pub endpoints: BTreeMap<(String, String), EndpointTotals>,
     /// `(cluster, endpoint)` → the active health check's verdict (1 healthy, 0 not); only for
     /// clusters with health checks. Filled by the control plane, not by workers.
     pub healthy: BTreeMap<(String, String), u64>,
@@ -301,6 +381,9 @@ impl StatsReport {
         }
         for (k, v) in &o.queue_depth {
             *self.queue_depth.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.endpoints {
+            self.endpoints.entry(k.clone()).or_default().merge(v);
         }
         for (k, v) in &o.healthy {
             self.healthy.insert(k.clone(), *v);
@@ -443,6 +526,49 @@ impl StatsReport {
                 esc(listener),
                 esc(cert)
             );
+        }
+        let per_endpoint: [EndpointSeries; 2] = [
+            (
+                "apex_endpoint_requests_total",
+                "Attempts on an endpoint (retries count on each endpoint tried).",
+                |e| e.requests,
+            ),
+            (
+                "apex_endpoint_errors_total",
+                "Attempts on an endpoint that failed or got a 5xx answer.",
+                |e| e.errors,
+            ),
+        ];
+        for (name, help, get) in per_endpoint {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((cluster, endpoint), e) in &self.endpoints {
+                let _ = writeln!(
+                    o,
+                    "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                    esc(cluster),
+                    esc(endpoint),
+                    get(e)
+                );
+            }
+        }
+        o.push_str("# HELP apex_endpoint_latency_seconds From an attempt's start to its end, per endpoint.\n# TYPE apex_endpoint_latency_seconds histogram\n");
+        for ((cluster, endpoint), e) in &self.endpoints {
+            let labels = format!("cluster=\"{}\",endpoint=\"{}\"", esc(cluster), esc(endpoint));
+            let mut cumulative = 0;
+            for (i, n) in e.latency.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+                let _ = writeln!(
+                    o,
+                    "apex_endpoint_latency_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "apex_endpoint_latency_seconds_sum{{{labels}}} {}",
+                e.latency_sum_us as f64 / 1e6
+            );
+            let _ = writeln!(o, "apex_endpoint_latency_seconds_count{{{labels}}} {cumulative}");
         }
         o.push_str("# HELP apex_upstream_queue_depth Requests waiting for an endpoint below max_connections.\n# TYPE apex_upstream_queue_depth gauge\n");
         for (cluster, n) in &self.queue_depth {

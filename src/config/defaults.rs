@@ -30,6 +30,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// and for how long (HAProxy's `timeout queue` defaults to the connect timeout; so does this).
 pub const MAX_QUEUE: usize = 128;
 pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Per-endpoint metric series (requests, errors, latency histogram: 17 series each) stop above
+/// this many endpoints in a cluster; a large DNS-discovered cluster then has cluster totals only.
+pub const MAX_ENDPOINT_SERIES: usize = 100;
 /// DNS endpoints: a record's TTL is raised to `DNS_MIN_TTL` (Consul answers with TTL 0; this
 /// keeps it at one query per name every 5 s, Envoy's refresh rate) and lowered to
 /// `DNS_MAX_TTL` (a removed endpoint keeps traffic at most this long).

@@ -70,6 +70,8 @@ pub struct Config {
     pub resolved: Vec<Resolved>,
     /// How `dns` and `srv` endpoints are resolved.
     pub dns: DnsSettings,
+    /// Clusters with more endpoints than this get cluster totals only, no per-endpoint series.
+    pub max_endpoint_series: usize,
 }
 
 /// The resolver thread's settings (top-level `resolvers`, `dns_min_ttl`, `dns_max_ttl`).

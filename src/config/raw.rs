@@ -38,6 +38,9 @@ pub struct RawConfig {
     pub dns_min_ttl: Option<String>,
     #[serde(default)]
     pub dns_max_ttl: Option<String>,
+    /// Per-endpoint metric series only for clusters with at most this many endpoints.
+    #[serde(default)]
+    pub max_endpoint_series: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

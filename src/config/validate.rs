@@ -131,6 +131,14 @@ impl<'a> Validator<'a> {
             Some(AccessLogConfig { target, format, buffer })
         });
         let dns = self.dns(&raw);
+        let max_endpoint_series = self.count(
+            "max_endpoint_series".into(),
+            raw.max_endpoint_series,
+            defaults::MAX_ENDPOINT_SERIES as u32,
+            0,
+            100_000,
+            "from 0 to 100000",
+        ) as usize;
         if raw.listeners.is_empty() {
             self.err("listeners".into(), Problem::NoListeners);
         }
@@ -180,6 +188,7 @@ impl<'a> Validator<'a> {
             warnings: self.warnings,
             resolved: self.resolved,
             dns,
+            max_endpoint_series,
         })
     }
 

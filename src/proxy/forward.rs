@@ -138,6 +138,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             allowed
         };
         let in_flight = balancer.started(i);
+        let attempt_started = Instant::now();
         let stale_replay = replayable && policy.retries_on(RetryOn::StaleConnection);
         match attempt(f, addr, &timeouts, &mut body, stale_replay).await {
             Attempt::Response(up, plan) => {
@@ -145,6 +146,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 let failed = status >= 500;
                 if failed && may_retry(RetryOn::Status(status)) {
                     drop(in_flight);
+                    balancer.record(i, true, attempt_started.elapsed());
                     note_ejection(balancer.report(i, Outcome::Failed), &cluster.name, addr);
                     debug!(upstream = %addr, status, "retrying on another endpoint");
                     stats.retry();
@@ -153,6 +155,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 }
                 let relayed = relay_response(f, up, addr, timeouts.read, plan).await;
                 drop(in_flight);
+                balancer.record(i, failed, attempt_started.elapsed());
                 let outcome = if failed { Outcome::Failed } else { Outcome::Ok };
                 note_ejection(balancer.report(i, outcome), &cluster.name, addr);
                 return Served {
@@ -165,6 +168,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             }
             Attempt::Failed(e) => {
                 drop(in_flight);
+                balancer.record(i, true, attempt_started.elapsed());
                 let (outcome, on) = match e {
                     // A failed TLS handshake also sent nothing of the request.
                     ProxyError::ConnectFailed(_)
@@ -185,6 +189,8 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 return answer(f, e.status(), body.is_done(), Some(addr)).await;
             }
             Attempt::Answered(served) => {
+                // The client side ended it: counted, not as the endpoint's error.
+                balancer.record(i, false, attempt_started.elapsed());
                 return Served { upstream: Some(addr), ..served };
             }
         }

@@ -256,9 +256,14 @@ impl<R: Runtime> Worker<R> {
             if c.max_connections.is_some() {
                 r.queue_depth.insert(c.name.clone(), b.queued() as u64);
             }
+            // The cardinality guard: a cluster over the limit has cluster totals only.
+            if b.addrs().len() > view.snap.config.max_endpoint_series {
+                continue;
+            }
             for (i, addr) in b.addrs().iter().enumerate() {
                 let key = (c.name.clone(), addr.to_string());
-                r.ejected.insert(key, u64::from(b.is_ejected(i)));
+                r.ejected.insert(key.clone(), u64::from(b.is_ejected(i)));
+                r.endpoints.insert(key, b.totals(i));
             }
         }
         r

@@ -68,6 +68,8 @@ pub struct Server {
     access_log_thread: Option<std::thread::JoinHandle<()>>,
     /// The health checker's verdicts (for `/metrics`).
     pub health: SharedHealth,
+    /// Each checked endpoint's last probe (for the status page).
+    pub probes: crate::health::SharedProbes,
     /// Dropping it stops the health checker.
     _health_stop: Sender<()>,
     /// Dropping it stops the ticket-key rotation.
@@ -76,6 +78,8 @@ pub struct Server {
     pub dns: crate::discovery::SharedDns,
     /// Dropping it stops the resolver thread.
     _dns_stop: Sender<()>,
+    /// Counts from the last status page, for its rates.
+    status_sample: crate::status::Sample,
     /// Each worker's last counters: a scrape that a busy worker does not answer in time uses
     /// them, so no counter ever goes backwards (Prometheus would read that as a reset).
     last_reports: Vec<crate::stats::StatsReport>,
@@ -138,7 +142,9 @@ impl Server {
             total.dns.insert((key.kind().to_string(), key.name().to_string()), v);
         }
         let verdicts = self.health.load();
-        for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()) {
+        let guarded =
+            |c: &&crate::config::Cluster| c.endpoints.len() <= snap.config.max_endpoint_series;
+        for c in snap.config.clusters.iter().filter(|c| c.health_check.is_some()).filter(guarded) {
             let known = verdicts.clusters.get(&c.name);
             for addr in &c.endpoints {
                 let ok = known.and_then(|v| v.get(addr)).copied().unwrap_or(true);
@@ -146,6 +152,21 @@ impl Server {
             }
         }
         total
+    }
+
+    /// The status page's data: a scrape, with the snapshot, health checks and DNS names.
+    pub fn status(&mut self) -> crate::status::Status {
+        let report = self.scrape();
+        let snap = self.shared.load();
+        crate::status::build(
+            &snap.config,
+            &report,
+            &self.health.load(),
+            &self.probes.load(),
+            &self.dns.load(),
+            &mut self.status_sample,
+            std::time::Instant::now(),
+        )
     }
 
     /// Tells every worker to drain: stop accepting, finish in-flight requests, close idle
@@ -316,8 +337,9 @@ pub fn start(
         tracing::warn!("starting before every DNS name was looked up once");
     }
     let health: SharedHealth = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
-    let health_stop =
-        crate::health::start(shared.clone(), health.clone()).map_err(StartError::Spawn)?;
+    let probes: crate::health::SharedProbes = Arc::default();
+    let health_stop = crate::health::start(shared.clone(), health.clone(), probes.clone())
+        .map_err(StartError::Spawn)?;
     let (tickets, tickets_stop) = start_ticket_rotation().map_err(StartError::Spawn)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -386,11 +408,13 @@ pub fn start(
         access_log: access_writer,
         access_log_thread: access_thread,
         health,
+        probes,
         _health_stop: health_stop,
         _tickets_stop: tickets_stop,
         dns,
         _dns_stop: dns_stop,
         last_reports: vec![crate::stats::StatsReport::default(); count],
+        status_sample: Default::default(),
     })
 }
 
