@@ -407,6 +407,9 @@ impl Status {
                     per_second(e.errors_per_second),
                 );
             }
+            if c.endpoints.is_empty() {
+                o.push_str("<tr class=\"empty\"><td colspan=\"11\">no endpoint yet: requests get 503</td></tr>\n");
+            }
             o.push_str("</tbody>\n</table>\n</section>\n");
         }
         o.push_str("</body>\n</html>\n");
