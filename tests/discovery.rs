@@ -192,7 +192,62 @@ fn a_reload_keeps_the_endpoints_its_names_resolved_to(rt: &str) {
     assert_eq!(get(&mut Wire::connect(apex.addr), "/"), (200, "one".into()));
 }
 
+fn a_consistent_hash_key_moves_only_to_an_endpoint_dns_added(rt: &str) {
+    let dns = FakeDns::start(1);
+    let first = Upstream::ok("1");
+    let port = first.addr.port();
+    let ups = [
+        first,
+        Upstream::start_on(SocketAddr::from(([127, 0, 0, 2], port)), |_, w| {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2");
+            After::KeepOpen
+        }),
+        Upstream::start_on(SocketAddr::from(([127, 0, 0, 3], port)), |_, w| {
+            w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3");
+            After::KeepOpen
+        }),
+    ];
+    let ip = |last| Record::A(Ipv4Addr::new(127, 0, 0, last));
+    dns.set("api.test", vec![ip(1), ip(2)]);
+    let yaml = dns_config(&dns, &format!("[ {{ dns: \"api.test:{port}\" }} ]")).replace(
+        "name: api\n",
+        "name: api\n    policy: consistent_hash\n    hash_on: { header: x-user }\n",
+    );
+    let apex = Apex::start(&yaml, rt);
+    let mut c = Wire::connect(apex.addr);
+    let mut ask = |k: usize| {
+        c.request(&format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: user-{k}\r\n\r\n")).text()
+    };
+    let keys = 300;
+    let before: Vec<String> = (0..keys).map(&mut ask).collect();
+    dns.set("api.test", vec![ip(1), ip(2), ip(3)]);
+    assert!(eventually(|| ask(0) == "3" || (1..keys).any(|k| ask(k) == "3")), "3 never used");
+    let after: Vec<String> = (0..keys).map(&mut ask).collect();
+    let moved: Vec<usize> = (0..keys).filter(|&k| after[k] != before[k]).collect();
+    assert!(!moved.is_empty(), "the added endpoint took some keys");
+    assert!(moved.iter().all(|&k| after[k] == "3"), "a key moved between endpoints that stayed");
+    drop(ups);
+}
+
+fn health_checks_follow_the_endpoints_dns_gives(rt: &str) {
+    let dns = FakeDns::start(1);
+    let (held_tx, _held) = mpsc::channel();
+    let release = Arc::new(Barrier::new(2));
+    let one = named("127.0.0.1:0".parse().unwrap(), "one", held_tx.clone(), release.clone());
+    let port = one.addr.port();
+    let two = named(SocketAddr::from(([127, 0, 0, 2], port)), "two", held_tx, release);
+    dns.set("api.test", vec![Record::A(Ipv4Addr::new(127, 0, 0, 1))]);
+    let yaml = dns_config(&dns, &format!("[ {{ dns: \"api.test:{port}\" }} ]"))
+        .replace("name: api\n", "name: api\n    health_check: { path: /probe, interval: 100ms }\n");
+    let _apex = Apex::start(&yaml, rt);
+    assert!(one.next().request_line().contains("/probe"), "the resolved endpoint is probed");
+    dns.set("api.test", vec![Record::A(Ipv4Addr::new(127, 0, 0, 2))]);
+    assert!(two.next().request_line().contains("/probe"), "the added endpoint is probed");
+}
+
 under_each_driver!(
+    a_consistent_hash_key_moves_only_to_an_endpoint_dns_added,
+    health_checks_follow_the_endpoints_dns_gives,
     a_reload_keeps_the_endpoints_its_names_resolved_to,
     a_records_that_change_move_traffic_and_removed_endpoints_drain,
     srv_records_give_ports_and_weights_and_only_the_lowest_priority,
