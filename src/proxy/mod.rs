@@ -339,6 +339,24 @@ impl<R: Runtime> Worker<R> {
             .iter()
             .filter_map(|l| {
                 let t = l.tls.as_ref()?;
+                // The same settings as the previous view (a snapshot that only DNS changed
+                // shares them): keep its config, and with it its session cache.
+                let kept = previous.and_then(|p| {
+                    let before = p.snap.config.listeners.iter().find(|o| o.name == l.name)?;
+                    let b = before.tls.as_ref()?;
+                    let same = std::sync::Arc::ptr_eq(&b.certs, &t.certs)
+                        && b.tls13_only == t.tls13_only
+                        && b.alpn == t.alpn
+                        && match (&b.client_auth, &t.client_auth) {
+                            (None, None) => true,
+                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+                            _ => false,
+                        };
+                    same.then(|| p.tls_config(&l.name)).flatten()
+                });
+                if let Some(c) = kept {
+                    return Some((l.name.clone(), c));
+                }
                 let auth = t.client_auth.clone();
                 match crate::tls::server_config(Arc::clone(&t.certs), t.tls13_only, &t.alpn, tickets, auth) {
                     Ok(c) => Some((l.name.clone(), c)),
@@ -354,6 +372,26 @@ impl<R: Runtime> Worker<R> {
             .iter()
             .map(|c| {
                 let t = c.tls.as_ref()?;
+                // Unchanged since the previous view: keep its config and resumption cache.
+                let kept = previous.and_then(|p| {
+                    let i = p.snap.config.clusters.iter().position(|o| o.name == c.name)?;
+                    let b = p.snap.config.clusters[i].tls.as_ref()?;
+                    let same = b.server_name == t.server_name
+                        && match (&b.roots, &t.roots) {
+                            (None, None) => true,
+                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+                            _ => false,
+                        }
+                        && match (&b.client_cert, &t.client_cert) {
+                            (None, None) => true,
+                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+                            _ => false,
+                        };
+                    same.then(|| p.upstream_tls[i].clone()).flatten()
+                });
+                if kept.is_some() {
+                    return kept;
+                }
                 crate::tls::client_config(t)
                     .map_err(|e| tracing::error!(cluster = %c.name, error = %e, "cannot build the upstream TLS config"))
                     .ok()
@@ -445,5 +483,49 @@ mod tests {
             let view = worker.view();
             assert_eq!(*worker.health(&view), vec![Some(vec![false])], "round {round}");
         }
+    }
+
+    /// A snapshot that only DNS changed shares the TLS settings of the one before: each worker
+    /// keeps its TLS configs (and their session caches); a reload that reads the certificates
+    /// again builds new ones.
+    #[test]
+    fn tls_configs_survive_a_dns_change_not_a_reload() {
+        let dir = std::env::temp_dir().join(format!("apex-tls-view-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        let yaml = format!(
+            "listeners: [ {{ name: l, address: \"127.0.0.1:1\", tls: {{ certificates: [ {{ cert: {}, key: {} }} ] }} }} ]\nroutes: [ {{ match: {{ path_prefix: / }}, cluster: c }} ]\nclusters: [ {{ name: c, endpoints: [ \"127.0.0.1:2\", {{ dns: \"api.test:80\" }} ] }} ]\n",
+            dir.join("c.pem").display(),
+            dir.join("k.pem").display()
+        );
+        let config = Config::from_yaml(&yaml, "t.yaml").unwrap();
+        let shared = Arc::new(ArcSwap::new(Arc::new(Snapshot::new(config.clone()))));
+        let health = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
+        let tickets = Arc::new(ArcSwap::from_pointee(crate::tls::TicketKeys::generate()));
+        let worker = Worker::<Tokio>::new(0, 1, Arc::clone(&shared), None, health, tickets);
+        let before = worker.view().tls_config("l").unwrap();
+        // DNS gave the name an address: the same config, recomposed.
+        let mut dns = crate::discovery::DnsMap::default();
+        let state = crate::discovery::NameState {
+            endpoints: vec![("10.0.0.1:0".parse().unwrap(), 1)],
+            resolved: true,
+            ..Default::default()
+        };
+        dns.names.insert(crate::discovery::NameKey::Host("api.test".into()), state);
+        shared.store(Arc::new(Snapshot::new(crate::discovery::compose(config, &dns))));
+        let view = worker.view();
+        assert_eq!(view.snap.config.clusters[0].endpoints.len(), 2, "the new endpoint is in");
+        assert!(Arc::ptr_eq(&before, &view.tls_config("l").unwrap()), "kept across DNS");
+        drop(view);
+        shared.store(Arc::new(Snapshot::new(Config::from_yaml(&yaml, "t.yaml").unwrap())));
+        assert!(
+            !Arc::ptr_eq(&before, &worker.view().tls_config("l").unwrap()),
+            "rebuilt on reload"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
