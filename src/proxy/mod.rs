@@ -75,7 +75,9 @@ pub struct WorkerView {
     pub cluster_stats: Vec<Rc<ClusterStats>>,
     pub unrouted: Rc<RouteStats>,
     /// One per route of `snap`.
-    pub retry_budgets: Vec<retry::RetryBudget>,
+    /// Shared with the previous view for routes of the same name, so that neither a reload
+    /// nor a DNS change (a new snapshot every few seconds, perhaps) resets a retry budget.
+    pub retry_budgets: Vec<Rc<retry::RetryBudget>>,
     /// This worker's own TLS server config per TLS listener, by listener name: its own
     /// session cache, so no handshake writes memory another worker reads.
     pub tls: Vec<(String, Arc<rustls::ServerConfig>)>,
@@ -333,7 +335,18 @@ impl<R: Runtime> Worker<R> {
             .collect();
         let cluster_stats = config.clusters.iter().map(|c| stats.cluster(&c.name)).collect();
         let unrouted = stats.route("", "");
-        let retry_budgets = config.routes.iter().map(|_| retry::RetryBudget::default()).collect();
+        let retry_budgets = config
+            .routes
+            .iter()
+            .map(|r| {
+                previous
+                    .and_then(|p| {
+                        let i = p.snap.config.routes.iter().position(|o| o.name == r.name)?;
+                        Some(Rc::clone(&p.retry_budgets[i]))
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
         let tls = config
             .listeners
             .iter()
