@@ -541,4 +541,25 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_route_keeps_its_retry_budget_across_new_snapshots() {
+        let shared = Arc::new(ArcSwap::new(snapshot(&[("a", &["127.0.0.1:10"])])));
+        let health = Arc::new(ArcSwap::from_pointee(HealthMap::default()));
+        let tickets = Arc::new(ArcSwap::from_pointee(crate::tls::TicketKeys::generate()));
+        let worker = Worker::<Tokio>::new(0, 1, Arc::clone(&shared), None, health, tickets);
+        let before = Rc::clone(&worker.view().retry_budgets[0]);
+        shared.store(snapshot(&[("a", &["127.0.0.1:10", "127.0.0.1:11"])]));
+        assert!(Rc::ptr_eq(&before, &worker.view().retry_budgets[0]), "same route: same budget");
+        shared.store(snapshot(&[("b", &["127.0.0.1:10"])]));
+        // The route is named after its index, so the one route of a new cluster is the "same"
+        // route; a route of a new name starts afresh.
+        let renamed = Config::from_yaml(
+            "listeners: [ { name: l, address: \"127.0.0.1:1\" } ]\nroutes: [ { name: other, match: { path_prefix: / }, cluster: a } ]\nclusters: [ { name: a, endpoints: [ \"127.0.0.1:10\" ] } ]\n",
+            "t.yaml",
+        )
+        .unwrap();
+        shared.store(Arc::new(Snapshot::new(renamed)));
+        assert!(!Rc::ptr_eq(&before, &worker.view().retry_budgets[0]), "a new route: a new budget");
+    }
 }
