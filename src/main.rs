@@ -294,6 +294,8 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
     // systemd (Type=notify, NotifyAccess=all): this process is the service's main process.
     apex::upgrade::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     let mut upgrading = false;
+    // The new process of an upgrade in progress.
+    let mut upgrade_child: Option<u32> = None;
     let mut alive = server.workers;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -303,6 +305,16 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
         };
         match event {
             Ok(Lifecycle::Stop(sig)) if deadline.is_none() => {
+                // A stop during an upgrade cancels it: the new process has the listening
+                // sockets, and this drain shuts them down.
+                if let Some(pid) = upgrade_child.take() {
+                    warn!(
+                        new_pid = pid,
+                        "stopping during an upgrade: the new process is stopped too"
+                    );
+                    // SAFETY: kill with a valid signal, to the child this process started.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
                 info!(
                     signal = lifecycle::signal_name(sig),
                     timeout = ?reloader.config.drain_timeout,
@@ -343,7 +355,8 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
                 match apex::upgrade::begin(&exe, &args, &server.sockets, admin_fd) {
                     Ok(h) => {
                         upgrading = true;
-                        info!(binary = %exe.display(), "upgrade: started the new process; serving until it does");
+                        upgrade_child = Some(h.pid());
+                        info!(binary = %exe.display(), new_pid = h.pid(), "upgrade: started the new process; serving until it does");
                         let events = events.clone();
                         let wait = std::thread::Builder::new().name("apex-upgrade".into()).spawn(
                             move || {
@@ -361,8 +374,16 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
                     }
                 }
             }
+            Ok(Lifecycle::UpgradeDone(Ok(pid))) if deadline.is_some() => {
+                upgrading = false;
+                warn!(
+                    new_pid = pid,
+                    "the new process says it serves, but this one was stopped meanwhile"
+                );
+            }
             Ok(Lifecycle::UpgradeDone(Ok(pid))) => {
                 upgrading = false;
+                upgrade_child = None;
                 apex::upgrade::mark_handed_over();
                 info!(
                     new_pid = pid,
@@ -374,6 +395,7 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
             }
             Ok(Lifecycle::UpgradeDone(Err(e))) => {
                 upgrading = false;
+                upgrade_child = None;
                 error!("upgrade failed: {e}; still serving");
             }
             Ok(Lifecycle::ReopenLogs) => {

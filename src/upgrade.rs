@@ -140,9 +140,9 @@ impl Inherited {
     /// The old process's sockets, when this process was started by an upgrade (`FD_ENV` set);
     /// reads them all before anything else starts.
     pub fn from_env() -> io::Result<Option<Inherited>> {
+        // Left in the environment (removing it is not thread-safe, and threads run already):
+        // a later upgrade sets its own value for its child.
         let Some(v) = std::env::var_os(FD_ENV) else { return Ok(None) };
-        // Not passed on to anything this process starts.
-        std::env::remove_var(FD_ENV);
         let raw: RawFd = v
             .to_str()
             .and_then(|s| s.parse().ok())
@@ -225,6 +225,11 @@ pub fn begin(
 }
 
 impl Handover {
+    /// The new process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until the new process says it serves (its PID), or fails: it exited, closed the
     /// channel, or said nothing within `limit` (then it is killed). The old process keeps
     /// serving in every failure case.

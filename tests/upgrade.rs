@@ -177,7 +177,27 @@ fn the_upgrade_command_waits_for_the_handover_and_systemd_hears_the_new_pid(rt: 
     assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
 }
 
+fn a_stop_during_an_upgrade_stops_the_new_process_too(rt: &str) {
+    let up = Upstream::ok("ok");
+    let yaml = proxy_config(&[up.addr], "");
+    let mut old = Apex::start(&yaml, rt);
+    // The new process will wait for a name server that never answers before it serves.
+    let slow = format!(
+        "resolvers: [\"127.0.0.1:9\"]\n{yaml}  - name: later\n    endpoints: [ {{ dns: \"never.test:80\" }} ]\n"
+    );
+    std::fs::write(old.config_path.as_ref().unwrap(), slow).unwrap();
+    old.signal(libc::SIGUSR2);
+    let line = old.wait_for_log(&["upgrade: started the new process"]).expect("started");
+    let new = Stray(field(&line, "new_pid").unwrap().parse().unwrap());
+    old.signal(libc::SIGTERM);
+    old.wait_for_log(&["stopping during an upgrade"]).expect("the upgrade is cancelled");
+    // Left alone, it would wait 6 s for its name server first.
+    assert!(wait_pid_exit(new.0, std::time::Duration::from_secs(3)), "the new process was stopped");
+    assert_eq!(old.wait_process_exit(), Some(0), "the old one drained and exited");
+}
+
 under_each_driver!(
+    a_stop_during_an_upgrade_stops_the_new_process_too,
     the_upgrade_command_waits_for_the_handover_and_systemd_hears_the_new_pid,
     an_upgrade_under_keepalive_load_fails_no_request,
     a_failed_upgrade_leaves_the_old_process_serving,
