@@ -258,6 +258,7 @@ async fn resolve(
     let mut map = DnsMap::default();
     let mut settings: Option<DnsSettings> = None;
     let mut first = Some(first);
+    let mut resolver_failed = false;
     loop {
         if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
             tasks.values().for_each(|t| t.abort());
@@ -270,6 +271,7 @@ async fn resolve(
         if settings.as_ref() != Some(&snap.config.dns) {
             tasks.drain().for_each(|(_, t)| t.abort());
             settings = Some(snap.config.dns.clone());
+            resolver_failed = false;
         }
         let s = settings.as_ref().expect("set above");
         let mut r = None;
@@ -281,7 +283,18 @@ async fn resolve(
                 match resolver(s) {
                     Ok(built) => r = Some(Arc::new(built)),
                     Err(e) => {
-                        warn!(error = %e, "cannot build the DNS resolver; DNS endpoints keep their last addresses");
+                        // Said once per settings; tried again every LOOK_EVERY. Each name
+                        // counts as failing, so that the startup does not wait for it.
+                        if !resolver_failed {
+                            warn!(error = %e, "cannot build the DNS resolver; DNS endpoints keep their last addresses");
+                            resolver_failed = true;
+                            for k in &wanted {
+                                let state = map.names.entry(k.clone()).or_default();
+                                state.failing = Some(e.clone());
+                                state.failures += 1;
+                            }
+                            dns.store(Arc::new(map.clone()));
+                        }
                         break;
                     }
                 }
