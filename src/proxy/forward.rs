@@ -12,6 +12,7 @@ use super::io::{Runtime, Stream};
 use super::relay::{read_response_head, relay_response, ResponsePlan};
 use super::request::{body_over_limit, Served, Timeouts};
 use super::transport::Transport;
+use super::wait::{before, IdleTimers};
 use super::Forward;
 use crate::balance::{Outcome, Unavailable};
 use crate::config::lb::RetryOn;
@@ -234,7 +235,7 @@ async fn stream_request_body<R: Runtime>(
     while !body.is_done() {
         debug_assert!(bufs.rbuf.is_empty());
         let read = read_some(f.client, &mut bufs.rbuf, BODY_READ);
-        match R::timeout(f.listener.body_timeout, read).await {
+        match before(&f.worker.deadlines, Instant::now() + f.listener.body_timeout, read).await {
             None => return Err(BodyStop::Timeout),
             Some(Ok(0)) | Some(Err(_)) => return Err(BodyStop::ClientGone),
             Some(Ok(_)) => {}
@@ -253,10 +254,11 @@ async fn stream_request_body<R: Runtime>(
 }
 
 async fn connect_upstream<R: Runtime>(
+    timers: &IdleTimers,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<R::Stream, ProxyError> {
-    match R::timeout(timeout, R::connect(addr)).await {
+    match before(timers, Instant::now() + timeout, R::connect(addr)).await {
         None => Err(ProxyError::ConnectTimeout),
         Some(Err(e)) => Err(ProxyError::ConnectFailed(e)),
         Some(Ok(s)) => Ok(s),
@@ -312,7 +314,8 @@ async fn attempt<R: Runtime>(
         let mut up = match pooled {
             Some((s, _)) => s,
             None => {
-                let connected = connect_upstream::<R>(addr, timeouts.connect).await;
+                let connected =
+                    connect_upstream::<R>(&f.worker.deadlines, addr, timeouts.connect).await;
                 let connected = match connected {
                     Ok(mut s) if cluster.send_proxy_protocol => {
                         let mut header = Vec::with_capacity(52);
@@ -384,11 +387,9 @@ async fn attempt<R: Runtime>(
             }
         }
         let worker = f.worker;
-        let draining = || worker.is_draining();
-        let limits = &worker.response_limits;
         let route = &f.view.snap.config.routes[f.target.route];
         let (bufs, info, wait) = (&mut *f.bufs, f.info, timeouts.response);
-        let head = read_response_head::<R>(&mut up, bufs, info, route, limits, wait, &draining);
+        let head = read_response_head::<R>(&mut up, bufs, info, route, worker, wait);
         match head.await {
             Ok(plan) => return Attempt::Response(up, plan),
             Err(h)

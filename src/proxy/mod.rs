@@ -115,8 +115,11 @@ pub struct Worker<R: Runtime> {
     /// Tasks waiting for a client connection to close.
     pub closed: WakeList,
     pub stats: WorkerStats,
-    /// Deadlines of connections waiting for their next request.
+    /// Deadlines of connections waiting for their next request (brought forward by the drain).
     pub idle: wait::IdleTimers,
+    /// Deadlines of requests in progress (response, body reads, connects); never cut short by
+    /// the drain, whose in-flight requests must finish.
+    pub deadlines: wait::IdleTimers,
     /// `None` when the access log is off.
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
@@ -187,6 +190,7 @@ impl<R: Runtime> Worker<R> {
             closed: WakeList::default(),
             stats,
             idle: wait::IdleTimers::default(),
+            deadlines: wait::IdleTimers::default(),
             access,
             buffers: buffers::BufferPool::default(),
             health: RefCell::new(Cache::new(health)),

@@ -9,7 +9,8 @@ use super::error::ProxyError;
 use super::io::Runtime;
 use super::request::{Buffers, RequestInfo};
 use super::transport::Transport;
-use super::Forward;
+use super::wait::before;
+use super::{Forward, Worker};
 use crate::config::{Compression, Route};
 use crate::http::body::BodyRelay;
 use crate::http::encoding::{Compressor, Encoding};
@@ -186,17 +187,15 @@ pub async fn read_response_head<R: Runtime>(
     bufs: &mut Buffers,
     info: &RequestInfo,
     route: &Route,
-    limits: &HeadLimits,
+    worker: &Worker<R>,
     timeout: Duration,
-    draining: &dyn Fn() -> bool,
 ) -> Result<ResponsePlan, HeadFailure> {
     let deadline = Instant::now() + timeout;
     bufs.ubuf.clear();
     let mut got_bytes = false;
     let fail = |error, got_bytes| Err(HeadFailure { error, got_bytes });
     loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match R::timeout(wait, read_some(up, &mut bufs.ubuf, BODY_READ)).await {
+        match before(&worker.deadlines, deadline, read_some(up, &mut bufs.ubuf, BODY_READ)).await {
             None => return fail(ProxyError::ResponseTimeout, got_bytes),
             Some(Ok(0)) | Some(Err(_)) => return fail(ProxyError::UpstreamClosed, got_bytes),
             Some(Ok(_)) => got_bytes = true,
@@ -207,8 +206,8 @@ pub async fn read_response_head<R: Runtime>(
                 &bufs.ubuf,
                 info,
                 route,
-                limits,
-                draining(),
+                &worker.response_limits,
+                worker.is_draining(),
                 &mut bufs.out,
                 edits,
             ) {
@@ -284,7 +283,10 @@ pub async fn relay_response<R: Runtime>(
         if body.is_done() {
             break;
         }
-        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
+        let until = Instant::now() + read_timeout;
+        match before(&f.worker.deadlines, until, read_some(&mut up, &mut bufs.ubuf, RELAY_READ))
+            .await
+        {
             Some(Ok(n)) if n > 0 => {
                 // A body that passes through unchanged is written from the read buffer itself:
                 // no copy into the output buffer.
@@ -365,7 +367,10 @@ async fn relay_compressed<R: Runtime>(
         if !flush(client, &mut bufs.out).await {
             return Relayed { keep_client: false, whole: false, body_bytes: sent };
         }
-        match R::timeout(read_timeout, read_some(&mut up, &mut bufs.ubuf, RELAY_READ)).await {
+        let until = Instant::now() + read_timeout;
+        match before(&f.worker.deadlines, until, read_some(&mut up, &mut bufs.ubuf, RELAY_READ))
+            .await
+        {
             Some(Ok(n)) if n > 0 => {}
             Some(Ok(_)) | Some(Err(_)) => {
                 raw.clear();

@@ -192,6 +192,21 @@ impl Drop for IdleWait<'_> {
     }
 }
 
+/// `fut`'s output, or `None` once `deadline` has passed. The deadline is a slot in `timers`
+/// (a few words, checked by the worker's 100 ms sweep, so it fires at most a tick late and
+/// never early), not a runtime timer: monoio's timer entry is over 1 KiB inline and a wheel
+/// insert and removal per request, for timeouts (seconds) that almost never fire.
+pub async fn before<F: Future>(
+    timers: &IdleTimers,
+    deadline: Instant,
+    fut: F,
+) -> Option<F::Output> {
+    match race(fut, timers.until(deadline)).await {
+        Either::Left(out) => Some(out),
+        Either::Right(()) => None,
+    }
+}
+
 pub enum Either<A, B> {
     Left(A),
     Right(B),

@@ -246,13 +246,16 @@ async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
                 return;
             }
             R::sleep(TICK).await;
-            worker.idle.sweep(Instant::now());
+            let now = Instant::now();
+            worker.idle.sweep(now);
+            worker.deadlines.sweep(now);
             continue;
         }
         // The drain wakes this at once, so that the cutoff it sets is swept on time.
         let _ = race(R::sleep(TICK), worker.drain.wait()).await;
         let now = Instant::now();
         worker.idle.sweep(now);
+        worker.deadlines.sweep(now);
         ticks += 1;
         if ticks % SLOW_CHORES_EVERY == 0 {
             let view = worker.view();
