@@ -101,6 +101,8 @@ pub enum CertError {
     BadKey(String),
     KeyMismatch,
     NoSubjectAltName,
+    /// The OCSP response file: unreadable, not DER, or not a successful response.
+    BadOcsp(String),
 }
 
 impl std::fmt::Display for CertError {
@@ -113,12 +115,57 @@ impl std::fmt::Display for CertError {
             CertError::NoSubjectAltName => {
                 write!(f, "the certificate names no DNS subject alternative name")
             }
+            CertError::BadOcsp(e) => write!(f, "OCSP response: {e}"),
         }
     }
 }
 
-/// Reads a PEM chain (leaf first) and its PEM key (RSA, ECDSA or Ed25519).
-pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, CertError> {
+/// The `responseStatus` of a DER OCSPResponse (RFC 6960 §4.2.1: a SEQUENCE whose first
+/// element is an ENUMERATED, 0 for `successful`); `None` when the bytes are not one.
+pub fn ocsp_status(der: &[u8]) -> Option<u8> {
+    if der.first() != Some(&0x30) {
+        return None;
+    }
+    // The SEQUENCE's length, short or long form, must cover the rest exactly.
+    let (len, at) = match *der.get(1)? {
+        n if n < 0x80 => (n as usize, 2),
+        n => {
+            let k = (n & 0x7f) as usize;
+            if k == 0 || k > 4 {
+                return None;
+            }
+            let mut len = 0usize;
+            for b in der.get(2..2 + k)? {
+                len = len << 8 | *b as usize;
+            }
+            (len, 2 + k)
+        }
+    };
+    if at + len != der.len() {
+        return None;
+    }
+    match der.get(at..at + 3)? {
+        [0x0a, 0x01, status] => Some(*status),
+        _ => None,
+    }
+}
+
+/// Reads a DER OCSP response to staple; refuses one that is not a successful response.
+fn load_ocsp(path: &Path) -> Result<Vec<u8>, CertError> {
+    let der = std::fs::read(path)
+        .map_err(|e| CertError::BadOcsp(format!("cannot read {}: {e}", path.display())))?;
+    match ocsp_status(&der) {
+        Some(0) => Ok(der),
+        Some(s) => {
+            Err(CertError::BadOcsp(format!("{}: status {s}, not successful", path.display())))
+        }
+        None => Err(CertError::BadOcsp(format!("{}: not a DER OCSP response", path.display()))),
+    }
+}
+
+/// Reads a PEM chain (leaf first) and its PEM key (RSA, ECDSA or Ed25519), and the OCSP
+/// response to staple with it, if any.
+pub fn load_cert(cert: &Path, key: &Path, ocsp: Option<&Path>) -> Result<LoadedCert, CertError> {
     let pem = std::fs::read(cert)
         .map_err(|e| CertError::Unreadable(format!("{}: {e}", cert.display())))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
@@ -140,10 +187,13 @@ pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, CertError> {
     if names.is_empty() {
         return Err(CertError::NoSubjectAltName);
     }
-    let key = CertifiedKey::from_der(chain, key_der, &default_provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => CertError::KeyMismatch,
-        other => CertError::BadKey(other.to_string()),
-    })?;
+    let mut key =
+        CertifiedKey::from_der(chain, key_der, &default_provider()).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => CertError::KeyMismatch,
+            other => CertError::BadKey(other.to_string()),
+        })?;
+    // Stapled to handshakes whose client asks for it (status_request).
+    key.ocsp = ocsp.map(load_ocsp).transpose()?;
     Ok(LoadedCert { key: Arc::new(key), names, not_after })
 }
 
@@ -779,5 +829,17 @@ mod tests {
         *forged.last_mut().unwrap() ^= 1;
         assert!(worker_a.decrypt(&forged).is_none(), "tampering is refused");
         assert!(worker_a.decrypt(&t2[..20]).is_none(), "short input is refused");
+    }
+
+    #[test]
+    fn an_ocsp_response_is_a_der_sequence_starting_with_its_status() {
+        assert_eq!(ocsp_status(&[0x30, 0x03, 0x0a, 0x01, 0x00]), Some(0));
+        assert_eq!(ocsp_status(&[0x30, 0x03, 0x0a, 0x01, 0x06]), Some(6), "unauthorized");
+        // Long-form length: 0x81 0x05, then the status and two more bytes.
+        assert_eq!(ocsp_status(&[0x30, 0x81, 0x05, 0x0a, 0x01, 0x00, 0xa0, 0x00]), Some(0));
+        assert_eq!(ocsp_status(&[0x30, 0x04, 0x0a, 0x01, 0x00]), None, "length past the end");
+        assert_eq!(ocsp_status(&[0x30, 0x03, 0x02, 0x01, 0x00]), None, "not ENUMERATED");
+        assert_eq!(ocsp_status(b"-----BEGIN"), None, "PEM, not DER");
+        assert_eq!(ocsp_status(&[]), None);
     }
 }

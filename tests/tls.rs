@@ -252,6 +252,52 @@ fn a_reload_serves_the_new_certificate_and_refuses_a_bad_one(rt: &str) {
     assert_eq!(presented(&connect(apex.addr, "a.example.com", v13)), second);
 }
 
+/// An OCSP response from a file is stapled to handshakes under both TLS versions, and a
+/// reload staples the file's new content.
+fn an_ocsp_response_is_stapled_and_follows_a_reload(rt: &str) {
+    let up = Upstream::ok("ok");
+    let dir = TempDir::new();
+    let (c, k, _) = cert_files(&dir, "one", &["a.example.com"]);
+    // Minimal DER OCSPResponses: a SEQUENCE holding responseStatus successful (0), then a
+    // responseBytes placeholder that tells the two apart.
+    let first = [0x30, 0x05, 0x0a, 0x01, 0x00, 0x04, 0x00];
+    let second = [0x30, 0x06, 0x0a, 0x01, 0x00, 0x04, 0x01, 0x07];
+    let ocsp = dir.write("one.ocsp", "");
+    std::fs::write(&ocsp, first).unwrap();
+    let yaml = tls_config(up.addr, &[(c, k)], "")
+        .replace("key: \"", &format!("ocsp: \"{}\", key: \"", ocsp.display()));
+    let mut apex = Apex::start(&yaml, rt);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let seen = Arc::new(StapleRecorder::default());
+        let mut s =
+            connect_with(apex.addr, "a.example.com", stapling_client(&[version], seen.clone()));
+        assert_eq!(*seen.0.lock().unwrap(), first, "{version:?}");
+        assert_eq!(get(&mut s, "/").1, b"ok");
+    }
+    std::fs::write(&ocsp, second).unwrap();
+    assert!(apex.reload_with(&yaml).contains("config reloaded"));
+    let seen = Arc::new(StapleRecorder::default());
+    connect_with(
+        apex.addr,
+        "a.example.com",
+        stapling_client(&[&rustls::version::TLS13], seen.clone()),
+    );
+    assert_eq!(*seen.0.lock().unwrap(), second, "the reloaded file");
+    // A response that is not successful is refused; the running config keeps stapling.
+    std::fs::write(&ocsp, [0x30, 0x03, 0x0a, 0x01, 0x06]).unwrap();
+    let outcome = apex.reload_with(&yaml);
+    assert!(outcome.contains("reload refused"), "{outcome}");
+    apex.wait_for_log(&["listeners[0].tls.certificates[0].ocsp", "status 6, not successful"])
+        .expect("the problem is named");
+    let seen = Arc::new(StapleRecorder::default());
+    connect_with(
+        apex.addr,
+        "a.example.com",
+        stapling_client(&[&rustls::version::TLS13], seen.clone()),
+    );
+    assert_eq!(*seen.0.lock().unwrap(), second);
+}
+
 /// A WebSocket through a TLS listener: the tunnel runs on the split TLS stream.
 fn websocket_tunnels_work_over_tls(rt: &str) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -485,6 +531,7 @@ fn health_checks_probe_tls_upstreams_over_tls(rt: &str) {
 }
 
 under_each_driver!(
+    an_ocsp_response_is_stapled_and_follows_a_reload,
     health_checks_probe_tls_upstreams_over_tls,
     a_large_upload_crosses_tls_intact,
     alpn_selects_http_1_1,

@@ -78,6 +78,8 @@ pub enum Problem {
     StripAndReplace,
     BadEncoding(String),
     BadCertificate(String),
+    /// `ocsp` on an upstream client certificate, which nothing staples.
+    OcspOnClientCert,
     BadTlsVersion(String),
     BadAlpn(String),
     BadHttp2(String),
@@ -188,6 +190,9 @@ impl fmt::Display for Problem {
                 "unknown variable `{v}`: use ${{client_ip}}, ${{request_id}} or ${{host}}"
             ),
             Problem::BadCertificate(e) => write!(f, "{e}"),
+            Problem::OcspOnClientCert => {
+                write!(f, "only a listener's certificates staple an OCSP response")
+            }
             Problem::BadTlsVersion(v) => write!(f, "unknown TLS version `{v}`: use \"1.2\" or \"1.3\""),
             Problem::BadAlpn(p) => {
                 write!(f, "ALPN protocol `{p}` is not served (use h2 and/or http/1.1)")

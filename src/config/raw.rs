@@ -270,6 +270,10 @@ pub struct RawClientAuth {
 pub struct RawCertPair {
     pub cert: String,
     pub key: String,
+    /// A DER OCSP response to staple (listener certificates only), e.g. from `openssl ocsp
+    /// -respout`; read again on every reload.
+    #[serde(default)]
+    pub ocsp: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

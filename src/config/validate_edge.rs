@@ -339,7 +339,8 @@ impl Validator<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         for (i, c) in r.certificates.iter().enumerate() {
-            match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
+            let ocsp = c.ocsp.as_deref().map(Path::new);
+            match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key), ocsp) {
                 Ok(l) => {
                     if l.not_after.is_some_and(|t| t < now) {
                         let key = format!("{p}.certificates[{i}]");
@@ -347,6 +348,10 @@ impl Validator<'_> {
                     }
                     loaded.push(l)
                 }
+                Err(e @ crate::tls::CertError::BadOcsp(_)) => self.err(
+                    format!("{p}.certificates[{i}].ocsp"),
+                    Problem::BadCertificate(e.to_string()),
+                ),
                 Err(e) => self
                     .err(format!("{p}.certificates[{i}]"), Problem::BadCertificate(e.to_string())),
             }
@@ -437,7 +442,11 @@ impl Validator<'_> {
         };
         let client_cert = match &r.client_cert {
             None => None,
-            Some(c) => match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
+            Some(c) if c.ocsp.is_some() => {
+                self.err(format!("{p}.client_cert.ocsp"), Problem::OcspOnClientCert);
+                return None;
+            }
+            Some(c) => match crate::tls::load_cert(Path::new(&c.cert), Path::new(&c.key), None) {
                 Ok(l) => Some(std::sync::Arc::new(l)),
                 Err(e) => {
                     self.err(format!("{p}.client_cert"), Problem::BadCertificate(e.to_string()));

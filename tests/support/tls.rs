@@ -1,5 +1,7 @@
 //! TLS helpers for tests with real rustls clients: throwaway certificates and a client that
 //! accepts any server certificate (the tests check which one was presented).
+// The staple recorder is written by the client's verifier and read by the test (test code).
+#![allow(clippy::disallowed_types)]
 
 use std::sync::Arc;
 
@@ -75,4 +77,57 @@ pub fn client_config_with_alpn(
             .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     config
+}
+
+/// Accepts any server certificate, like [`AnyCert`], and keeps the OCSP response the server
+/// stapled (empty when none).
+#[derive(Debug, Default)]
+pub struct StapleRecorder(pub std::sync::Mutex<Vec<u8>>);
+
+impl ServerCertVerifier for StapleRecorder {
+    fn verify_server_cert(
+        &self,
+        end: &CertificateDer<'_>,
+        chain: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = ocsp.to_vec();
+        AnyCert.verify_server_cert(end, chain, name, ocsp, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        AnyCert.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        AnyCert.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        AnyCert.supported_verify_schemes()
+    }
+}
+
+/// A client for `versions` that records the stapled OCSP response in `recorder`.
+pub fn stapling_client(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    recorder: Arc<StapleRecorder>,
+) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(recorder)
+        .with_no_client_auth();
+    Arc::new(config)
 }
