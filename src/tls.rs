@@ -80,6 +80,16 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
 
 /// Ciphertext read at once: one TLS record and its overhead.
 const TLS_READ: usize = 16 * 1024 + 512;
+/// The smallest ciphertext read: what a read for a small plaintext buffer (an idle connection
+/// waiting for its next request offers 512 bytes) uses, so that an idle TLS connection does not
+/// hold a 16 KiB record buffer while it waits. A larger record arrives over several reads;
+/// rustls keeps the partial record.
+const TLS_SMALL_READ: usize = 1024;
+
+/// The ciphertext buffer for a read that may return up to `want` bytes of plaintext.
+fn ciphertext_capacity(want: usize) -> usize {
+    (want + 512).clamp(TLS_SMALL_READ, TLS_READ)
+}
 /// Sessions each worker remembers for TLS 1.2 resumption by session id.
 const SESSION_CACHE: usize = 4096;
 
@@ -401,7 +411,7 @@ impl<S: Stream> TlsStream<S> {
             if !s.conn.is_handshaking() {
                 break;
             }
-            if s.receive().await? == 0 {
+            if s.receive(TLS_READ).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -452,11 +462,11 @@ impl<S: Stream> TlsStream<S> {
         res
     }
 
-    /// Reads ciphertext and hands it to rustls; `Ok(0)` at the peer's end of stream. A TLS
-    /// error sends rustls's alert before it is returned.
-    async fn receive(&mut self) -> io::Result<usize> {
-        if self.incoming.capacity() < TLS_READ {
-            self.incoming.reserve(TLS_READ);
+    /// Reads ciphertext (up to `capacity` bytes) and hands it to rustls; `Ok(0)` at the peer's
+    /// end of stream. A TLS error sends rustls's alert before it is returned.
+    async fn receive(&mut self, capacity: usize) -> io::Result<usize> {
+        if self.incoming.capacity() < capacity {
+            self.incoming.reserve(capacity - self.incoming.len());
         }
         let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
         self.incoming = b;
@@ -561,7 +571,8 @@ impl<S: Stream> Stream for TlsStream<S> {
                 Ok(None) => {}
                 Err(e) => return (Err(e), buf),
             }
-            match self.receive().await {
+            let want = ciphertext_capacity(buf.capacity() - buf.len());
+            match self.receive(want).await {
                 Ok(0) => return (Ok(0), buf),
                 Ok(_) => {}
                 Err(e) => return (Err(e), buf),
@@ -629,8 +640,9 @@ impl<S: Stream> ReadHalf for TlsRead<S> {
                 Ok(None) => {}
                 Err(e) => return (Err(e), buf),
             }
-            if self.incoming.capacity() < TLS_READ {
-                self.incoming.reserve(TLS_READ);
+            let want = ciphertext_capacity(buf.capacity() - buf.len());
+            if self.incoming.capacity() < want {
+                self.incoming.reserve(want - self.incoming.len());
             }
             let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
             self.incoming = b;
