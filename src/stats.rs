@@ -179,14 +179,14 @@ pub struct WorkerStats {
     /// h2 streams being served now.
     pub h2_streams_open: Rc<Cell<u64>>,
     /// GOAWAYs Apex sent, by reason (see [`GOAWAY_REASONS`]).
-    pub h2_goaways: [Cell<u64>; 4],
+    pub h2_goaways: [Cell<u64>; 5],
     /// h2 connections closed for a flood, by kind (`h2_guard::Flood::index`).
     pub h2_floods: [Cell<u64>; 7],
 }
 
 /// Why Apex sent GOAWAY: the worker drains, the connection idled, it served its
 /// `max_requests_per_connection`, the client flooded (ENHANCE_YOUR_CALM).
-pub const GOAWAY_REASONS: [&str; 4] = ["drain", "idle", "max_requests", "flood"];
+pub const GOAWAY_REASONS: [&str; 5] = ["drain", "idle", "max_requests", "flood", "header_timeout"];
 
 impl WorkerStats {
     pub fn tls_handshake(&self, ok: bool) {
@@ -251,7 +251,7 @@ pub struct StatsReport {
     pub requests_by_protocol: [u64; 2],
     pub h2_streams_open: u64,
     /// By [`GOAWAY_REASONS`].
-    pub h2_goaways: [u64; 4],
+    pub h2_goaways: [u64; 5],
     /// By `h2_guard::Flood::ALL`.
     pub h2_floods: [u64; 7],
     /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
@@ -367,11 +367,11 @@ impl StatsReport {
             self.requests_by_protocol[i] += o.requests_by_protocol[i];
         }
         self.h2_streams_open += o.h2_streams_open;
-        for i in 0..4 {
-            self.h2_goaways[i] += o.h2_goaways[i];
+        for (sum, n) in self.h2_goaways.iter_mut().zip(o.h2_goaways) {
+            *sum += n;
         }
-        for i in 0..7 {
-            self.h2_floods[i] += o.h2_floods[i];
+        for (sum, n) in self.h2_floods.iter_mut().zip(o.h2_floods) {
+            *sum += n;
         }
         for (k, v) in &o.cert_expiry {
             self.cert_expiry.insert(k.clone(), *v);

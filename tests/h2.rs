@@ -8,6 +8,7 @@ mod support;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -422,6 +423,45 @@ fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
     assert_eq!(metric(&text, "apex_h2_goaways_total{reason=\"flood\"}"), Some(5), "{text}");
 }
 
+/// A client that starts a header block and stalls inside it (no other frame may come between
+/// its frames, so the whole connection stalls) is cut after the header timeout, long before
+/// the keep-alive timeout, with a GOAWAY counted as `header_timeout`.
+fn a_stalled_header_block_is_cut_after_the_header_timeout(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: prior_knowledge\n    header_timeout: 300ms\n    keepalive_timeout: 1h",
+    );
+    let mut apex = Apex::start(&with_admin(&on), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(4, 0, 0, b""));
+    // HEADERS for stream 1 without END_HEADERS: the block goes on in a CONTINUATION that never
+    // comes.
+    let get = [0x82, 0x87, 0x84, 0x41, 0x01, b'a'];
+    let mut w = Wire::connect(apex.addr);
+    w.send(&[start, frame(1, 0x1, 1, &get[..3])].concat());
+    let started = Instant::now();
+    assert_eq!(goaway_code(&mut w), Some(0), "GOAWAY NO_ERROR");
+    assert!(w.is_closed(), "and the connection closes");
+    assert!(started.elapsed() < Duration::from_secs(5), "not at the keep-alive timeout");
+    let text = metrics(admin_at);
+    assert_eq!(
+        metric(&text, "apex_h2_goaways_total{reason=\"header_timeout\"}"),
+        Some(1),
+        "{text}"
+    );
+    // A connection whose header blocks end is not cut, however long it then idles.
+    let mut client = Wire::connect(apex.addr);
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(4, 0, 0, b""));
+    client.send(&[start, frame(1, 0x5, 1, &get)].concat());
+    assert!(
+        !client.closes_within(Duration::from_millis(800)),
+        "cut although its header block ended"
+    );
+}
+
 /// Header bytes decoded over a connection's life are capped (an HPACK bomb sends one byte per
 /// field it makes Apex decode): past the cap, GOAWAY ENHANCE_YOUR_CALM, counted.
 fn decoded_header_bytes_are_capped_per_connection(rt: &str) {
@@ -492,6 +532,7 @@ fn removing_the_listener_sends_goaway_and_finishes_streams(rt: &str) {
 }
 
 under_each_driver!(
+    a_stalled_header_block_is_cut_after_the_header_timeout,
     removing_the_listener_sends_goaway_and_finishes_streams,
     decoded_header_bytes_are_capped_per_connection,
     each_flood_gets_goaway_enhance_your_calm,

@@ -89,6 +89,11 @@ pub struct FrameGuard {
     skip: u64,
     /// CONTINUATION frames in the header block being received (`None`: not in one).
     block: Option<u32>,
+    /// When the header block being received began (its HEADERS frame's header arrived); until
+    /// the last byte of the frame that ends it.
+    block_since: Option<Instant>,
+    /// The frame whose payload is being skipped ends a header block.
+    ends_block: bool,
     window_start: Option<Instant>,
     counts: [u32; 5],
 }
@@ -101,6 +106,8 @@ impl FrameGuard {
             have: 0,
             skip: 0,
             block: None,
+            block_since: None,
+            ends_block: false,
             window_start: None,
             counts: [0; 5],
         }
@@ -114,6 +121,7 @@ impl FrameGuard {
                 let n = self.skip.min(bytes.len() as u64);
                 self.skip -= n;
                 bytes = &bytes[n as usize..];
+                self.end_block_if_done();
                 continue;
             }
             let n = (9 - self.have).min(bytes.len());
@@ -127,9 +135,24 @@ impl FrameGuard {
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                 self.skip = len;
                 self.frame(h[3], h[4], len, stream, now)?;
+                self.end_block_if_done();
             }
         }
         Ok(())
+    }
+
+    /// When the header block being received began; `None` while not in one. A client that
+    /// stalls inside a header block stalls the whole connection (no other frame may come
+    /// between its frames), so the connection's owner cuts it after the header timeout.
+    pub fn header_block_since(&self) -> Option<Instant> {
+        self.block_since
+    }
+
+    fn end_block_if_done(&mut self) {
+        if self.skip == 0 && self.ends_block {
+            self.ends_block = false;
+            self.block_since = None;
+        }
     }
 
     fn frame(
@@ -140,6 +163,11 @@ impl FrameGuard {
         stream: u32,
         now: Instant,
     ) -> Result<(), Flood> {
+        if matches!(kind, HEADERS | PUSH_PROMISE) {
+            self.block_since.get_or_insert(now);
+        }
+        self.ends_block =
+            matches!(kind, HEADERS | PUSH_PROMISE | CONTINUATION) && flags & END_HEADERS != 0;
         match kind {
             HEADERS | PUSH_PROMISE if flags & END_HEADERS == 0 => self.block = Some(0),
             HEADERS | PUSH_PROMISE => self.block = None,
@@ -277,5 +305,27 @@ mod tests {
         );
         let mut g = FrameGuard::new(LIMITS);
         assert_eq!(feed_all(&mut g, &[rst.clone(), rst.clone(), rst], now), Err(Flood::Reset));
+    }
+
+    #[test]
+    fn a_header_block_is_open_until_the_last_byte_of_its_end() {
+        let mut g = FrameGuard::new(LIMITS);
+        let t0 = Instant::now();
+        g.feed(&frame(HEADERS, 0, 1, b"ab"), t0).unwrap();
+        assert_eq!(g.header_block_since(), Some(t0), "HEADERS without END_HEADERS");
+        let end = frame(CONTINUATION, END_HEADERS, 1, b"xyz");
+        let later = t0 + Duration::from_secs(1);
+        g.feed(&end[..end.len() - 1], later).unwrap();
+        assert_eq!(g.header_block_since(), Some(t0), "the ending frame is not whole yet");
+        g.feed(&end[end.len() - 1..], later).unwrap();
+        assert_eq!(g.header_block_since(), None);
+        // A HEADERS frame that ends its block still counts until its payload is in.
+        let whole = frame(HEADERS, END_HEADERS, 3, b"abc");
+        g.feed(&whole[..10], later).unwrap();
+        assert_eq!(g.header_block_since(), Some(later));
+        g.feed(&whole[10..], later).unwrap();
+        assert_eq!(g.header_block_since(), None);
+        g.feed(&frame(PING, 0, 0, &[0; 8]), later).unwrap();
+        assert_eq!(g.header_block_since(), None, "other frames open nothing");
     }
 }

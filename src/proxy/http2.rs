@@ -70,7 +70,8 @@ pub async fn serve_h2<R, C, F, Fut>(
 {
     let (header_timeout, keepalive_timeout) = timeouts;
     let local = client.local_addr().ok();
-    let (watch, tripped) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
+    let (watch, watched) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
+    let (tripped, block_since) = (watched.tripped, watched.block_since);
     let io = PollIo::new(client, preface, watch);
     let handshake = h2_builder(settings).handshake::<_, Bytes>(io);
     let mut conn = match Box::pin(R::timeout(header_timeout, handshake)).await {
@@ -112,13 +113,28 @@ pub async fn serve_h2<R, C, F, Fut>(
         } else {
             // The worker's coarse idle deadline, and the drain. With streams open the deadline
             // only re-checks; a connection without any is idle (closed within one to two
-            // keep-alive timeouts of its last stream).
-            let idle = worker.idle.until(Instant::now() + keepalive_timeout);
+            // keep-alive timeouts of its last stream). A header block the client started
+            // must end within the header timeout (re-read at every poll: the block may start
+            // while this waits).
+            let idle_until = Instant::now() + keepalive_timeout;
+            let block = &block_since;
+            let idle = worker.idle.until_moving(move || match block.get() {
+                Some(t) => idle_until.min(t + header_timeout),
+                None => idle_until,
+            });
             let drain = race(worker.drain.wait(), removed.wait());
             match race(accept, race(drain, idle)).await {
                 Either::Left(next) => next,
                 Either::Right(_) => {
-                    if worker.is_draining() || removed.is_fired() {
+                    let stalled = block_since.get().is_some_and(|t| t.elapsed() >= header_timeout);
+                    if stalled {
+                        // No frame may come between a header block's frames: a client stalled
+                        // inside one stalls the connection. Cut, as an HTTP/1.1 head is (408).
+                        debug!("h2 header block not finished in time: GOAWAY");
+                        conn.abrupt_shutdown(::h2::Reason::NO_ERROR);
+                        crate::stats::bump(&stats.h2_goaways[4]);
+                        closing = true;
+                    } else if worker.is_draining() || removed.is_fired() {
                         go_away(&mut conn, 0);
                         closing = true;
                     } else if idle_before && !conn.has_streams() {

@@ -69,19 +69,36 @@ pub struct Watch {
     /// Set when a limit was crossed: from then on nothing more is handed to `h2`, and the
     /// connection's task answers GOAWAY ENHANCE_YOUR_CALM.
     tripped: Rc<Cell<Option<Flood>>>,
+    /// When the header block being received began (the guard's view, after each read).
+    block_since: Rc<Cell<Option<Instant>>>,
+}
+
+/// What the connection's task reads of a [`Watch`]: a flood, and an open header block.
+pub struct Watched {
+    pub tripped: Rc<Cell<Option<Flood>>>,
+    pub block_since: Rc<Cell<Option<Instant>>>,
 }
 
 impl Watch {
-    pub fn new(frames: FrameGuard, preface: usize) -> (Watch, Rc<Cell<Option<Flood>>>) {
+    pub fn new(frames: FrameGuard, preface: usize) -> (Watch, Watched) {
         let tripped = Rc::new(Cell::new(None));
-        (Watch { frames, preface, tripped: Rc::clone(&tripped) }, tripped)
+        let block_since = Rc::new(Cell::new(None));
+        let w = Watch {
+            frames,
+            preface,
+            tripped: Rc::clone(&tripped),
+            block_since: Rc::clone(&block_since),
+        };
+        (w, Watched { tripped, block_since })
     }
 
     fn see(&mut self, mut bytes: &[u8]) -> Result<(), Flood> {
         let skip = self.preface.min(bytes.len());
         self.preface -= skip;
         bytes = &bytes[skip..];
-        self.frames.feed(bytes, Instant::now())
+        let seen = self.frames.feed(bytes, Instant::now());
+        self.block_since.set(self.frames.header_block_since());
+        seen
     }
 }
 

@@ -167,6 +167,40 @@ impl IdleTimers {
     }
 }
 
+impl IdleTimers {
+    /// Like [`IdleTimers::until`], with a deadline read again at every poll: it may move as
+    /// the waiting task learns more (an HTTP/2 connection starting a header block).
+    pub fn until_moving<F: Fn() -> Instant + Unpin>(&self, deadline: F) -> MovingWait<'_, F> {
+        MovingWait { timers: self, deadline, slot: None }
+    }
+}
+
+pub struct MovingWait<'a, F> {
+    timers: &'a IdleTimers,
+    deadline: F,
+    slot: Option<usize>,
+}
+
+impl<F: Fn() -> Instant + Unpin> Future for MovingWait<'_, F> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = (self.deadline)();
+        if Instant::now() >= self.timers.due(deadline) {
+            return Poll::Ready(());
+        }
+        let this = &mut *self;
+        this.timers.waiters.register(&mut this.slot, deadline, cx.waker());
+        Poll::Pending
+    }
+}
+
+impl<F> Drop for MovingWait<'_, F> {
+    fn drop(&mut self) {
+        self.timers.waiters.release(self.slot);
+    }
+}
+
 pub struct IdleWait<'a> {
     timers: &'a IdleTimers,
     deadline: Instant,
