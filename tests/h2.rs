@@ -456,6 +456,20 @@ fn a_stalled_header_block_is_cut_after_the_header_timeout(rt: &str) {
     let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     start.extend(frame(4, 0, 0, b""));
     client.send(&[start, frame(1, 0x5, 1, &get)].concat());
+    // The response: frames up to one on stream 1 that ends it.
+    loop {
+        use std::io::Read;
+        let mut head = [0u8; 9];
+        client.stream.read_exact(&mut head).expect("a response frame");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        client.stream.read_exact(&mut payload).unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+        assert_ne!(head[3], 7, "GOAWAY instead of the response");
+        if stream == 1 && head[4] & 0x1 != 0 {
+            break;
+        }
+    }
     assert!(
         !client.closes_within(Duration::from_millis(800)),
         "cut although its header block ended"
