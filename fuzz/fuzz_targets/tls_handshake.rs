@@ -16,7 +16,7 @@ fn config() -> Arc<rustls::ServerConfig> {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("c.pem"), c.cert.pem()).unwrap();
             std::fs::write(dir.join("k.pem"), c.key_pair.serialize_pem()).unwrap();
-            let cert = load_cert(&dir.join("c.pem"), &dir.join("k.pem")).unwrap();
+            let cert = load_cert(&dir.join("c.pem"), &dir.join("k.pem"), None).unwrap();
             let store = Arc::new(CertStore::new(&[cert], 0));
             let tickets = Arc::new(arc_swap::ArcSwap::from_pointee(TicketKeys::generate()));
             server_config(store, false, &["http/1.1".to_string()], &tickets, None).unwrap()
