@@ -333,6 +333,10 @@ fn run(config: Config, overrides: Overrides, logs: Option<&LogWriter>) -> anyhow
             Ok(Lifecycle::Reload(reply)) => {
                 let outcome = if deadline.is_some() {
                     Err("draining: reload refused".to_string())
+                } else if upgrading {
+                    // The new process has the listeners as they are now, and reads the file
+                    // itself: a reload here could only make the two disagree.
+                    Err("an upgrade is under way: reload refused".to_string())
                 } else {
                     reloader.reload(&mut server).map_err(|e| e.to_string())
                 };

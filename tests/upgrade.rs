@@ -185,10 +185,13 @@ fn a_stop_during_an_upgrade_stops_the_new_process_too(rt: &str) {
     let slow = format!(
         "resolvers: [\"127.0.0.1:9\"]\n{yaml}  - name: later\n    endpoints: [ {{ dns: \"never.test:80\" }} ]\n"
     );
-    std::fs::write(old.config_path.as_ref().unwrap(), slow).unwrap();
+    std::fs::write(old.config_path.as_ref().unwrap(), &slow).unwrap();
     old.signal(libc::SIGUSR2);
     let line = old.wait_for_log(&["upgrade: started the new process"]).expect("started");
     let new = Stray(field(&line, "new_pid").unwrap().parse().unwrap());
+    // A reload meanwhile is refused: the new process has the listeners as they are.
+    let outcome = old.reload_with(&slow);
+    assert!(outcome.contains("an upgrade is under way: reload refused"), "{outcome}");
     old.signal(libc::SIGTERM);
     old.wait_for_log(&["stopping during an upgrade"]).expect("the upgrade is cancelled");
     // Left alone, it would wait 6 s for its name server first.
