@@ -145,6 +145,16 @@ pub struct Worker<R: Runtime> {
 /// grace covers them with room to spare, and bounds how long idle connections delay an exit.
 pub const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Both absent, or both the very same allocation (settings a DNS-only snapshot shares with the
+/// one before; a reload loads them again).
+fn same_arc<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
 /// The generations of a health map and of a snapshot.
 type Generations = (u64, u64);
 
@@ -364,11 +374,7 @@ impl<R: Runtime> Worker<R> {
                     let same = std::sync::Arc::ptr_eq(&b.certs, &t.certs)
                         && b.tls13_only == t.tls13_only
                         && b.alpn == t.alpn
-                        && match (&b.client_auth, &t.client_auth) {
-                            (None, None) => true,
-                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
-                            _ => false,
-                        };
+                        && same_arc(&b.client_auth, &t.client_auth);
                     same.then(|| p.tls_config(&l.name)).flatten()
                 });
                 if let Some(c) = kept {
@@ -394,16 +400,8 @@ impl<R: Runtime> Worker<R> {
                     let i = p.snap.config.clusters.iter().position(|o| o.name == c.name)?;
                     let b = p.snap.config.clusters[i].tls.as_ref()?;
                     let same = b.server_name == t.server_name
-                        && match (&b.roots, &t.roots) {
-                            (None, None) => true,
-                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
-                            _ => false,
-                        }
-                        && match (&b.client_cert, &t.client_cert) {
-                            (None, None) => true,
-                            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
-                            _ => false,
-                        };
+                        && same_arc(&b.roots, &t.roots)
+                        && same_arc(&b.client_cert, &t.client_cert);
                     same.then(|| p.upstream_tls[i].clone()).flatten()
                 });
                 if kept.is_some() {
