@@ -200,7 +200,31 @@ fn a_stop_during_an_upgrade_stops_the_new_process_too(rt: &str) {
     assert_eq!(old.wait_process_exit(), Some(0), "the old one drained and exited");
 }
 
+/// The process an upgrade started can itself be upgraded: it hands on the sockets it got.
+fn an_upgraded_process_can_be_upgraded_again(rt: &str) {
+    let up = Upstream::ok("ok");
+    let mut first = Apex::start(&with_admin(&proxy_config(&[up.addr], "")), rt);
+    let admin_at = admin_addr(&mut first);
+    first.signal(libc::SIGUSR2);
+    let line = first.wait_for_log(&["upgrade: the new process serves"]).expect("first upgrade");
+    let second = Stray(field(&line, "new_pid").unwrap().parse().unwrap());
+    assert_eq!(first.wait_process_exit(), Some(0));
+    // The second process logs to the same pipe; its own upgrade's lines come after these.
+    let _ = first.logs();
+    // SAFETY: kill with a valid signal, to the process the first one started.
+    unsafe { libc::kill(second.0 as libc::pid_t, libc::SIGUSR2) };
+    let line = first
+        .wait_for_new_log(&["upgrade: the new process serves"])
+        .unwrap_or_else(|| panic!("no second upgrade:\n{}", first.logs()));
+    let _third = Stray(field(&line, "new_pid").unwrap().parse().unwrap());
+    assert!(wait_pid_exit(second.0, PATIENCE), "the second process drained and exited");
+    let mut c = Wire::connect(first.addr);
+    assert_eq!(c.request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").status, 200, "the third serves");
+    assert_eq!(admin(admin_at, "GET", "/healthz").status, 200, "with the admin API");
+}
+
 under_each_driver!(
+    an_upgraded_process_can_be_upgraded_again,
     a_stop_during_an_upgrade_stops_the_new_process_too,
     the_upgrade_command_waits_for_the_handover_and_systemd_hears_the_new_pid,
     an_upgrade_under_keepalive_load_fails_no_request,

@@ -189,6 +189,23 @@ impl Apex {
         None
     }
 
+    /// Like [`Apex::wait_for_log`], counting only lines that arrive from now on.
+    pub fn wait_for_new_log(&mut self, needles: &[&str]) -> Option<String> {
+        for l in self.logs.try_iter() {
+            self.seen.push(l);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        while let Ok(line) =
+            self.logs.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            if needles.iter().all(|n| line.contains(n)) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
     /// Rewrites the config file and sends SIGHUP; returns the log line that reports the outcome.
     pub fn reload_with(&mut self, yaml: &str) -> String {
         std::fs::write(self.config_path.as_ref().expect("started from a config file"), yaml)
