@@ -60,8 +60,8 @@ fn push_escaped(out: &mut String, s: &str) {
     }
 }
 
-/// Appends `s` as a JSON string body (without quotes).
-fn push_json(out: &mut String, s: &str) {
+/// Appends `s` as a JSON string body (without quotes). Also the admin API's `/endpoints`.
+pub fn push_json(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -27,12 +27,7 @@ pub fn start(
     inherited: Option<TcpListener>,
 ) -> io::Result<(SocketAddr, TcpListener)> {
     let listener = match inherited {
-        Some(l)
-            if l.local_addr()
-                .is_ok_and(|a| a == addr || (addr.port() == 0 && a.ip() == addr.ip())) =>
-        {
-            l
-        }
+        Some(l) if l.local_addr().is_ok_and(|a| crate::listener::serves_address(a, addr)) => l,
         _ => TcpListener::bind(addr)?,
     };
     let bound = listener.local_addr()?;

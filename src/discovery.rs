@@ -112,7 +112,12 @@ fn compose_cluster(c: &mut Cluster, map: &DnsMap) {
 /// reload and a DNS change that race both land: whichever swaps second is recomposed from the
 /// other's result.
 pub fn publish(shared: &SharedSnapshot, dns: &SharedDns, config: &Config) {
-    shared.rcu(|_| Arc::new(Snapshot::new(compose(config.clone(), &dns.load()))));
+    shared.rcu(|_| composed(config, dns));
+}
+
+/// A snapshot of `config` with the endpoints `dns` holds now.
+fn composed(config: &Config, dns: &SharedDns) -> Arc<Snapshot> {
+    Arc::new(Snapshot::new(compose(config.clone(), &dns.load())))
 }
 
 /// How often the resolver thread looks for config changes and for the order to stop.
@@ -354,7 +359,7 @@ async fn resolve(
         if changed {
             // Republished from the snapshot's own config (the file's, or the last reload's):
             // the fixed endpoints and settings stay, the DNS ones are replaced.
-            shared.rcu(|cur| Arc::new(Snapshot::new(compose(cur.config.clone(), &dns.load()))));
+            shared.rcu(|cur| composed(&cur.config, &dns));
         }
         if first.is_some() && wanted.iter().all(|k| map.names.contains_key(k)) {
             let _ = first.take().map(|f| f.send(()));

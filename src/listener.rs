@@ -42,6 +42,13 @@ fn map_err(addr: SocketAddr, e: io::Error) -> BindError {
     }
 }
 
+/// Whether a socket bound at `at` serves a listener configured at `want`: the same address,
+/// or any port of the same IP when the config says port 0 (how sockets an upgrade hands over
+/// are matched to the new config's listeners).
+pub fn serves_address(at: SocketAddr, want: SocketAddr) -> bool {
+    at == want || (want.port() == 0 && at.ip() == want.ip())
+}
+
 /// Binds `count` listening sockets sharing `addr` through `SO_REUSEPORT`, one per worker.
 /// With port 0 the kernel picks a port for the first and the rest share it.
 pub fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, BindError> {

@@ -210,16 +210,7 @@ pub fn build(
 fn js(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 2);
     o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
+    crate::access_log::push_json(&mut o, s);
     o.push('"');
     o
 }

@@ -371,15 +371,21 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Reads one frame: its 9-byte header and its payload.
+fn read_frame(w: &mut Wire) -> std::io::Result<([u8; 9], Vec<u8>)> {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    w.stream.read_exact(&mut head)?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    w.stream.read_exact(&mut payload)?;
+    Ok((head, payload))
+}
+
 /// Reads frames until a GOAWAY; returns its error code (`None`: closed without one).
 fn goaway_code(w: &mut Wire) -> Option<u32> {
-    use std::io::Read;
     loop {
-        let mut head = [0u8; 9];
-        w.stream.read_exact(&mut head).ok()?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        w.stream.read_exact(&mut payload).ok()?;
+        let (head, payload) = read_frame(w).ok()?;
         if head[3] == 7 {
             return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
         }
@@ -458,12 +464,7 @@ fn a_stalled_header_block_is_cut_after_the_header_timeout(rt: &str) {
     client.send(&[start, frame(1, 0x5, 1, &get)].concat());
     // The response: frames up to one on stream 1 that ends it.
     loop {
-        use std::io::Read;
-        let mut head = [0u8; 9];
-        client.stream.read_exact(&mut head).expect("a response frame");
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        client.stream.read_exact(&mut payload).unwrap();
+        let (head, _) = read_frame(&mut client).expect("a response frame");
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
         assert_ne!(head[3], 7, "GOAWAY instead of the response");
         if stream == 1 && head[4] & 0x1 != 0 {

@@ -90,9 +90,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             match balancer.pick(on_ring, healthy, fail_open, &tried[..attempts]) {
                 Ok(i) => break i,
                 Err(Unavailable::NoHealthyEndpoint) => {
-                    // Rate-limited like upstream failures: in an outage every request comes here.
-                    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
-                    if f.worker.failures.admit(nowhere, "no healthy endpoint", Instant::now()) {
+                    if cluster_warning_due(f, "no healthy endpoint") {
                         warn!(cluster = %cluster.name, "no healthy endpoint: answering 503");
                     }
                     return answer(f, ProxyError::NoHealthyEndpoint.status(), body.is_done(), None)
@@ -105,8 +103,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                         *queued_until.get_or_insert_with(|| Instant::now() + cluster.queue_timeout);
                     if !balancer.wait_for_room(&f.worker.idle, until).await {
                         stats.queue_rejected();
-                        let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
-                        if f.worker.failures.admit(nowhere, "endpoints full", Instant::now()) {
+                        if cluster_warning_due(f, "endpoints full") {
                             warn!(cluster = %cluster.name, "every endpoint at max_connections and the queue full or timed out: answering 503");
                         }
                         return answer(f, 503, body.is_done(), None).await;
@@ -196,6 +193,13 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             }
         }
     }
+}
+
+/// Whether a cluster-wide refusal (no healthy endpoint, every endpoint full) should be logged
+/// now: rate-limited like upstream failures, since in an outage every request comes here.
+fn cluster_warning_due<R: Runtime>(f: &Forward<'_, R>, reason: &'static str) -> bool {
+    let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
+    f.worker.failures.admit(nowhere, reason, Instant::now())
 }
 
 fn note_ejection(ejected: Option<Duration>, cluster: &str, addr: SocketAddr) {

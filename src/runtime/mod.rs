@@ -23,7 +23,7 @@ use crate::access_log::{start_writer, Format, LogMessage};
 use crate::config::{Config, Listener, RuntimeKind, Workers};
 use crate::health::{HealthMap, SharedHealth};
 use crate::lifecycle::Lifecycle;
-use crate::listener::{bind_more, bind_reuseport, BindError};
+use crate::listener::{bind_more, bind_reuseport, serves_address, BindError};
 use crate::proxy::worker_tasks::{self, Control};
 use crate::snapshot::{publish_first, SharedSnapshot};
 use arc_swap::ArcSwap;
@@ -258,8 +258,7 @@ fn build_epoll() -> Result<EpollRuntime, io::Error> {
 
 /// Whether inherited sockets are bound where `want` says (any port when it says port 0).
 fn same_address(socks: &[TcpListener], want: SocketAddr) -> bool {
-    let Some(at) = socks.first().and_then(|s| s.local_addr().ok()) else { return false };
-    at == want || (want.port() == 0 && at.ip() == want.ip())
+    socks.first().and_then(|s| s.local_addr().ok()).is_some_and(|at| serves_address(at, want))
 }
 
 /// How many workers `workers` means on this machine.
