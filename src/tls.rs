@@ -8,20 +8,28 @@
 //! thread. Each worker builds its own `ServerConfig` (its own session cache), so no handshake
 //! writes memory another worker uses.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::UnbufferedClientConnection;
 use rustls::crypto::ring::default_provider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use rustls::{Connection, ServerConfig, ServerConnection};
+use rustls::ServerConfig;
+use std::rc::Rc;
 
 use crate::proxy::io::{ReadHalf, Stream, WriteHalf};
+
+mod engine;
+
+use engine::{tls_error, Engine, Sink, Step, MAX_PENDING_CIPHERTEXT};
 
 /// A TLS connection's parameters, for the access log and the metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -252,6 +260,8 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // For the access log: the handshake step that called this takes it (see RESOLVED_SNI).
+        RESOLVED_SNI.with(|r| *r.borrow_mut() = hello.server_name().map(str::to_string));
         Some(self.pick(hello.server_name()))
     }
 }
@@ -372,26 +382,276 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// A connection over TLS, on any seam stream (a client's, or Apex's own to an upstream). Reads
+/// and writes plaintext like the stream it wraps.
+///
+/// Buffers: ciphertext for a small read (an idle connection waiting for its next request offers
+/// 512 bytes) is read into the reader's own buffer, so an idle TLS connection holds no buffer
+/// beyond the one a plaintext connection holds. `incoming` holds an incomplete record between
+/// reads (and larger reads' ciphertext); `Core::plain` holds plaintext that did not fit the
+/// reader's buffer. Each is freed once empty.
+pub struct TlsStream<S> {
+    core: Rc<RefCell<Core>>,
+    inner: S,
+    /// What the handshake settled, read once it completed.
+    info: TlsInfo,
 }
 
-/// A client connection over TLS, on any seam stream. Reads and writes plaintext like the
-/// stream it wraps.
-pub struct TlsStream<S> {
-    conn: Connection,
-    inner: S,
-    /// Ciphertext read from `inner` not yet taken by rustls.
+/// The connection's negotiated parameters.
+#[derive(Debug, Clone, Default)]
+struct TlsInfo {
+    summary: TlsSummary,
+    alpn: Option<&'static [u8]>,
+    version: Option<rustls::ProtocolVersion>,
+}
+
+/// The rustls connection of either side.
+enum Conn {
+    Server(Engine<UnbufferedServerConnection>),
+    Client(Engine<UnbufferedClientConnection>),
+}
+
+/// The state both directions of a TLS connection share.
+struct Core {
+    conn: Conn,
+    /// Ciphertext read and not yet used: an incomplete record or handshake message. Every call
+    /// into rustls gets exactly these bytes (see [`Engine::encrypt`]), so a split stream's
+    /// reading half never takes them away while a read is in flight.
     incoming: Vec<u8>,
-    /// Ciphertext rustls produced, being written to `inner`.
-    outgoing: Vec<u8>,
+    /// Decrypted application data not yet read.
+    plain: Vec<u8>,
+    /// TLS records encoded and not yet written (a handshake answer, session tickets, a key
+    /// update, an alert). The reading direction of a split stream leaves here what it cannot
+    /// write; the writing direction sends it ahead of its own records.
+    out: Vec<u8>,
+}
+
+/// Reads offering at most this much plaintext room take their ciphertext into the reader's own
+/// buffer (then copied to the stack to be decrypted), so they need no buffer of their own.
+const DIRECT_READ: usize = 4096;
+/// Below this room a direct read would take a record in tiny pieces: such reads go through
+/// `incoming` with a read of at least [`TLS_SMALL_READ`].
+const MIN_DIRECT_READ: usize = 256;
+
+thread_local! {
+    /// The server name of the ClientHello this worker's certificate resolver saw last: rustls's
+    /// unbuffered server connection does not expose SNI, and the resolver runs inside the
+    /// handshake step of exactly one connection at a time on this thread, which takes it at once.
+    static RESOLVED_SNI: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+impl Core {
+    fn new(conn: Conn) -> Core {
+        Core { conn, incoming: Vec::new(), plain: Vec::new(), out: Vec::new() }
+    }
+
+    /// Runs rustls over `ciphertext`; see [`Engine::advance`]. Records to send go to `out`.
+    fn advance(
+        conn: &mut Conn,
+        ciphertext: &mut [u8],
+        out: &mut Vec<u8>,
+        sink: &mut Sink<'_>,
+    ) -> (usize, Result<Step, rustls::Error>) {
+        match conn {
+            Conn::Server(e) => e.advance(ciphertext, out, sink),
+            Conn::Client(e) => e.advance(ciphertext, out, sink),
+        }
+    }
+
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.conn {
+            Conn::Server(e) => e.encrypt(data, &mut self.incoming, &mut self.out),
+            Conn::Client(e) => e.encrypt(data, &mut self.incoming, &mut self.out),
+        }
+        .map_err(tls_error)
+    }
+
+    fn close_notify(&mut self) -> io::Result<()> {
+        match &mut self.conn {
+            Conn::Server(e) => e.close_notify(&mut self.incoming, &mut self.out),
+            Conn::Client(e) => e.close_notify(&mut self.incoming, &mut self.out),
+        }
+        .map_err(tls_error)
+    }
+
+    fn peer_closed(&self) -> bool {
+        match &self.conn {
+            Conn::Server(e) => e.peer_closed,
+            Conn::Client(e) => e.peer_closed,
+        }
+    }
+
+    fn common(&self) -> &rustls::CommonState {
+        match &self.conn {
+            Conn::Server(e) => &e.conn,
+            Conn::Client(e) => &e.conn,
+        }
+    }
+
+    /// Moves decrypted data the last read could not take into `buf`'s spare capacity.
+    fn take_plain(&mut self, buf: &mut Vec<u8>) -> usize {
+        let n = (buf.capacity() - buf.len()).min(self.plain.len());
+        buf.extend_from_slice(&self.plain[..n]);
+        self.plain.drain(..n);
+        release_if_empty(&mut self.plain);
+        n
+    }
+
+    /// Processes ciphertext a read put into `buf` after `len` (a direct read, made only while
+    /// `incoming` is empty): it is moved to the stack, `buf` is cut back to `len` and receives
+    /// the plaintext; what is left (an incomplete record) goes to `incoming`.
+    fn digest_direct(&mut self, buf: &mut Vec<u8>, len: usize) -> Result<Step, rustls::Error> {
+        debug_assert!(self.incoming.is_empty());
+        let n = buf.len() - len;
+        let mut ciphertext = [0u8; DIRECT_READ];
+        ciphertext[..n].copy_from_slice(&buf[len..]);
+        buf.truncate(len);
+        let mut sink = Sink { buf, overflow: &mut self.plain };
+        let (used, step) =
+            Self::advance(&mut self.conn, &mut ciphertext[..n], &mut self.out, &mut sink);
+        self.incoming.extend_from_slice(&ciphertext[used..n]);
+        step
+    }
+
+    /// Processes the ciphertext in `incoming`, plaintext to `buf`; keeps what is left of it (an
+    /// incomplete record), within [`MAX_PENDING_CIPHERTEXT`].
+    fn digest(&mut self, buf: &mut Vec<u8>) -> Result<Step, rustls::Error> {
+        let mut sink = Sink { buf, overflow: &mut self.plain };
+        let (used, step) =
+            Self::advance(&mut self.conn, &mut self.incoming[..], &mut self.out, &mut sink);
+        self.incoming.drain(..used);
+        release_if_empty(&mut self.incoming);
+        if step.is_ok() && self.incoming.len() > MAX_PENDING_CIPHERTEXT {
+            return Err(rustls::Error::General("incomplete TLS message too large".into()));
+        }
+        step
+    }
+
+    /// How the next read takes its ciphertext, for a reader with `room` bytes of plaintext
+    /// room. `exclusive`: no other party uses this core while the read is in flight (an
+    /// unsplit stream), so `incoming` itself may be read into.
+    fn plan_read(&mut self, room: usize, exclusive: bool) -> ReadInto {
+        if self.incoming.is_empty() && (MIN_DIRECT_READ..=DIRECT_READ).contains(&room) {
+            return ReadInto::Caller;
+        }
+        let want = ciphertext_capacity(room);
+        if exclusive || self.incoming.is_empty() {
+            let mut b = std::mem::take(&mut self.incoming);
+            b.reserve(want);
+            ReadInto::Incoming(b)
+        } else {
+            ReadInto::Scratch(Vec::with_capacity(want))
+        }
+    }
+
+    /// Takes back the buffer a read filled per [`Core::plan_read`] and processes it.
+    fn after_read(
+        &mut self,
+        into: ReadInto,
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<Step, rustls::Error> {
+        match into {
+            ReadInto::Caller => self.digest_direct(buf, start),
+            ReadInto::Incoming(b) => {
+                self.incoming = b;
+                self.digest(buf)
+            }
+            ReadInto::Scratch(b) => {
+                self.incoming.extend_from_slice(&b);
+                self.digest(buf)
+            }
+        }
+    }
+}
+
+/// Where a read puts ciphertext: the reader's own buffer, `Core::incoming` (taken out while
+/// the read is in flight), or a scratch buffer appended to `incoming` afterwards.
+enum ReadInto {
+    Caller,
+    Incoming(Vec<u8>),
+    Scratch(Vec<u8>),
+}
+
+/// Where ciphertext comes from: a whole stream or its reading half.
+#[allow(async_fn_in_trait)]
+trait CiphertextSource {
+    async fn read_ciphertext(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+}
+
+struct Whole<'a, S>(&'a mut S);
+impl<S: Stream> CiphertextSource for Whole<'_, S> {
+    async fn read_ciphertext(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        self.0.read(buf).await
+    }
+}
+
+struct Half<'a, R>(&'a mut R);
+impl<R: ReadHalf> CiphertextSource for Half<'_, R> {
+    async fn read_ciphertext(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        self.0.read(buf).await
+    }
+}
+
+/// Reads plaintext into `buf` from a TLS connection whose ciphertext `src` reads: the one read
+/// loop of [`TlsStream`] and of its reading half. Records rustls has to send are left in
+/// `core.out`. `Ok(0)`: the peer closed (close_notify or end of stream).
+async fn read_plain(
+    core: &RefCell<Core>,
+    exclusive: bool,
+    mut buf: Vec<u8>,
+    src: &mut impl CiphertextSource,
+) -> (io::Result<usize>, Vec<u8>) {
+    let start = buf.len();
+    loop {
+        {
+            let mut c = core.borrow_mut();
+            if c.take_plain(&mut buf) > 0 {
+                return (Ok(buf.len() - start), buf);
+            }
+            if c.peer_closed() {
+                return (Ok(0), buf);
+            }
+        }
+        let room = buf.capacity() - buf.len();
+        let plan = core.borrow_mut().plan_read(room, exclusive);
+        let (res, into) = match plan {
+            ReadInto::Caller => {
+                let (res, b) = src.read_ciphertext(buf).await;
+                buf = b;
+                (res, ReadInto::Caller)
+            }
+            ReadInto::Incoming(b) => {
+                let (res, b) = src.read_ciphertext(b).await;
+                (res, ReadInto::Incoming(b))
+            }
+            ReadInto::Scratch(b) => {
+                let (res, b) = src.read_ciphertext(b).await;
+                (res, ReadInto::Scratch(b))
+            }
+        };
+        if !matches!(res, Ok(n) if n > 0) {
+            // End of stream or an error: what `incoming` held is kept (and unused).
+            if let ReadInto::Incoming(b) = into {
+                core.borrow_mut().incoming = b;
+            }
+            return (res.map(|_| 0), buf);
+        }
+        let step = core.borrow_mut().after_read(into, &mut buf, start);
+        if let Err(e) = step {
+            return (Err(tls_error(e)), buf);
+        }
+        if buf.len() > start {
+            return (Ok(buf.len() - start), buf);
+        }
+    }
 }
 
 impl<S: Stream> TlsStream<S> {
     /// Completes the handshake on `inner` (the caller bounds it with its handshake timeout).
     pub async fn accept(config: Arc<ServerConfig>, inner: S) -> io::Result<TlsStream<S>> {
-        let conn = ServerConnection::new(config).map_err(tls_error)?;
-        Self::handshake(Connection::Server(conn), inner).await
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        Self::handshake(Conn::Server(Engine::new(conn)), inner).await
     }
 
     /// Completes a client handshake with an upstream on `inner`.
@@ -400,200 +660,160 @@ impl<S: Stream> TlsStream<S> {
         name: rustls::pki_types::ServerName<'static>,
         inner: S,
     ) -> io::Result<TlsStream<S>> {
-        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
-        Self::handshake(Connection::Client(conn), inner).await
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        Self::handshake(Conn::Client(Engine::new(conn)), inner).await
     }
 
-    async fn handshake(conn: Connection, inner: S) -> io::Result<TlsStream<S>> {
-        let mut s = TlsStream { conn, inner, incoming: Vec::new(), outgoing: Vec::new() };
-        while s.conn.is_handshaking() {
-            s.send_pending().await?;
-            if !s.conn.is_handshaking() {
-                break;
+    async fn handshake(conn: Conn, inner: S) -> io::Result<TlsStream<S>> {
+        let server = matches!(conn, Conn::Server(_));
+        let mut s = TlsStream {
+            core: Rc::new(RefCell::new(Core::new(conn))),
+            inner,
+            info: TlsInfo::default(),
+        };
+        let mut sni = None;
+        loop {
+            // Plaintext that comes with the handshake's last flight waits in `Core::plain`.
+            RESOLVED_SNI.with(|r| r.borrow_mut().take());
+            let step = s.core.borrow_mut().digest(&mut Vec::new());
+            if let Some(name) = RESOLVED_SNI.with(|r| r.borrow_mut().take()) {
+                sni = Some(name);
             }
-            if s.receive(TLS_READ).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+            s.send_out().await?;
+            match step.map_err(tls_error)? {
+                Step::Open => break,
+                Step::Handshaking => {
+                    let mut b = std::mem::take(&mut s.core.borrow_mut().incoming);
+                    b.reserve(TLS_READ);
+                    let (res, b) = s.inner.read(b).await;
+                    s.core.borrow_mut().incoming = b;
+                    if res? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
             }
         }
-        s.send_pending().await?;
-        // Idle connections keep no ciphertext buffer.
-        s.incoming = Vec::new();
+        s.info = {
+            let core = s.core.borrow();
+            let common = core.common();
+            let version = common.protocol_version();
+            let alpn = match common.alpn_protocol() {
+                Some(b"h2") => Some(&b"h2"[..]),
+                Some(b"http/1.1") => Some(&b"http/1.1"[..]),
+                Some(_) => Some(&b"other"[..]),
+                None => None,
+            };
+            let summary = TlsSummary {
+                version: match version {
+                    Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                    Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                    _ => "-",
+                },
+                cipher: common
+                    .negotiated_cipher_suite()
+                    .and_then(|c| c.suite().as_str())
+                    .unwrap_or("-"),
+                sni: if server { sni } else { None },
+            };
+            TlsInfo { summary, alpn, version }
+        };
         Ok(s)
     }
 
-    /// The server name the client asked for (SNI), the negotiated protocol and version.
+    /// The server name the client asked for (SNI).
     pub fn server_name(&self) -> Option<&str> {
-        match &self.conn {
-            Connection::Server(c) => c.server_name(),
-            Connection::Client(_) => None,
-        }
+        self.info.summary.sni.as_deref()
     }
 
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
+    /// The negotiated application protocol (`h2`, `http/1.1`).
+    pub fn alpn(&self) -> Option<&'static [u8]> {
+        self.info.alpn
     }
 
     pub fn version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
+        self.info.version
     }
 
     /// What the access log records of this connection's TLS: version, cipher suite, SNI.
     pub fn summary(&self) -> TlsSummary {
-        let version = match self.conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "-",
-        };
-        let cipher =
-            self.conn.negotiated_cipher_suite().and_then(|c| c.suite().as_str()).unwrap_or("-");
-        TlsSummary { version, cipher, sni: self.server_name().map(str::to_string) }
+        self.info.summary.clone()
     }
 
-    /// Writes whatever rustls has to send.
-    async fn send_pending(&mut self) -> io::Result<()> {
-        queue_records(&mut self.conn, &mut self.outgoing)?;
-        if self.outgoing.is_empty() {
-            return Ok(());
-        }
-        let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
-        b.clear();
-        self.outgoing = b;
-        release_if_empty(&mut self.outgoing);
-        res
-    }
-
-    /// Reads ciphertext (up to `capacity` bytes) and hands it to rustls; `Ok(0)` at the peer's
-    /// end of stream. A TLS error sends rustls's alert before it is returned.
-    async fn receive(&mut self, capacity: usize) -> io::Result<usize> {
-        if self.incoming.capacity() < capacity {
-            self.incoming.reserve(capacity - self.incoming.len());
-        }
-        let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
-        self.incoming = b;
-        let n = res?;
-        if n == 0 {
-            return Ok(0);
-        }
-        feed(&mut self.conn, &mut self.incoming)?;
-        release_if_empty(&mut self.incoming);
-        if let Err(e) = self.conn.process_new_packets() {
-            let _ = self.send_pending().await;
-            return Err(tls_error(e));
-        }
-        Ok(n)
+    /// Writes the TLS records waiting in the core.
+    async fn send_out(&mut self) -> io::Result<()> {
+        send_out(&self.core, |b| self.inner.write_all(b)).await
     }
 }
 
-/// Frees a ciphertext buffer that holds nothing, so an idle TLS connection keeps no record
-/// buffer (16 KiB and more each); the next read or write allocates again.
+/// Writes the records waiting in `core.out` with `write`; the buffer goes back for reuse only if
+/// nothing was queued meanwhile (by the other direction of a split stream), else it is dropped.
+async fn send_out<F, Fut>(core: &RefCell<Core>, write: F) -> io::Result<()>
+where
+    F: FnOnce(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = (io::Result<()>, Vec<u8>)>,
+{
+    let out = std::mem::take(&mut core.borrow_mut().out);
+    if out.is_empty() {
+        return Ok(());
+    }
+    let (res, mut b) = write(out).await;
+    b.clear();
+    release_if_empty(&mut b);
+    let mut core = core.borrow_mut();
+    if core.out.is_empty() {
+        core.out = b;
+    }
+    res
+}
+
+/// Frees a buffer that holds nothing, so an idle TLS connection keeps no record buffer (16 KiB
+/// and more each); the next read or write allocates again.
 fn release_if_empty(buf: &mut Vec<u8>) {
     if buf.is_empty() && buf.capacity() > 0 {
         *buf = Vec::new();
     }
 }
 
-/// Appends every TLS record rustls has to send to `out` (for the caller to write).
-fn queue_records(conn: &mut Connection, out: &mut Vec<u8>) -> io::Result<()> {
-    while conn.wants_write() {
-        conn.write_tls(out)?;
-    }
-    Ok(())
-}
-
-/// Gives rustls the ciphertext in `incoming` (as much as it takes; the rest stays).
-fn feed(conn: &mut Connection, incoming: &mut Vec<u8>) -> io::Result<()> {
-    let mut taken = 0;
-    while taken < incoming.len() {
-        let n = conn.read_tls(&mut &incoming[taken..])?;
-        if n == 0 {
-            break;
-        }
-        taken += n;
-        if conn.process_new_packets().is_err() {
-            break;
-        }
-    }
-    incoming.drain(..taken);
-    Ok(())
-}
-
 /// Runs bytes a client sent (in the given pieces) through a fresh server connection, the way
 /// the listener path does, and returns what the server would send back: the sans-IO core of
 /// the handshake, for the fuzz target. Never panics; stops at the first TLS error.
 pub fn serve_bytes(config: Arc<ServerConfig>, pieces: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let Ok(server) = ServerConnection::new(config) else { return out };
-    let mut conn = Connection::Server(server);
-    let mut incoming = Vec::new();
-    let mut plain = Vec::with_capacity(4096);
+    let Ok(conn) = UnbufferedServerConnection::new(config) else { return Vec::new() };
+    let mut core = Core::new(Conn::Server(Engine::new(conn)));
+    let mut sent = Vec::new();
     for piece in pieces {
-        incoming.extend_from_slice(piece);
-        if feed(&mut conn, &mut incoming).is_err() || conn.process_new_packets().is_err() {
-            let _ = conn.write_tls(&mut out);
-            return out;
-        }
-        plain.clear();
-        let _ = take_plaintext(&mut conn, &mut plain);
-        if queue_records(&mut conn, &mut out).is_err() {
-            return out;
+        core.incoming.extend_from_slice(piece);
+        let step = core.digest(&mut Vec::with_capacity(4096));
+        sent.append(&mut core.out);
+        core.plain.clear();
+        if step.is_err() {
+            break;
         }
     }
-    out
-}
-
-/// Moves available plaintext into `buf`'s spare capacity. `Some(0)`: the peer's close_notify;
-/// `None`: nothing yet.
-fn take_plaintext(conn: &mut Connection, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-    let len = buf.len();
-    buf.resize(buf.capacity(), 0);
-    let got = conn.reader().read(&mut buf[len..]);
-    match got {
-        Ok(n) => {
-            buf.truncate(len + n);
-            Ok(Some(n))
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            buf.truncate(len);
-            Ok(None)
-        }
-        Err(e) => {
-            buf.truncate(len);
-            Err(e)
-        }
-    }
+    sent
 }
 
 impl<S: Stream> Stream for TlsStream<S> {
-    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            match take_plaintext(&mut self.conn, &mut buf) {
-                Ok(Some(n)) => return (Ok(n), buf),
-                Ok(None) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            let want = ciphertext_capacity(buf.capacity() - buf.len());
-            match self.receive(want).await {
-                Ok(0) => return (Ok(0), buf),
-                Ok(_) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            // Post-handshake messages (tickets, key updates) may need an answer.
-            if let Err(e) = self.send_pending().await {
-                return (Err(e), buf);
-            }
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let (res, buf) = read_plain(&self.core, true, buf, &mut Whole(&mut self.inner)).await;
+        // Post-handshake answers (a key update) and alerts go out at once.
+        let sent = self.send_out().await;
+        match (res, sent) {
+            (Ok(n), Err(e)) if n > 0 => (Err(e), buf),
+            (res, _) => (res, buf),
         }
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        if let Err(e) = self.conn.writer().write_all(&buf) {
+        if let Err(e) = self.core.borrow_mut().encrypt(&buf) {
             return (Err(e), buf);
         }
-        (self.send_pending().await, buf)
+        (self.send_out().await, buf)
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
-        self.conn.send_close_notify();
-        self.send_pending().await?;
+        self.core.borrow_mut().close_notify()?;
+        self.send_out().await?;
         self.inner.shutdown_write().await
     }
 
@@ -607,87 +827,43 @@ impl<S: Stream> Stream for TlsStream<S> {
 
     type Read = TlsRead<S>;
     type Write = TlsWrite<S>;
-    /// The halves share the rustls state through an `Rc<RefCell>`, borrowed only between
-    /// awaits, never across one: each half owns its direction of the socket and its buffer.
-    /// Records rustls queues while reading (a key update's answer) leave with the next write.
+    /// The halves share the TLS state through an `Rc<RefCell>`, borrowed only between awaits,
+    /// never across one: each half owns its direction of the socket. Records the reading half
+    /// has rustls answer with (a key update's) leave with the next write.
     fn into_split(self) -> (TlsRead<S>, TlsWrite<S>) {
         let (r, w) = self.inner.into_split();
-        let conn = std::rc::Rc::new(std::cell::RefCell::new(self.conn));
-        (
-            TlsRead { conn: std::rc::Rc::clone(&conn), inner: r, incoming: self.incoming },
-            TlsWrite { conn, inner: w, outgoing: self.outgoing },
-        )
+        (TlsRead { core: Rc::clone(&self.core), inner: r }, TlsWrite { core: self.core, inner: w })
     }
 }
 
 pub struct TlsRead<S: Stream> {
-    conn: std::rc::Rc<std::cell::RefCell<Connection>>,
+    core: Rc<RefCell<Core>>,
     inner: S::Read,
-    incoming: Vec<u8>,
 }
 
 pub struct TlsWrite<S: Stream> {
-    conn: std::rc::Rc<std::cell::RefCell<Connection>>,
+    core: Rc<RefCell<Core>>,
     inner: S::Write,
-    outgoing: Vec<u8>,
 }
 
 impl<S: Stream> ReadHalf for TlsRead<S> {
-    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            match take_plaintext(&mut self.conn.borrow_mut(), &mut buf) {
-                Ok(Some(n)) => return (Ok(n), buf),
-                Ok(None) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            let want = ciphertext_capacity(buf.capacity() - buf.len());
-            if self.incoming.capacity() < want {
-                self.incoming.reserve(want - self.incoming.len());
-            }
-            let (res, b) = self.inner.read(std::mem::take(&mut self.incoming)).await;
-            self.incoming = b;
-            match res {
-                Ok(0) => return (Ok(0), buf),
-                Ok(_) => {}
-                Err(e) => return (Err(e), buf),
-            }
-            let mut conn = self.conn.borrow_mut();
-            if let Err(e) = feed(&mut conn, &mut self.incoming) {
-                return (Err(e), buf);
-            }
-            release_if_empty(&mut self.incoming);
-            if let Err(e) = conn.process_new_packets() {
-                return (Err(tls_error(e)), buf);
-            }
-        }
-    }
-}
-
-impl<S: Stream> TlsWrite<S> {
-    async fn send_pending(&mut self) -> io::Result<()> {
-        queue_records(&mut self.conn.borrow_mut(), &mut self.outgoing)?;
-        if self.outgoing.is_empty() {
-            return Ok(());
-        }
-        let (res, mut b) = self.inner.write_all(std::mem::take(&mut self.outgoing)).await;
-        b.clear();
-        self.outgoing = b;
-        release_if_empty(&mut self.outgoing);
-        res
+    /// Records rustls answers with stay in the core for the writing half's next write.
+    async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        read_plain(&self.core, false, buf, &mut Half(&mut self.inner)).await
     }
 }
 
 impl<S: Stream> WriteHalf for TlsWrite<S> {
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        if let Err(e) = self.conn.borrow_mut().writer().write_all(&buf) {
+        if let Err(e) = self.core.borrow_mut().encrypt(&buf) {
             return (Err(e), buf);
         }
-        (self.send_pending().await, buf)
+        (send_out(&self.core, |b| self.inner.write_all(b)).await, buf)
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
-        self.conn.borrow_mut().send_close_notify();
-        self.send_pending().await?;
+        self.core.borrow_mut().close_notify()?;
+        send_out(&self.core, |b| self.inner.write_all(b)).await?;
         self.inner.shutdown_write().await
     }
 }
@@ -811,6 +987,100 @@ impl rustls::server::ProducesTickets for Ticketer {
 mod tests {
     use super::*;
     use rustls::server::ProducesTickets;
+
+    /// A server and a client config for `a.test`, the client trusting the server's certificate.
+    fn pair() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let certified = CertifiedKey::from_der(vec![der.clone()], key_der, &default_provider());
+        let loaded = LoadedCert {
+            key: Arc::new(certified.unwrap()),
+            names: vec!["a.test".into()],
+            not_after: None,
+        };
+        let store = Arc::new(CertStore::new(&[loaded], 0));
+        let keys: SharedTicketKeys =
+            Arc::new(arc_swap::ArcSwap::from_pointee(TicketKeys::generate()));
+        let server = server_config(store, false, &["http/1.1".into()], &keys, None).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (server, Arc::new(client))
+    }
+
+    /// Moves what `from` has to send into `to`'s ciphertext and processes it; returns the step
+    /// and the plaintext `to` decrypted.
+    fn deliver(from: &mut Core, to: &mut Core) -> (Step, Vec<u8>) {
+        to.incoming.append(&mut from.out);
+        let mut plain = Vec::with_capacity(1 << 16);
+        let step = to.digest(&mut plain).expect("no TLS error");
+        (step, plain)
+    }
+
+    /// A ClientHello split over two records leaves rustls holding half a handshake message
+    /// that points into Apex's buffer; an error then (a record interleaved with the message)
+    /// is an error for this connection, not a panic inside rustls, which must be given the same
+    /// buffer when it is asked for its alert.
+    #[test]
+    fn an_error_while_half_a_handshake_message_is_held_is_not_a_panic() {
+        let (server_config, client_config) = pair();
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let client = UnbufferedClientConnection::new(client_config, name).unwrap();
+        let mut client = Core::new(Conn::Client(Engine::new(client)));
+        client.digest(&mut Vec::new()).unwrap();
+        let hello = std::mem::take(&mut client.out);
+        assert_eq!(hello[0], 0x16, "a handshake record");
+        let body = &hello[5..];
+        let record = |typ: u8, payload: &[u8]| {
+            let mut r = vec![typ, 0x03, 0x03];
+            r.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            r.extend_from_slice(payload);
+            r
+        };
+        let server = UnbufferedServerConnection::new(server_config).unwrap();
+        let mut server = Core::new(Conn::Server(Engine::new(server)));
+        server.incoming = record(0x16, &body[..body.len() / 2]);
+        assert_eq!(server.digest(&mut Vec::new()), Ok(Step::Handshaking));
+        assert!(!server.incoming.is_empty(), "the first half is kept for the join");
+        server.incoming.extend_from_slice(&record(0x17, b"not in a handshake"));
+        let e = server.digest(&mut Vec::new());
+        assert!(matches!(e, Err(rustls::Error::PeerMisbehaved(_))), "{e:?}");
+    }
+
+    #[test]
+    fn a_handshake_and_data_both_ways_through_the_sans_io_core() {
+        let (server_config, client_config) = pair();
+        let server = UnbufferedServerConnection::new(server_config).unwrap();
+        let mut server = Core::new(Conn::Server(Engine::new(server)));
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let client = UnbufferedClientConnection::new(client_config, name).unwrap();
+        let mut client = Core::new(Conn::Client(Engine::new(client)));
+        // ClientHello.
+        let mut steps = vec![client.digest(&mut Vec::new()).unwrap()];
+        for _ in 0..4 {
+            steps.push(deliver(&mut client, &mut server).0);
+            steps.push(deliver(&mut server, &mut client).0);
+        }
+        assert_eq!(steps.last(), Some(&Step::Open), "{steps:?}");
+        client.encrypt(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let (_, got) = deliver(&mut client, &mut server);
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+        let big = vec![7u8; 40_000];
+        server.encrypt(&big).unwrap();
+        let (_, got) = deliver(&mut server, &mut client);
+        assert_eq!(got.len(), big.len());
+        server.close_notify().unwrap();
+        deliver(&mut server, &mut client);
+        assert!(client.peer_closed());
+        assert!(client.incoming.is_empty() && server.incoming.is_empty(), "every byte used");
+    }
 
     #[test]
     fn not_after_is_read_from_the_certificate() {
