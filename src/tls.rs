@@ -2,11 +2,11 @@
 //! TLS stream layered over the runtime seam, so the proxy loop and every runtime share one
 //! implementation.
 //!
-//! rustls is driven through its buffered API from Apex's own buffers: ciphertext is read by
-//! the seam into an owned buffer and fed to `read_tls`; what rustls has to send is drained with
-//! `write_tls` into an owned buffer and written by the seam. Nothing here blocks or owns a
-//! thread. Each worker builds its own `ServerConfig` (its own session cache), so no handshake
-//! writes memory another worker uses.
+//! rustls is driven through its unbuffered API (the sans-IO core in [`engine`]): ciphertext
+//! is read by the seam into Apex's own buffers and handed to rustls, and the records rustls
+//! produces are written by the seam. Nothing here blocks or owns a thread. Each worker builds
+//! its own `ServerConfig` (its own session cache), so no handshake writes memory another worker
+//! uses.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
