@@ -1054,6 +1054,18 @@ mod tests {
         assert!(matches!(e, Err(rustls::Error::PeerMisbehaved(_))), "{e:?}");
     }
 
+    /// Plaintext HTTP sent to a TLS port is answered with one fatal alert record, and only one
+    /// (asking rustls again would run its deframer over the same bytes and alert twice).
+    #[test]
+    fn bytes_that_are_not_tls_get_one_alert() {
+        let (server_config, _) = pair();
+        for junk in [&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..], b"-"] {
+            let out = serve_bytes(Arc::clone(&server_config), &[junk]);
+            assert_eq!(out.len(), 7, "one alert record: {out:?}");
+            assert_eq!((out[0], out[5]), (0x15, 2), "a fatal alert: {out:?}");
+        }
+    }
+
     #[test]
     fn a_handshake_and_data_both_ways_through_the_sans_io_core() {
         let (server_config, client_config) = pair();

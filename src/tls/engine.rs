@@ -159,19 +159,22 @@ impl<C: Side> Engine<C> {
         }
     }
 
-    /// After an error: encodes the alerts rustls queued for the peer. `pending` is the
-    /// ciphertext not yet discarded (see [`Engine::encrypt`] on why it must be passed).
+    /// After an error: encodes the alert rustls queued for the peer (one at most: every
+    /// earlier record was encoded as it came). `pending` is the ciphertext not yet discarded
+    /// (see [`Engine::encrypt`] on why it must be passed).
+    ///
+    /// It stops at the alert: one more call would run rustls's deframer over the same bad
+    /// record again, which queues a second fatal alert (a debug assertion inside rustls).
     fn queue_alert(&mut self, pending: &mut [u8], out: &mut Vec<u8>) {
-        // Bounded: rustls queues one alert; a few states at most precede it.
-        for _ in 0..8 {
+        // Bounded: application data decrypted before the error may come first, once.
+        for _ in 0..2 {
             let status = self.conn.process(pending);
             match status.state {
+                Ok(ConnectionState::ReadTraffic(mut r)) => while r.next_record().is_some() {},
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    if encode(&mut e, out).is_err() {
-                        return;
-                    }
+                    let _ = encode(&mut e, out);
+                    return;
                 }
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 _ => return,
             }
         }
