@@ -22,6 +22,37 @@ fn keepalive_reuses_one_upstream_connection(rt: &str) {
     assert_eq!(up.accepts(), 1, "eleven requests, one upstream connection");
 }
 
+/// Three requests at once on a cluster whose cap is one idle connection: the upstream answers
+/// only when all three have arrived, so Apex holds three connections at once. All three go
+/// back to the pool, and a second burst reuses them; the two above the cap are closed later,
+/// by the housekeeping sweep, and the one kept serves the third burst.
+fn a_burst_above_pool_max_idle_reuses_its_connections_and_the_sweep_trims_them(rt: &str) {
+    let all_in = Arc::new(Barrier::new(3));
+    let gate = all_in.clone();
+    let up = Upstream::start(move |_, w| {
+        gate.wait();
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], "    pool_max_idle: 1\n"), rt);
+    let burst = || {
+        let clients: Vec<Wire> = (0..3).map(|_| Wire::connect(apex.addr)).collect();
+        std::thread::scope(|s| {
+            for mut c in clients {
+                s.spawn(move || assert_eq!(c.request(GET).status, 200));
+            }
+        });
+    };
+    burst();
+    assert_eq!(up.accepts(), 3);
+    burst();
+    assert_eq!(up.accepts(), 3, "the second burst reused the first burst's connections");
+    let closed = [up.next_close(), up.next_close()];
+    assert!(closed.iter().all(Option::is_some), "the sweep closed the two above the cap");
+    burst();
+    assert_eq!(up.accepts(), 5, "the one kept was reused, two were opened again");
+}
+
 fn idle_connection_closed_by_upstream_is_not_reused(rt: &str) {
     // The upstream closes after each response without saying so (its keep-alive timeout).
     let up = Upstream::start(|_, w| {
@@ -299,6 +330,7 @@ fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
 under_each_driver!(
     a_pipelining_flood_does_not_starve_other_clients,
     keepalive_reuses_one_upstream_connection,
+    a_burst_above_pool_max_idle_reuses_its_connections_and_the_sweep_trims_them,
     idle_connection_closed_by_upstream_is_not_reused,
     stale_pooled_connection_is_retried_for_get,
     post_is_never_replayed,

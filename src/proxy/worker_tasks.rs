@@ -260,14 +260,13 @@ async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
         if ticks % SLOW_CHORES_EVERY == 0 {
             let view = worker.view();
             let clusters = &view.snap.config.clusters;
-            // The longest idle timeout of any cluster with the endpoint; `None`: no cluster has
-            // it any more. Checkout applies each cluster's own timeout.
+            // The longest idle timeout and the largest cap of any cluster with the endpoint;
+            // `None`: no cluster has it any more. Checkout applies each cluster's own timeout.
             let keep_for = |addr: std::net::SocketAddr| {
-                clusters
-                    .iter()
-                    .filter(|c| c.endpoints.contains(&addr))
-                    .map(|c| c.pool_idle_timeout)
-                    .max()
+                clusters.iter().filter(|c| c.endpoints.contains(&addr)).fold(None, |acc, c| {
+                    let (age, cap) = acc.unwrap_or((Duration::ZERO, 0));
+                    Some((age.max(c.pool_idle_timeout), cap.max(c.pool_max_idle)))
+                })
             };
             worker.pool.sweep(now, keep_for);
             worker.failures.flush(now);
