@@ -636,8 +636,10 @@ impl Upstream {
                     }));
                     if let Err(p) = served {
                         let msg = panic_message(p);
-                        let _ = report.send(Err(msg.clone()));
-                        let _ = panic_tx.send(msg);
+                        // `panics` first: `next` drains it once the report arrives, so the drop
+                        // check does not raise the same panic a second time.
+                        let _ = panic_tx.send(msg.clone());
+                        let _ = report.send(Err(msg));
                     }
                 });
             }
