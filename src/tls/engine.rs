@@ -14,10 +14,11 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedConnectionCommon};
 use rustls::unbuffered::{InsufficientSizeError, UnbufferedStatus};
 
-/// The largest ciphertext kept while a handshake message is incomplete: rustls's own cap on a
-/// joined handshake message (64 KiB) plus one read. A peer that sends more without finishing a
-/// message is cut (the bound on what a handshake may make Apex hold).
-pub const MAX_PENDING_CIPHERTEXT: usize = 64 * 1024 + 17 * 1024;
+/// The largest ciphertext kept while a message is incomplete: rustls's own cap on a joined
+/// handshake message (64 KiB) plus two records at their largest (18,437 bytes on the wire each:
+/// the one being completed and the next read's). A backstop: rustls refuses a larger message
+/// first, so a peer it accepts never reaches it; past it the connection is cut.
+pub const MAX_PENDING_CIPHERTEXT: usize = 64 * 1024 + 37 * 1024;
 
 /// Bytes added to each record by encryption, at most (TLS 1.2 AES-GCM: 5 header + 8 explicit
 /// nonce + 16 tag; TLS 1.3: 5 + 1 content type + 16), with room to spare.
