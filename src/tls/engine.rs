@@ -243,41 +243,15 @@ impl<C: Side> Engine<C> {
             match state {
                 ConnectionState::EncodeTlsData(mut e) => encode(&mut e, out)?,
                 ConnectionState::TransmitTlsData(mut t) => {
-                    let start = out.len();
-                    out.resize(start + room, 0);
-                    let res = f(t.may_encrypt_app_data().as_mut(), &mut out[start..]);
-                    match res {
-                        Ok(n) => {
-                            out.truncate(start + n);
-                            t.done();
-                            return Ok(());
-                        }
-                        Err(Fault::TooSmall(need)) => {
-                            out.truncate(start);
-                            room = need;
-                        }
-                        Err(Fault::Tls(e)) => {
-                            out.truncate(start);
-                            return Err(e);
-                        }
+                    let write = |spare: &mut [u8]| f(t.may_encrypt_app_data().as_mut(), spare);
+                    if write_into(out, &mut room, write)? {
+                        t.done();
+                        return Ok(());
                     }
                 }
                 ConnectionState::WriteTraffic(mut w) => {
-                    let start = out.len();
-                    out.resize(start + room, 0);
-                    match f(Some(&mut w), &mut out[start..]) {
-                        Ok(n) => {
-                            out.truncate(start + n);
-                            return Ok(());
-                        }
-                        Err(Fault::TooSmall(need)) => {
-                            out.truncate(start);
-                            room = need;
-                        }
-                        Err(Fault::Tls(e)) => {
-                            out.truncate(start);
-                            return Err(e);
-                        }
+                    if write_into(out, &mut room, |spare| f(Some(&mut w), spare))? {
+                        return Ok(());
                     }
                 }
                 // Application data that arrived with a handshake message: nothing reads it
@@ -310,6 +284,17 @@ impl From<EncryptError> for Fault {
     }
 }
 
+impl From<EncodeError> for Fault {
+    fn from(e: EncodeError) -> Fault {
+        match e {
+            EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+                Fault::TooSmall(required_size)
+            }
+            other => Fault::Tls(rustls::Error::General(other.to_string())),
+        }
+    }
+}
+
 /// The ciphertext size of `n` plaintext bytes, at most.
 fn encrypted_size(n: usize) -> usize {
     n + (n / MAX_FRAGMENT + 1) * RECORD_OVERHEAD
@@ -320,22 +305,35 @@ fn encode<D>(
     e: &mut rustls::unbuffered::EncodeTlsData<'_, D>,
     out: &mut Vec<u8>,
 ) -> Result<(), rustls::Error> {
-    let start = out.len();
     let mut room = 2048;
-    loop {
-        out.resize(start + room, 0);
-        match e.encode(&mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                room = required_size;
-            }
-            Err(other) => {
-                out.truncate(start);
-                return Err(rustls::Error::General(other.to_string()));
-            }
+    while !write_into(out, &mut room, |spare| e.encode(spare).map_err(Fault::from))? {}
+    Ok(())
+}
+
+/// Lets `write` fill up to `room` bytes appended to `out`, and keeps what it wrote: `Ok(true)`.
+/// `Ok(false)`: it needs more room, now in `room`, and `out` is as it was. On an error `out` is
+/// as it was too.
+fn write_into(
+    out: &mut Vec<u8>,
+    room: &mut usize,
+    write: impl FnOnce(&mut [u8]) -> Result<usize, Fault>,
+) -> Result<bool, rustls::Error> {
+    let start = out.len();
+    out.resize(start + *room, 0);
+    let res = write(&mut out[start..]);
+    match res {
+        Ok(n) => {
+            out.truncate(start + n);
+            Ok(true)
+        }
+        Err(Fault::TooSmall(need)) => {
+            out.truncate(start);
+            *room = need;
+            Ok(false)
+        }
+        Err(Fault::Tls(e)) => {
+            out.truncate(start);
+            Err(e)
         }
     }
 }
