@@ -342,3 +342,28 @@ fn write_into(
 pub fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_into_grows_to_the_size_asked_and_keeps_only_what_was_written() {
+        let mut out = b"head".to_vec();
+        let mut room = 16;
+        let needs_100 = |spare: &mut [u8]| {
+            if spare.len() < 100 {
+                return Err(Fault::TooSmall(100));
+            }
+            spare[..3].copy_from_slice(b"abc");
+            Ok(3)
+        };
+        assert_eq!(write_into(&mut out, &mut room, needs_100), Ok(false));
+        assert_eq!((out.as_slice(), room), (&b"head"[..], 100), "untouched, room as asked");
+        assert_eq!(write_into(&mut out, &mut room, needs_100), Ok(true));
+        assert_eq!(out, b"headabc");
+        let failing = |_: &mut [u8]| Err(Fault::Tls(rustls::Error::HandshakeNotComplete));
+        assert!(write_into(&mut out, &mut room, failing).is_err());
+        assert_eq!(out, b"headabc", "an error leaves what was there");
+    }
+}
