@@ -13,7 +13,7 @@
 set -euo pipefail
 
 ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2"
-ALL_SIZES="64 4k 64k 16k-gzip 64-newconn 64-resume"
+ALL_SIZES="64 4k 32k 64k 1m 16k-gzip 64-newconn 64-resume"
 
 usage() {
     cat <<USAGE
@@ -343,7 +343,9 @@ start_backend() {
     mkdir -p "$WORK/www" "$WORK/backend"
     head -c 64 /dev/zero | tr '\0' 'a' >"$WORK/www/64"
     head -c 4096 /dev/zero | tr '\0' 'b' >"$WORK/www/4k"
+    head -c 32768 /dev/zero | tr '\0' 'c' >"$WORK/www/32k"
     head -c 65536 /dev/zero | tr '\0' 'c' >"$WORK/www/64k"
+    head -c 1048576 /dev/zero | tr '\0' 'd' >"$WORK/www/1m"
     # 16k-gzip: a 16 KiB HTML page, requested with Accept-Encoding: gzip; every proxy
     # compresses it at gzip level 1 (nginx's and HAProxy's default level).
     mkdir -p "$WORK/www/gz"

@@ -169,6 +169,8 @@ pub struct WorkerStats {
     /// Tunnels (after a `101`) open now, and bytes moved through tunnels in both directions.
     pub tunnels_open: Cell<u64>,
     pub tunnel_bytes: Cell<u64>,
+    /// Response body bytes moved upstream → client by `splice(2)`, never copied through Apex.
+    pub spliced_bytes: Cell<u64>,
     /// TLS handshakes completed and failed (bad ClientHello, timeout, client gone).
     pub tls_ok: Cell<u64>,
     pub tls_failed: Cell<u64>,
@@ -211,6 +213,7 @@ impl WorkerStats {
         let mut r = StatsReport { open_connections, idle_pooled, ..StatsReport::default() };
         r.tunnels_open = self.tunnels_open.get();
         r.tunnel_bytes = self.tunnel_bytes.get();
+        r.spliced_bytes = self.spliced_bytes.get();
         r.tls_handshakes = [self.tls_ok.get(), self.tls_failed.get()];
         r.requests_by_protocol = self.requests_by_protocol.each_ref().map(Cell::get);
         r.h2_streams_open = self.h2_streams_open.get();
@@ -243,6 +246,7 @@ pub struct StatsReport {
     pub access_log_dropped: u64,
     pub tunnels_open: u64,
     pub tunnel_bytes: u64,
+    pub spliced_bytes: u64,
     /// Completed, failed.
     pub tls_handshakes: [u64; 2],
     /// `(version, alpn)` → TLS connections.
@@ -358,6 +362,7 @@ impl StatsReport {
         self.access_log_dropped += o.access_log_dropped;
         self.tunnels_open += o.tunnels_open;
         self.tunnel_bytes += o.tunnel_bytes;
+        self.spliced_bytes += o.spliced_bytes;
         self.tls_handshakes[0] += o.tls_handshakes[0];
         self.tls_handshakes[1] += o.tls_handshakes[1];
         for (k, v) in &o.tls_connections {
@@ -485,6 +490,11 @@ impl StatsReport {
             o,
             "# HELP apex_tunnel_bytes_total Bytes moved through tunnels, both directions.\n# TYPE apex_tunnel_bytes_total counter\napex_tunnel_bytes_total {}",
             self.tunnel_bytes
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_spliced_bytes_total Response body bytes moved to clients by splice(2), not copied through Apex.\n# TYPE apex_spliced_bytes_total counter\napex_spliced_bytes_total {}",
+            self.spliced_bytes
         );
         let _ = writeln!(
             o,

@@ -315,6 +315,103 @@ fn eight_mib_body_streams_with_bounded_memory(rt: &str) {
     assert!(growth < 2048, "peak RSS grew by {growth} KiB moving 2 x 8 MiB");
 }
 
+/// A body of `len` bytes that no two nearby offsets share, so a byte lost, doubled or moved
+/// shows.
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+/// An upstream that answers every request with `body` (`Content-Length`), keeping the
+/// connection open.
+fn large_body_upstream(body: Vec<u8>) -> Upstream {
+    Upstream::start(move |_, w| {
+        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        w.send(&body);
+        After::KeepOpen
+    })
+}
+
+/// A large body of known length moves from upstream to client inside the kernel: every byte
+/// arrives in order, the metric counts all but the first read's share of it, and the upstream
+/// connection, read exactly to the end of each body, carries the next request.
+fn a_large_body_is_spliced_intact_and_its_connection_reused(rt: &str) {
+    const SIZE: usize = 1024 * 1024 + 7;
+    let body = patterned(SIZE);
+    let up = large_body_upstream(body.clone());
+    let mut apex = Apex::start(&with_admin(&proxy_config(&[up.addr], "")), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut c = Wire::connect(apex.addr);
+    for i in 0..2 {
+        let r = c.request(GET);
+        assert_eq!(r.status, 200);
+        assert!(r.body == body, "response {i}: the body arrived changed ({} bytes)", r.body.len());
+    }
+    assert_eq!(up.accepts(), 1, "both responses came over one upstream connection");
+    let spliced = metric(&metrics(admin_at), "apex_spliced_bytes_total").unwrap() as usize;
+    // The first read after the head takes at most 64 KiB the ordinary way.
+    assert!(
+        (2 * (SIZE - 64 * 1024)..=2 * SIZE).contains(&spliced),
+        "spliced {spliced} of {} body bytes",
+        2 * SIZE
+    );
+}
+
+/// An upstream that sends bytes after a spliced body (a response nobody asked for): the
+/// splice stops at the body's end, so the client never sees them, and the connection they
+/// arrived on is not reused.
+fn a_splice_stops_at_the_end_of_the_body(rt: &str) {
+    let body = patterned(200 * 1024);
+    let sent = body.clone();
+    let up = Upstream::start(move |_, w| {
+        let mut bytes =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", sent.len()).into_bytes();
+        bytes.extend_from_slice(&sent);
+        bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra");
+        w.send(&bytes);
+        After::KeepOpen
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    let mut c = Wire::connect(apex.addr);
+    for i in 0..2 {
+        let r = c.request(GET);
+        assert!(r.body == body, "response {i}: {} bytes, not the body", r.body.len());
+    }
+    assert_eq!(up.accepts(), 2, "the connection with unasked-for bytes was not reused");
+}
+
+/// `splice: false` on a cluster: the same body arrives intact, copied, with nothing spliced.
+fn splice_off_copies_the_body(rt: &str) {
+    let body = patterned(256 * 1024);
+    let up = large_body_upstream(body.clone());
+    let yaml = with_admin(&proxy_config(&[up.addr], "    splice: false\n"));
+    let mut apex = Apex::start(&yaml, rt);
+    let admin_at = admin_addr(&mut apex);
+    let r = Wire::connect(apex.addr).request(GET);
+    assert!(r.body == body, "the body arrived changed ({} bytes)", r.body.len());
+    assert_eq!(metric(&metrics(admin_at), "apex_spliced_bytes_total"), Some(0));
+}
+
+/// An upstream that closes in the middle of a spliced body: the client gets the bytes that
+/// came, then the connection closes, so it can tell the body was cut.
+fn a_spliced_body_cut_by_the_upstream_closes_the_client_connection(rt: &str) {
+    let part = patterned(300 * 1024);
+    let sent = part.clone();
+    let up = Upstream::start(move |_, w| {
+        w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n");
+        w.send(&sent);
+        After::Close
+    });
+    let mut apex = Apex::start(&with_admin(&proxy_config(&[up.addr], "")), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut c = Wire::connect(apex.addr);
+    c.send(GET.as_bytes());
+    assert!(c.read_head().unwrap().unwrap().contains("Content-Length: 1048576"));
+    let got = c.read_to_end().unwrap();
+    assert!(got == part, "the {} bytes sent, then the close (got {})", part.len(), got.len());
+    let spliced = metric(&metrics(admin_at), "apex_spliced_bytes_total").unwrap();
+    assert!(spliced > 0, "the cut came during a splice");
+}
+
 /// One client pipelining requests as fast as it can while reading the answers does not keep
 /// the (single) worker to itself: another client is accepted and served during the flood.
 fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
@@ -328,6 +425,10 @@ fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
 }
 
 under_each_driver!(
+    a_large_body_is_spliced_intact_and_its_connection_reused,
+    a_splice_stops_at_the_end_of_the_body,
+    splice_off_copies_the_body,
+    a_spliced_body_cut_by_the_upstream_closes_the_client_connection,
     a_pipelining_flood_does_not_starve_other_clients,
     keepalive_reuses_one_upstream_connection,
     a_burst_above_pool_max_idle_reuses_its_connections_and_the_sweep_trims_them,

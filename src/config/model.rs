@@ -419,6 +419,10 @@ pub struct Cluster {
     /// An endpoint added (by a reload or DNS) or back from unhealthy or ejected ramps its
     /// weight from 10% to 100% over this long; `None`: at once.
     pub slow_start: Option<Duration>,
+    /// A response body passing through unchanged with at least 16 KiB still to come moves
+    /// from the upstream socket to a plaintext client's by `splice(2)` through a pipe, never
+    /// copied through Apex's buffers (default on).
+    pub splice: bool,
 }
 
 /// How a cluster speaks TLS to its endpoints; each worker builds its own rustls client config
@@ -456,6 +460,7 @@ impl Cluster {
             queue_timeout: defaults::QUEUE_TIMEOUT,
             max_requests_per_connection: None,
             slow_start: None,
+            splice: true,
         }
     }
 }

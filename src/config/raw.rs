@@ -447,6 +447,9 @@ pub struct RawCluster {
     pub max_requests_per_connection: Option<i64>,
     #[serde(default)]
     pub slow_start: Option<String>,
+    /// Large response bodies from this cluster move to plaintext clients by `splice(2)`.
+    #[serde(default)]
+    pub splice: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

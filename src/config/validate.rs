@@ -418,6 +418,7 @@ impl<'a> Validator<'a> {
             queue_timeout,
             max_requests_per_connection,
             slow_start,
+            splice: c.splice.unwrap_or(true),
             tls,
             send_proxy_protocol,
             name: c.name.clone(),

@@ -87,6 +87,16 @@ impl BodyRelay {
         }
     }
 
+    /// The bytes still to come of a body that passes through unchanged with a known length
+    /// (`Content-Length` on both sides): the case where they may move without being looked
+    /// at. `None` for any other framing, or once the body is done.
+    pub fn unchanged_length_left(&self) -> Option<u64> {
+        match (self.input, self.output) {
+            (Framing::Length(_), Framing::Length(_)) if !self.done => Some(self.remaining),
+            _ => None,
+        }
+    }
+
     /// When the body passes through unchanged (same framing in and out, not chunked): takes up
     /// to `available` bytes of it without copying and returns how many are body. `None` when
     /// the bytes must be re-framed through [`BodyRelay::relay`].

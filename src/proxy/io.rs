@@ -37,6 +37,23 @@ pub trait Stream: Sized + 'static {
     type Read: ReadHalf;
     type Write: WriteHalf;
     fn into_split(self) -> (Self::Read, Self::Write);
+
+    /// The socket, when bytes may move to or from it inside the kernel (`splice(2)`): a
+    /// plaintext TCP connection. `None` for a layer that transforms its bytes (TLS, HTTP/2).
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Runs `op`, a non-blocking system call on [`Stream::splice_fd`], until it no longer fails
+    /// with `WouldBlock`, waiting for the socket to be readable (or, `write`, writable) between
+    /// tries. The socket is put in non-blocking mode first: `op` must never block the worker.
+    async fn nonblocking<T>(
+        &mut self,
+        _write: bool,
+        _op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The reading direction of a split stream; `read` as [`Stream::read`].

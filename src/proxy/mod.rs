@@ -18,6 +18,7 @@ pub mod pool;
 pub mod relay;
 pub mod request;
 pub mod retry;
+pub mod splice;
 pub mod transport;
 pub mod tunnel;
 pub mod wait;
@@ -124,6 +125,8 @@ pub struct Worker<R: Runtime> {
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
     pub buffers: buffers::BufferPool,
+    /// Pipes lent to responses whose bodies are spliced.
+    pub pipes: splice::Pipes,
     /// The health checker's verdicts, read like the config snapshot: no write while unchanged.
     health: RefCell<Cache<SharedHealth, Arc<HealthMap>>>,
     /// Verdicts per cluster of the current view, keyed by the generations of the health map
@@ -203,6 +206,7 @@ impl<R: Runtime> Worker<R> {
             deadlines: wait::IdleTimers::default(),
             access,
             buffers: buffers::BufferPool::default(),
+            pipes: splice::Pipes::default(),
             health: RefCell::new(Cache::new(health)),
             health_view: RefCell::new(None),
             failures: failure_log::FailureLog::default(),

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use super::conn::{flush, read_some, BODY_READ, RELAY_READ};
 use super::error::ProxyError;
-use super::io::Runtime;
+use super::io::{Runtime, Stream};
 use super::request::{Buffers, RequestInfo};
+use super::splice::{splice_body, Pipe, Spliced, SPLICE_MIN};
 use super::transport::Transport;
 use super::wait::before;
 use super::{Forward, Worker};
-use crate::config::{Compression, Route};
+use crate::config::{Cluster, Compression, Route};
 use crate::http::body::BodyRelay;
 use crate::http::encoding::{Compressor, Encoding};
 use crate::http::fields;
@@ -283,6 +284,39 @@ pub async fn relay_response<R: Runtime>(
         if body.is_done() {
             break;
         }
+        let cluster = &f.view.snap.config.clusters[f.target.cluster];
+        if let Some(pipe) = splice_pipe(f.worker, cluster, &body, &up, client) {
+            let left = body.unchanged_length_left().unwrap_or(0);
+            let deadlines = &f.worker.deadlines;
+            let stats = &f.worker.stats;
+            let take = |n: usize| {
+                body.pass_through(n);
+                stats.spliced_bytes.set(stats.spliced_bytes.get() + n as u64);
+            };
+            // Boxed: only large bodies pay for this future, and the connection's task stays
+            // the size it was.
+            let end =
+                Box::pin(splice_body(&mut up, client, &pipe, left, deadlines, read_timeout, take))
+                    .await;
+            f.worker.pipes.give(pipe, end == Spliced::Whole);
+            match end {
+                Spliced::Whole => {
+                    // The splice stopped at the body's end: bytes already behind it would be
+                    // read as the next request's response. A copied body sees them in its
+                    // last read; here one peek at the socket does.
+                    leftover |= up.is_stale();
+                    break;
+                }
+                Spliced::UpstreamClosed => {
+                    f.worker.failure(addr, "upstream closed mid-body", &plan.status)
+                }
+                Spliced::ReadTimeout => {
+                    f.worker.failure(addr, "upstream body read timed out", &plan.status)
+                }
+                Spliced::ClientGone => {}
+            }
+            return cut(&body);
+        }
         let until = Instant::now() + read_timeout;
         match before(&f.worker.deadlines, until, read_some(&mut up, &mut bufs.ubuf, RELAY_READ))
             .await
@@ -322,6 +356,27 @@ pub async fn relay_response<R: Runtime>(
         give_back(f, addr, up);
     }
     Relayed { keep_client: !plan.close_client, whole: true, body_bytes: body.body_bytes() }
+}
+
+/// A pipe to splice the rest of `body` through, when that is worth it and possible: a body
+/// of known length passing through unchanged with at least [`SPLICE_MIN`] bytes to come,
+/// between two plaintext sockets, and a pipe to spare on this worker.
+fn splice_pipe<R: Runtime>(
+    worker: &Worker<R>,
+    cluster: &Cluster,
+    body: &BodyRelay,
+    up: &Transport<R::Stream>,
+    client: &Transport<R::Stream>,
+) -> Option<Pipe> {
+    let left = body.unchanged_length_left()?;
+    if left < SPLICE_MIN
+        || !cluster.splice
+        || up.splice_fd().is_none()
+        || client.splice_fd().is_none()
+    {
+        return None;
+    }
+    worker.pipes.take()
 }
 
 /// [`relay_response`] for a body compressed on its way: each read is decoded from the

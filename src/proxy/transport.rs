@@ -87,6 +87,24 @@ impl<S: Stream> Stream for Transport<S> {
             Transport::H2(..) => (TransportRead::None(NoHalf), TransportWrite::None(NoHalf)),
         }
     }
+
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            Transport::Plain(s) => s.splice_fd(),
+            Transport::Tls(_) | Transport::H2(..) => None,
+        }
+    }
+
+    async fn nonblocking<T>(
+        &mut self,
+        write: bool,
+        op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        match self {
+            Transport::Plain(s) => s.nonblocking(write, op).await,
+            Transport::Tls(_) | Transport::H2(..) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
 }
 
 pub enum TransportRead<S: Stream> {

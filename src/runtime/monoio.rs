@@ -22,7 +22,19 @@ use crate::proxy::wait::{race, Either};
 /// runtime is built, and the same futures run on both).
 pub struct Monoio;
 
-pub struct MonoioStream(pub TcpStream);
+pub struct MonoioStream {
+    s: TcpStream,
+    /// `O_NONBLOCK` is set on the socket. On io_uring it is not by default, and system calls
+    /// made outside the ring ([`Stream::nonblocking`]) need it: the ring's own operations are
+    /// the same with or without it.
+    nonblocking: bool,
+}
+
+impl MonoioStream {
+    fn new(s: TcpStream) -> Self {
+        MonoioStream { s, nonblocking: false }
+    }
+}
 
 thread_local! {
     /// This worker runs monoio's epoll driver (set once, before it starts).
@@ -102,33 +114,62 @@ impl Stream for MonoioStream {
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         let len = buf.len();
         let cap = buf.capacity();
-        let (res, slice) = budgeted(self.0.read(buf.slice_mut(len..cap))).await;
+        let (res, slice) = budgeted(self.s.read(buf.slice_mut(len..cap))).await;
         (res, slice.into_inner())
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        let (res, buf) = budgeted(AsyncWriteRentExt::write_all(&mut self.0, buf)).await;
+        let (res, buf) = budgeted(AsyncWriteRentExt::write_all(&mut self.s, buf)).await;
         (res.map(|_| ()), buf)
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
-        AsyncWriteRent::shutdown(&mut self.0).await
+        AsyncWriteRent::shutdown(&mut self.s).await
     }
 
     fn is_stale(&self) -> bool {
-        socket_is_stale(self.0.as_raw_fd())
+        socket_is_stale(self.s.as_raw_fd())
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.s.local_addr()
     }
 
     type Read = MonoioRead;
     type Write = MonoioWrite;
     fn into_split(self) -> (MonoioRead, MonoioWrite) {
         // monoio's split shares the socket through an `Rc`: both halves stay on this worker.
-        let (r, w) = self.0.into_split();
+        let (r, w) = self.s.into_split();
         (MonoioRead(r), MonoioWrite(w))
+    }
+
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.s.as_raw_fd())
+    }
+
+    async fn nonblocking<T>(
+        &mut self,
+        write: bool,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        if !self.nonblocking {
+            set_nonblocking(self.s.as_raw_fd())?;
+            self.nonblocking = true;
+        }
+        loop {
+            match op() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+            // Not relaxed: on the epoll driver the readiness monoio remembers may be stale
+            // after `op` found the socket not ready, so it polls once before waiting. On
+            // io_uring this is one poll operation on the ring.
+            if write {
+                self.s.writable(false).await?;
+            } else {
+                self.s.readable(false).await?;
+            }
+        }
     }
 }
 
@@ -155,6 +196,19 @@ impl WriteHalf for MonoioWrite {
     }
 }
 
+/// Sets `O_NONBLOCK` on `fd`: a system call on it then fails with `WouldBlock` instead of
+/// blocking the worker thread.
+fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller; F_GETFL/F_SETFL only read and change
+    // its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Runtime for Monoio {
     type Stream = MonoioStream;
 
@@ -162,7 +216,7 @@ impl Runtime for Monoio {
         let s = TcpStream::connect_addr(addr).await?;
         // Heads and small bodies go out in one write each; Nagle would only delay them.
         s.set_nodelay(true)?;
-        Ok(MonoioStream(s))
+        Ok(MonoioStream::new(s))
     }
 
     async fn timeout<F: Future>(dur: Duration, fut: F) -> Option<F::Output> {
@@ -206,7 +260,7 @@ impl Runtime for Monoio {
         Some(result.map(|(s, peer)| {
             // Heads and small bodies go out in one write each; Nagle would only delay them.
             let _ = s.set_nodelay(true);
-            (MonoioStream(s), peer)
+            (MonoioStream::new(s), peer)
         }))
     }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use crate::proxy::io::{socket_is_stale, stop_listening, ReadHalf, Runtime, Stream, WriteHalf};
@@ -47,6 +47,21 @@ impl Stream for TokioStream {
     fn into_split(self) -> (TokioRead, TokioWrite) {
         let (r, w) = self.0.into_split();
         (TokioRead(r), TokioWrite(w))
+    }
+
+    fn splice_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.0.as_raw_fd())
+    }
+
+    async fn nonblocking<T>(
+        &mut self,
+        write: bool,
+        op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        // Tokio's sockets are non-blocking already; `async_io` clears the readiness it
+        // remembers when `op` finds the socket not ready, then waits for the next event.
+        let interest = if write { Interest::WRITABLE } else { Interest::READABLE };
+        self.0.async_io(interest, op).await
     }
 }
 
