@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::sync::{Arc, Barrier};
 
 use support::*;
@@ -379,6 +380,32 @@ fn a_splice_stops_at_the_end_of_the_body(rt: &str) {
     assert_eq!(up.accepts(), 2, "the connection with unasked-for bytes was not reused");
 }
 
+/// A client that goes away in the middle of a spliced body: the splice into its socket fails
+/// (EPIPE or a reset, never a signal that stops Apex), the pipe is dropped rather than lent
+/// again, and the next client gets the whole body.
+fn a_client_gone_mid_splice_leaves_the_worker_serving(rt: &str) {
+    let body = patterned(4 * 1024 * 1024);
+    let sent = body.clone();
+    let up = Upstream::start(move |_, w| {
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", sent.len());
+        // Apex closes this connection when its client goes away mid-body: a failed write here
+        // is that close, not a failure of the test.
+        match w.stream.write_all(head.as_bytes()).and_then(|_| w.stream.write_all(&sent)) {
+            Ok(()) => After::KeepOpen,
+            Err(_) => After::Close,
+        }
+    });
+    let apex = Apex::start(&proxy_config(&[up.addr], ""), rt);
+    for _ in 0..3 {
+        let mut c = Wire::connect(apex.addr);
+        c.send(GET.as_bytes());
+        c.read_head().unwrap().unwrap();
+        drop(c);
+    }
+    let r = Wire::connect(apex.addr).request(GET);
+    assert!(r.body == body, "the body arrived changed ({} bytes)", r.body.len());
+}
+
 /// `splice: false` on a cluster: the same body arrives intact, copied, with nothing spliced.
 fn splice_off_copies_the_body(rt: &str) {
     let body = patterned(256 * 1024);
@@ -427,6 +454,7 @@ fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
 under_each_driver!(
     a_large_body_is_spliced_intact_and_its_connection_reused,
     a_splice_stops_at_the_end_of_the_body,
+    a_client_gone_mid_splice_leaves_the_worker_serving,
     splice_off_copies_the_body,
     a_spliced_body_cut_by_the_upstream_closes_the_client_connection,
     a_pipelining_flood_does_not_starve_other_clients,
