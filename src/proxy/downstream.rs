@@ -13,7 +13,7 @@ use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::http2::{serve_h2, H2Stream, PREFACE};
 use super::io::{Runtime, Stream};
-use super::limits::{share, worker_rate};
+use super::limits::{share, worker_rate, ClientConn};
 use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
 use super::transport::Transport;
 use super::tunnel::tunnel;
@@ -329,14 +329,43 @@ async fn establish_client<R: Runtime>(
 
 /// Serves one client connection until it closes, errs or times out. `_guard` counts the
 /// connection against the worker's cap until this returns.
-pub async fn serve_downstream<R: Runtime>(
+///
+/// Two phases, each its own future: [`establish`] (PROXY header, limits, TLS handshake, the
+/// protocol) runs boxed and is freed when it is done; then the connection's requests are
+/// served from a [`Session`] on the heap. The task itself keeps only the session's pointer and
+/// the wait for the next request: a future keeps every slot any of its await points needs, so
+/// with the setup and the session inline an idle keep-alive connection's task measured 2,600
+/// bytes (release build, `-Zprint-type-sizes`).
+pub fn serve_downstream<R: Runtime>(
+    worker: Rc<Worker<R>>,
+    client: R::Stream,
+    peer: SocketAddr,
+    listener: Rc<Listener>,
+    guard: ConnGuard<R>,
+    removed: Rc<super::wait::Event>,
+) -> impl std::future::Future<Output = ()> {
+    // Not an `async fn`: its arguments would keep their slots in the task for its whole life.
+    let setup = Box::pin(establish(worker, client, peer, listener));
+    async move {
+        let _guard = guard;
+        let Some((session, h2)) = setup.await else { return };
+        if h2 {
+            Box::pin(serve_h2_session(session, removed)).await
+        } else {
+            serve_requests(session).await
+        }
+    }
+}
+
+/// Everything before a connection's first request: the PROXY protocol header, the per-client
+/// connection limit, the TLS handshake, and the choice of HTTP/2 (by ALPN, or by its preface
+/// on a prior-knowledge listener). `None`: the connection is to be closed. `true`: HTTP/2.
+async fn establish<R: Runtime>(
     worker: Rc<Worker<R>>,
     mut client: R::Stream,
     peer: SocketAddr,
     listener: Rc<Listener>,
-    _guard: ConnGuard<R>,
-    removed: Rc<super::wait::Event>,
-) {
+) -> Option<(Box<Session<R>>, bool)> {
     // Only the read buffer until the request loop starts: it builds the rest.
     let mut rbuf = Vec::with_capacity(IDLE_READ);
     // The client's address: carried by a PROXY protocol header when the listener takes one
@@ -345,22 +374,19 @@ pub async fn serve_downstream<R: Runtime>(
         None => peer,
         Some(pp) => {
             let established = establish_client::<R>(&mut client, &mut rbuf, peer, &listener, pp);
-            match Box::pin(established).await {
-                Some(addr) => addr,
-                None => return,
-            }
+            Box::pin(established).await?
         }
     };
     let listener_key = hash64(&listener.name);
     // Open connections per client: this worker's share of the listener's limit. Beyond it the
     // connection is closed before anything is read.
-    let _slot = match listener.max_connections_per_client {
+    let slot = match listener.max_connections_per_client {
         Some(max) => {
             match worker.limits.connect((listener_key, peer.ip()), share(max, worker.workers)) {
                 Some(slot) => Some(slot),
                 None => {
                     debug!(client = %peer, "over max_connections_per_client; closed");
-                    return;
+                    return None;
                 }
             }
         }
@@ -370,21 +396,20 @@ pub async fn serve_downstream<R: Runtime>(
     let mut client = match &listener.tls {
         None => Transport::Plain(client),
         Some(tls) => {
-            let Some(config) = worker.view().tls_config(&listener.name) else { return };
-            // Boxed: a runtime timer is large (monoio pads its entries to 128 B) and, unboxed,
-            // would be part of every connection's task.
+            let config = worker.view().tls_config(&listener.name)?;
+            // Boxed: a runtime timer is large (monoio pads its entries to 128 B).
             let accept = TlsStream::accept(config, client);
             match Box::pin(R::timeout(tls.handshake_timeout, accept)).await {
                 Some(Ok(s)) => Transport::Tls(Box::new(s)),
                 Some(Err(e)) => {
                     debug!(client = %peer, error = %e, "TLS handshake failed");
                     worker.stats.tls_handshake(false);
-                    return;
+                    return None;
                 }
                 None => {
                     debug!(client = %peer, "TLS handshake timed out");
                     worker.stats.tls_handshake(false);
-                    return;
+                    return None;
                 }
             }
         }
@@ -404,35 +429,29 @@ pub async fn serve_downstream<R: Runtime>(
     let h2 = match &client {
         Transport::Tls(t) => t.alpn() == Some(b"h2".as_slice()),
         _ if listener.http2.prior_knowledge => {
-            let sniff = sniff_preface::<R>(&mut client, &mut rbuf, listener.header_timeout);
-            Box::pin(sniff).await
+            sniff_preface::<R>(&mut client, &mut rbuf, listener.header_timeout).await
         }
         _ => false,
     };
-    if h2 {
-        let scheme = client.scheme();
-        let preface = std::mem::take(&mut rbuf);
-        // Each stream is served as one request on its own task, with its own buffers.
-        let serve = |stream: H2Stream| {
-            let client = Transport::H2(Box::new(stream), scheme);
-            let (rbuf, tls) = (Vec::with_capacity(IDLE_READ), tls.clone());
-            serve_requests(
-                Rc::clone(&worker),
-                client,
-                peer,
-                Rc::clone(&listener),
-                (rbuf, tls, true),
-            )
-        };
-        let timeouts = (listener.header_timeout, listener.keepalive_timeout);
-        let h2 = serve_h2(&worker, &removed, client, preface, &listener.http2, timeouts, serve);
-        return Box::pin(h2).await;
-    }
-    // Only the read buffer and the TLS summary cross into the request loop, which builds its
-    // own `Buffers`: a local moved into an awaited future keeps its slot in this one, and with
-    // the whole `Buffers` passed in (and the loop's own copy) a connection's task measured
-    // 4,120 bytes; this way 2,816 (release build, size_of_val of the task).
-    serve_requests(worker, client, peer, listener, (rbuf, tls, false)).await
+    let session = Session::new(worker, client, peer, listener, (rbuf, tls, h2));
+    Some((Box::new(Session { _slot: slot, ..session }), h2))
+}
+
+/// An HTTP/2 connection: each stream is served as one request on its own task, with its own
+/// buffers and its own one-request [`Session`].
+async fn serve_h2_session<R: Runtime>(session: Box<Session<R>>, removed: Rc<super::wait::Event>) {
+    let Session { worker, client, peer, listener, mut bufs, _slot, .. } = *session;
+    let scheme = client.scheme();
+    let preface = std::mem::take(&mut bufs.rbuf);
+    let tls = bufs.logged.tls.take();
+    let serve = |stream: H2Stream| {
+        let client = Transport::H2(Box::new(stream), scheme);
+        let start = (Vec::with_capacity(IDLE_READ), tls.clone(), true);
+        let session = Session::new(Rc::clone(&worker), client, peer, Rc::clone(&listener), start);
+        serve_requests(Box::new(session))
+    };
+    let timeouts = (listener.header_timeout, listener.keepalive_timeout);
+    serve_h2(&worker, &removed, client, preface, &listener.http2, timeouts, serve).await
 }
 
 /// On a prior-knowledge listener, reads until the first bytes either are the HTTP/2 preface
@@ -455,202 +474,36 @@ async fn sniff_preface<R: Runtime>(
 }
 
 /// Serves the requests of one client connection (or of one HTTP/2 stream) in order until it
-/// closes, errs or times out. `start`: bytes already read, the connection's TLS parameters
-/// (for the access log), and whether this is an h2 stream.
-pub async fn serve_requests<R: Runtime>(
-    worker: Rc<Worker<R>>,
-    mut client: Transport<R::Stream>,
-    peer: SocketAddr,
-    listener: Rc<Listener>,
-    start: (Vec<u8>, Option<crate::tls::TlsSummary>, bool),
-) {
-    let (rbuf, tls, h2) = start;
-    let mut bufs = Buffers { rbuf, ..Buffers::default() };
-    bufs.logged.tls = tls;
-    bufs.logged.h2 = h2;
-    let listener_key = hash64(&listener.name);
-    let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
-    let mut first = true;
+/// closes, errs or times out.
+///
+/// Between requests this future holds only the session's pointer and the wait for the next
+/// head: each request's handling (routing, forwarding, the answer) is one boxed future,
+/// allocated while the request is served, so that an idle keep-alive connection's task does
+/// not carry the forwarding state machine.
+pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
     loop {
-        let head = read_request_head::<R>(&worker, &mut client, &mut bufs.rbuf, &listener, first);
+        let (worker, listener) = (&*s.worker, &*s.listener);
+        let head =
+            read_request_head::<R>(worker, &mut s.client, &mut s.bufs.rbuf, listener, s.first);
         let head = head.await;
-        let started = Instant::now();
-        let view = worker.view();
-        // The request's head, routed; or the status that refuses it (and closes).
-        let routed = match head {
-            HeadRead::Closed => return,
-            HeadRead::TimedOut => Err(HeadError::TimedOut),
-            HeadRead::Invalid(e) => Err(e),
-            HeadRead::Ready(end) => {
-                first = false;
-                // Borrow the large buffers for this request; they go back when the connection
-                // idles.
-                for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
-                    if b.capacity() == 0 {
-                        *b = worker.buffers.take();
-                    }
-                }
-                let logged = worker.access.is_some().then_some(&mut bufs.logged);
-                let ctx = RouteCtx {
-                    worker: &worker,
-                    view: &view,
-                    listener: &listener,
-                    client: peer,
-                    scheme: client.scheme(),
-                };
-                let edits = &mut bufs.response_edits;
-                route(&ctx, &bufs.rbuf, end, &mut bufs.uhead, logged, edits)
-            }
-        };
-        let (info, plan) = match routed {
-            // Refused before reading any of the body; the lingering close bounds what we read.
-            Ok((info, _)) if body_over_limit(listener.max_request_body, info.framing, 0) => {
-                let refused = refuse(&worker, &view, &mut client, &mut bufs, peer, started, 413);
-                return Box::pin(refused).await;
-            }
-            // Over the client's request rate: 429, and the connection stays usable.
-            Ok((info, _))
-                if rate.is_some_and(|r| {
-                    let key = (listener_key, peer.ip());
-                    worker.limits.request(key, r, started).is_err()
-                }) =>
-            {
-                let wait = rate.map_or(1, |r| (1.0 / r.per_second).ceil().max(1.0) as u64);
-                let draining = worker.is_draining();
-                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
-                let ka = info.needs_keep_alive_header();
-                view.unrouted.record(429);
-                let retry = format!("retry-after: {wait}\r\n");
-                let answer = send_error_with::<R, _>(
-                    &mut client,
-                    &mut bufs.out,
-                    429,
-                    keep,
-                    ka,
-                    retry.as_bytes(),
-                );
-                let kept = Box::pin(answer).await;
-                let served = Served::generated(429, kept, None);
-                log_request(&worker, &view, peer, &bufs.logged, started, served, None);
-                if !kept {
-                    return;
-                }
-                continue;
-            }
-            Ok(p) => p,
-            Err(e) => {
-                debug!(client = %peer, reason = e.reason(), "refused request head");
-                bufs.logged.unparsed();
-                let refused =
-                    refuse(&worker, &view, &mut client, &mut bufs, peer, started, e.status());
-                return Box::pin(refused).await;
-            }
-        };
-        let (served, route) = match plan {
-            Plan::Forward(target) => {
-                let mut f = Forward {
-                    worker: &worker,
-                    view: &view,
-                    listener: &listener,
-                    target,
-                    info: &info,
-                    client: &mut client,
-                    client_addr: peer,
-                    bufs: &mut bufs,
-                    tunnel: None,
-                    upstream_uses: 0,
-                };
-                // Boxed: the forwarding state machine is large, and unboxed it would be part of
-                // every idle connection's task (a future is as large as its largest await point).
-                let served = Box::pin(forward_request(&mut f)).await;
-                let upgraded = f.tunnel.take();
-                view.route_stats[target.route].record(served.status);
-                if let Some(up) = upgraded {
-                    // The connection is a tunnel now, to its end; logged when it ends.
-                    let idle = view.snap.config.routes[target.route].tunnel_idle_timeout;
-                    let end = Box::pin(tunnel::<R>(&worker, client, up, &mut bufs, idle)).await;
-                    let served = Served { body_bytes: end.to_client, ..served };
-                    log_request(
-                        &worker,
-                        &view,
-                        peer,
-                        &bufs.logged,
-                        started,
-                        served,
-                        Some(target.route),
-                    );
-                    return;
-                }
-                (served, Some(target.route))
-            }
-            Plan::Respond(route) => {
-                let draining = worker.is_draining();
-                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
-                let direct = view.snap.direct[route].as_ref().expect("respond route is encoded");
-                let bytes = match (keep, info.needs_keep_alive_header()) {
-                    (false, _) => &direct.close,
-                    (true, false) => &direct.keep_alive,
-                    (true, true) => &direct.keep_alive_10,
-                };
-                let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
-                bufs.out.extend_from_slice(&bytes[..len]);
-                view.route_stats[route].record(direct.status);
-                // Boxed, like every answer: a write future is large, and unboxed it would be
-                // part of every idle connection's task.
-                let sent = Box::pin(flush(&mut client, &mut bufs.out)).await;
-                let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
-                let served = Served {
-                    keep_open: sent && keep,
-                    status: direct.status,
-                    body_bytes,
-                    upstream: None,
-                    whole: sent,
-                };
-                (served, Some(route))
-            }
-            Plan::Redirect(route, status, location) => {
-                let draining = worker.is_draining();
-                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
-                let ka = info.needs_keep_alive_header();
-                let field = format!("location: {location}\r\n");
-                let answer = send_error_with::<R, _>(
-                    &mut client,
-                    &mut bufs.out,
-                    status,
-                    keep,
-                    ka,
-                    field.as_bytes(),
-                );
-                let sent = Box::pin(answer).await;
-                view.route_stats[route].record(status);
-                (Served::generated(status, sent, None), Some(route))
-            }
-            Plan::NotFound | Plan::Forbidden(_) => {
-                let (status, route) = match plan {
-                    Plan::Forbidden(i) => (403, Some(i)),
-                    _ => (404, None),
-                };
-                let draining = worker.is_draining();
-                let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
-                let ka = info.needs_keep_alive_header();
-                match route {
-                    Some(i) => view.route_stats[i].record(status),
-                    None => view.unrouted.record(status),
-                }
-                let sent =
-                    Box::pin(send_error::<R, _>(&mut client, &mut bufs.out, status, keep, ka))
-                        .await;
-                (Served::generated(status, sent, None), route)
-            }
-        };
-        log_request(&worker, &view, peer, &bufs.logged, started, served, route);
-        if !served.keep_open {
-            if served.whole {
-                Box::pin(close_notify::<R>(&mut client)).await;
-            }
+        if let HeadRead::Closed = head {
             return;
         }
+        match Box::pin(serve_request(&mut s, head)).await {
+            Next::KeepAlive => {}
+            Next::Close => return,
+            Next::Tunnel(u) => {
+                let Upgraded { up, route, served, started, view } = *u;
+                let Session { worker, client, mut bufs, peer, .. } = *s;
+                let idle = view.snap.config.routes[route].tunnel_idle_timeout;
+                let end = Box::pin(tunnel::<R>(&worker, client, up, &mut bufs, idle)).await;
+                let served = Served { body_bytes: end.to_client, ..served };
+                log_request(&worker, &view, peer, &bufs.logged, started, served, Some(route));
+                return;
+            }
+        }
         // Going idle: give the large buffers back to the worker and wait with a small one.
+        let (worker, bufs) = (&s.worker, &mut s.bufs);
         for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
             worker.buffers.give(std::mem::take(b));
         }
@@ -658,6 +511,225 @@ pub async fn serve_requests<R: Runtime>(
             worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
         }
     }
+}
+
+/// A client connection's state that lasts from request to request.
+pub struct Session<R: Runtime> {
+    worker: Rc<Worker<R>>,
+    client: Transport<R::Stream>,
+    /// The client's address: the PROXY protocol's when the listener takes it, else the peer.
+    peer: SocketAddr,
+    listener: Rc<Listener>,
+    bufs: Buffers,
+    listener_key: u64,
+    /// This worker's share of the listener's per-client request rate.
+    rate: Option<crate::config::RateLimit>,
+    /// No request has been read yet (the first must start within the header timeout).
+    first: bool,
+    /// The connection's place in the listener's per-client connection limit, when it has one.
+    _slot: Option<ClientConn>,
+}
+
+impl<R: Runtime> Session<R> {
+    /// `start`: bytes already read, the connection's TLS parameters (for the access log), and
+    /// whether this is an h2 stream.
+    fn new(
+        worker: Rc<Worker<R>>,
+        client: Transport<R::Stream>,
+        peer: SocketAddr,
+        listener: Rc<Listener>,
+        start: (Vec<u8>, Option<crate::tls::TlsSummary>, bool),
+    ) -> Session<R> {
+        let (rbuf, tls, h2) = start;
+        let mut bufs = Buffers { rbuf, ..Buffers::default() };
+        bufs.logged.tls = tls;
+        bufs.logged.h2 = h2;
+        let listener_key = hash64(&listener.name);
+        let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
+        Session {
+            worker,
+            client,
+            peer,
+            listener,
+            bufs,
+            listener_key,
+            rate,
+            first: true,
+            _slot: None,
+        }
+    }
+}
+
+/// What a request's handling leaves the connection to do.
+enum Next<S: Stream> {
+    KeepAlive,
+    Close,
+    /// The request was upgraded: the rest of the connection is a tunnel to `up`.
+    Tunnel(Box<Upgraded<S>>),
+}
+
+/// An upgraded request, for the tunnel that follows it and its access-log line.
+struct Upgraded<S: Stream> {
+    up: Transport<S>,
+    route: usize,
+    served: Served,
+    started: Instant,
+    view: Rc<WorkerView>,
+}
+
+/// Answers one request whose head was read (or refuses it): routes it, then forwards it,
+/// answers it directly, or refuses it, and logs it.
+async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R::Stream> {
+    let (worker, listener, peer) = (&*s.worker, &*s.listener, s.peer);
+    let (listener_key, rate) = (s.listener_key, s.rate);
+    let (client, bufs) = (&mut s.client, &mut s.bufs);
+    let started = Instant::now();
+    let view = worker.view();
+    // The request's head, routed; or the status that refuses it (and closes).
+    let routed = match head {
+        HeadRead::Closed => return Next::Close,
+        HeadRead::TimedOut => Err(HeadError::TimedOut),
+        HeadRead::Invalid(e) => Err(e),
+        HeadRead::Ready(end) => {
+            s.first = false;
+            // Borrow the large buffers for this request; they go back when the connection
+            // idles.
+            for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
+                if b.capacity() == 0 {
+                    *b = worker.buffers.take();
+                }
+            }
+            let logged = worker.access.is_some().then_some(&mut bufs.logged);
+            let ctx =
+                RouteCtx { worker, view: &view, listener, client: peer, scheme: client.scheme() };
+            let edits = &mut bufs.response_edits;
+            route(&ctx, &bufs.rbuf, end, &mut bufs.uhead, logged, edits)
+        }
+    };
+    let (info, plan) = match routed {
+        // Refused before reading any of the body; the lingering close bounds what we read.
+        Ok((info, _)) if body_over_limit(listener.max_request_body, info.framing, 0) => {
+            let refused = refuse(worker, &view, client, bufs, peer, started, 413);
+            refused.await;
+            return Next::Close;
+        }
+        // Over the client's request rate: 429, and the connection stays usable.
+        Ok((info, _))
+            if rate.is_some_and(|r| {
+                let key = (listener_key, peer.ip());
+                worker.limits.request(key, r, started).is_err()
+            }) =>
+        {
+            let wait = rate.map_or(1, |r| (1.0 / r.per_second).ceil().max(1.0) as u64);
+            let draining = worker.is_draining();
+            let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
+            let ka = info.needs_keep_alive_header();
+            view.unrouted.record(429);
+            let retry = format!("retry-after: {wait}\r\n");
+            let answer =
+                send_error_with::<R, _>(client, &mut bufs.out, 429, keep, ka, retry.as_bytes());
+            let kept = answer.await;
+            let served = Served::generated(429, kept, None);
+            log_request(worker, &view, peer, &bufs.logged, started, served, None);
+            return if kept { Next::KeepAlive } else { Next::Close };
+        }
+        Ok(p) => p,
+        Err(e) => {
+            debug!(client = %peer, reason = e.reason(), "refused request head");
+            bufs.logged.unparsed();
+            let refused = refuse(worker, &view, client, bufs, peer, started, e.status());
+            refused.await;
+            return Next::Close;
+        }
+    };
+    let (served, route) = match plan {
+        Plan::Forward(target) => {
+            let mut f = Forward {
+                worker,
+                view: &view,
+                listener,
+                target,
+                info: &info,
+                client: &mut *client,
+                client_addr: peer,
+                bufs: &mut *bufs,
+                tunnel: None,
+                upstream_uses: 0,
+            };
+            let served = forward_request(&mut f).await;
+            let upgraded = f.tunnel.take();
+            view.route_stats[target.route].record(served.status);
+            if let Some(up) = upgraded {
+                // The connection becomes a tunnel: the connection's loop, which owns the
+                // client stream, runs it.
+                return Next::Tunnel(Box::new(Upgraded {
+                    up,
+                    route: target.route,
+                    served,
+                    started,
+                    view,
+                }));
+            }
+            (served, Some(target.route))
+        }
+        Plan::Respond(route) => {
+            let draining = worker.is_draining();
+            let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
+            let direct = view.snap.direct[route].as_ref().expect("respond route is encoded");
+            let bytes = match (keep, info.needs_keep_alive_header()) {
+                (false, _) => &direct.close,
+                (true, false) => &direct.keep_alive,
+                (true, true) => &direct.keep_alive_10,
+            };
+            let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
+            bufs.out.extend_from_slice(&bytes[..len]);
+            view.route_stats[route].record(direct.status);
+            let sent = flush(client, &mut bufs.out).await;
+            let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
+            let served = Served {
+                keep_open: sent && keep,
+                status: direct.status,
+                body_bytes,
+                upstream: None,
+                whole: sent,
+            };
+            (served, Some(route))
+        }
+        Plan::Redirect(route, status, location) => {
+            let draining = worker.is_draining();
+            let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
+            let ka = info.needs_keep_alive_header();
+            let field = format!("location: {location}\r\n");
+            let answer =
+                send_error_with::<R, _>(client, &mut bufs.out, status, keep, ka, field.as_bytes());
+            let sent = answer.await;
+            view.route_stats[route].record(status);
+            (Served::generated(status, sent, None), Some(route))
+        }
+        Plan::NotFound | Plan::Forbidden(_) => {
+            let (status, route) = match plan {
+                Plan::Forbidden(i) => (403, Some(i)),
+                _ => (404, None),
+            };
+            let draining = worker.is_draining();
+            let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
+            let ka = info.needs_keep_alive_header();
+            match route {
+                Some(i) => view.route_stats[i].record(status),
+                None => view.unrouted.record(status),
+            }
+            let sent = send_error::<R, _>(client, &mut bufs.out, status, keep, ka).await;
+            (Served::generated(status, sent, None), route)
+        }
+    };
+    log_request(worker, &view, peer, &bufs.logged, started, served, route);
+    if !served.keep_open {
+        if served.whole {
+            close_notify::<R>(client).await;
+        }
+        return Next::Close;
+    }
+    Next::KeepAlive
 }
 
 /// Longest Apex waits to hand a closing TLS client its close_notify: 24 bytes, which fit in the
