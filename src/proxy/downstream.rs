@@ -14,7 +14,7 @@ use super::forward::forward_request;
 use super::http2::{serve_h2, H2Stream, PREFACE};
 use super::io::{Runtime, Stream};
 use super::limits::{share, worker_rate, ClientConn};
-use super::request::{body_over_limit, Buffers, Logged, RequestInfo, Served, Target};
+use super::request::{body_over_limit, Buffers, Logged, LoggedFields, RequestInfo, Served, Target};
 use super::transport::Transport;
 use super::tunnel::tunnel;
 use super::wait::{race, Either};
@@ -443,7 +443,7 @@ async fn serve_h2_session<R: Runtime>(session: Box<Session<R>>, removed: Rc<supe
     let Session { worker, client, peer, listener, mut bufs, _slot, .. } = *session;
     let scheme = client.scheme();
     let preface = std::mem::take(&mut bufs.rbuf);
-    let tls = bufs.logged.tls.take();
+    let tls = bufs.logged.fields.as_mut().and_then(|f| f.tls.take());
     let serve = |stream: H2Stream| {
         let client = Transport::H2(Box::new(stream), scheme);
         let start = (Vec::with_capacity(IDLE_READ), tls.clone(), true);
@@ -542,8 +542,10 @@ impl<R: Runtime> Session<R> {
     ) -> Session<R> {
         let (rbuf, tls, h2) = start;
         let mut bufs = Buffers { rbuf, ..Buffers::default() };
-        bufs.logged.tls = tls;
         bufs.logged.h2 = h2;
+        if tls.is_some() {
+            bufs.logged.fields().tls = tls;
+        }
         let listener_key = hash64(&listener.name);
         let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
         Session {
@@ -772,6 +774,10 @@ fn log_request<R: Runtime>(
 ) {
     crate::stats::bump(&worker.stats.requests_by_protocol[usize::from(l.h2)]);
     let Some(log) = &worker.access else { return };
+    // Every logged request captured its fields, or was marked unparsed; the fallback is an
+    // empty line rather than a lost one.
+    let unset = LoggedFields::default();
+    let l = l.fields.as_deref().unwrap_or(&unset);
     let route = route.map(|i| view.snap.config.routes[i].name.as_str()).unwrap_or("");
     log.record(&Entry {
         time: SystemTime::now(),

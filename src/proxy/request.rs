@@ -26,9 +26,19 @@ pub struct Buffers {
     pub response_edits: Option<crate::http::rewrite::FieldEdits>,
 }
 
-/// Request fields kept for the access log; the strings are reused from request to request.
+/// What the access log and the per-protocol counters need of a connection's requests.
 #[derive(Default)]
 pub struct Logged {
+    /// The request came as an HTTP/2 stream (logged as `HTTP/2.0`, as nginx does).
+    pub h2: bool,
+    /// The logged fields, on the heap and only once needed: a worker without an access log
+    /// never allocates them, and its idle connections do not carry 184 bytes of empty strings.
+    pub fields: Option<Box<LoggedFields>>,
+}
+
+/// Request fields kept for the access log; the strings are reused from request to request.
+#[derive(Default)]
+pub struct LoggedFields {
     pub method: String,
     pub target: String,
     pub version: &'static str,
@@ -38,30 +48,35 @@ pub struct Logged {
     pub request_id: String,
     /// The connection's TLS (set once, when the handshake completes).
     pub tls: Option<crate::tls::TlsSummary>,
-    /// The request came as an HTTP/2 stream (logged as `HTTP/2.0`, as nginx does).
-    pub h2: bool,
 }
 
 impl Logged {
+    /// The fields, allocated at first use.
+    pub fn fields(&mut self) -> &mut LoggedFields {
+        self.fields.get_or_insert_with(Box::default)
+    }
+
     pub fn capture(&mut self, head: &RequestHead<'_, '_>, request_id: Option<&str>) {
-        self.request_id.clear();
-        self.request_id.push_str(request_id.unwrap_or(""));
-        self.method.clear();
-        self.method.push_str(head.method);
-        self.target.clear();
-        self.target.push_str(head.target);
-        self.version = match head.version {
-            _ if self.h2 => "HTTP/2.0",
+        let h2 = self.h2;
+        let f = self.fields();
+        f.request_id.clear();
+        f.request_id.push_str(request_id.unwrap_or(""));
+        f.method.clear();
+        f.method.push_str(head.method);
+        f.target.clear();
+        f.target.push_str(head.target);
+        f.version = match head.version {
+            _ if h2 => "HTTP/2.0",
             Version::Http10 => "HTTP/1.0",
             Version::Http11 => "HTTP/1.1",
         };
-        self.referer.clear();
-        self.user_agent.clear();
+        f.referer.clear();
+        f.user_agent.clear();
         for h in head.headers {
             let dest = if h.name.eq_ignore_ascii_case("referer") {
-                &mut self.referer
+                &mut f.referer
             } else if h.name.eq_ignore_ascii_case("user-agent") {
-                &mut self.user_agent
+                &mut f.user_agent
             } else {
                 continue;
             };
@@ -72,18 +87,15 @@ impl Logged {
     /// A request refused before its head could be parsed: logged with `-` fields, as nginx
     /// logs a 400.
     pub fn unparsed(&mut self) {
-        for s in [
-            &mut self.method,
-            &mut self.target,
-            &mut self.referer,
-            &mut self.user_agent,
-            &mut self.request_id,
-        ] {
+        let f = self.fields();
+        for s in
+            [&mut f.method, &mut f.target, &mut f.referer, &mut f.user_agent, &mut f.request_id]
+        {
             s.clear();
         }
-        self.method.push('-');
-        self.target.push('-');
-        self.version = "-";
+        f.method.push('-');
+        f.target.push('-');
+        f.version = "-";
     }
 }
 
