@@ -181,9 +181,13 @@ fn a_stop_during_an_upgrade_stops_the_new_process_too(rt: &str) {
     let up = Upstream::ok("ok");
     let yaml = proxy_config(&[up.addr], "");
     let mut old = Apex::start(&yaml, rt);
-    // The new process will wait for a name server that never answers before it serves.
+    // The new process will wait for a name server that never answers before it serves: a
+    // bound UDP socket that nobody reads (a closed port would refuse at once, by ICMP, and the
+    // new process would then serve before the stop).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let ns = silent.local_addr().unwrap();
     let slow = format!(
-        "resolvers: [\"127.0.0.1:9\"]\n{yaml}  - name: later\n    endpoints: [ {{ dns: \"never.test:80\" }} ]\n"
+        "resolvers: [\"{ns}\"]\n{yaml}  - name: later\n    endpoints: [ {{ dns: \"never.test:80\" }} ]\n"
     );
     std::fs::write(old.config_path.as_ref().unwrap(), &slow).unwrap();
     old.signal(libc::SIGUSR2);
