@@ -12,7 +12,7 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2 floor-monoio floor-compio floor-compio-ring floor-compio-multi floor-tokio"
 ALL_SIZES="64 4k 32k 64k 1m 16k-gzip 64-newconn 64-resume"
 
 usage() {
@@ -42,7 +42,9 @@ Environment:
                 HTTP/2 chosen by ALPN, loaded by h2load (CONNS clients x H2_STREAMS streams
                 each), and compare with nginx-h2; upstreams stay HTTP/1.1 with keep-alive
   MODES         modes, any of: $ALL_MODES
-                (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build)
+                (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build;
+                floor-* run the minimal relay of benches/runtime_floor on that runtime, built
+                first with `cd benches/runtime_floor && cargo build --release`)
                 (default: all of them; "direct" is wrk against the backend itself)
   CONNS         wrk keep-alive connections (default 64)
   STIME_CLIENTS parallel openssl s_time clients for 64-resume (default 4)
@@ -108,6 +110,15 @@ case " $MODES " in
 *" baseline-io_uring "*)
     if [ -z "$BASELINE_BIN" ] || [ ! -x "$BASELINE_BIN" ]; then
         echo "mode baseline-io_uring needs BASELINE_BIN=/path/to/an/apex/binary (executable)" >&2
+        exit 2
+    fi ;;
+esac
+# The minimal relays (benches/runtime_floor): each runtime's floor, measured beside Apex.
+FLOOR_BIN=${FLOOR_BIN:-benches/runtime_floor/target/release/runtime-floor}
+case " $MODES " in
+*" floor-"*)
+    if [ ! -x "$FLOOR_BIN" ]; then
+        echo "floor-* modes need $FLOOR_BIN: cd benches/runtime_floor && cargo build --release" >&2
         exit 2
     fi ;;
 esac
@@ -524,6 +535,10 @@ start_proxy() {
     nginx)
         taskset -c 0 nginx -c "$WORK/nginx-proxy.conf" >/dev/null 2>&1 &
         pid=$! ;;
+    floor-*)
+        taskset -c 0 "$FLOOR_BIN" "${mode#floor-}" "127.0.0.1:$PROXY_PORT" \
+            "127.0.0.1:$BACKEND_PORT" >"$WORK/floor.log" 2>&1 &
+        pid=$! ;;
     haproxy)
         taskset -c 0 haproxy -f "$WORK/haproxy.cfg" >/dev/null 2>&1 &
         pid=$! ;;
@@ -735,8 +750,9 @@ main() {
     # Idle memory: RSS growth per idle keep-alive client connection, once per proxy mode.
     : >"$WORK/idle.jsonl"
     for mode in "${modes[@]}"; do
-        # Idle memory over h2 is not measured (the idle script speaks HTTP/1.1).
-        [[ $mode == direct || $mode == *-h2 ]] && continue
+        # Idle memory over h2 is not measured (the idle script speaks HTTP/1.1), nor that of
+        # the minimal relays (each client connection holds an upstream connection of its own).
+        [[ $mode == direct || $mode == *-h2 || $mode == floor-* ]] && continue
         local pids first scheme=http tls=""
         case $mode in *-tls) scheme=https; tls=tls ;; esac
         start_proxy "$mode"
