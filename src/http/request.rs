@@ -274,6 +274,31 @@ pub fn encode_request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `ip` as text, as `Display` writes it. IPv4 (nearly every client) by hand: through
+/// the formatter it cost about 900 instructions per forwarded request (callgrind, 64 B
+/// requests), 5% of the total.
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, &octet) in a.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(a) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
 /// Which forwarding fields tell the upstream who the client is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardedStyle {
@@ -406,7 +431,10 @@ pub fn encode_upstream_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, fwd: &
                 out.extend_from_slice(v);
                 out.extend_from_slice(b", ");
             }
-            let _ = write!(out, "{}\r\nX-Forwarded-Proto: {}\r\n", fwd.client, fwd.proto);
+            push_ip(out, fwd.client);
+            out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
+            out.extend_from_slice(fwd.proto.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         ForwardedStyle::Forwarded => {
             out.extend_from_slice(b"Forwarded: ");
@@ -416,8 +444,10 @@ pub fn encode_upstream_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, fwd: &
             }
             // RFC 7239 §6: an IPv6 node is quoted and bracketed.
             match fwd.client {
-                IpAddr::V4(a) => {
-                    let _ = write!(out, "for={a};proto={}\r\n", fwd.proto);
+                IpAddr::V4(_) => {
+                    out.extend_from_slice(b"for=");
+                    push_ip(out, fwd.client);
+                    let _ = write!(out, ";proto={}\r\n", fwd.proto);
                 }
                 IpAddr::V6(a) => {
                     let _ = write!(out, "for=\"[{a}]\";proto={}\r\n", fwd.proto);
@@ -440,6 +470,25 @@ pub fn encode_upstream_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, fwd: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "1.20.3.40",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::7",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = b"x".to_vec();
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("x{ip}").into_bytes(), "{ip}");
+        }
+    }
 
     fn parse(b: &[u8]) -> Result<Status<(Framing, bool, String)>, HeadError> {
         let mut f = crate::http::fields();

@@ -88,7 +88,10 @@ pub async fn linger_close<R: Runtime, S: Stream>(client: &mut S, scratch: &mut V
     while discarded < LINGER_BYTES {
         scratch.clear();
         let wait = deadline.saturating_duration_since(Instant::now());
-        match R::timeout(wait, read_some(client, scratch, MIN_READ)).await {
+        // Boxed, as every runtime timer off the steady path: monoio's timer entry is aligned to
+        // 128 bytes, and inline it made every request's future 128-aligned, which the
+        // allocator serves through posix_memalign (callgrind: 4% of a 64 B request).
+        match Box::pin(R::timeout(wait, read_some(client, scratch, MIN_READ))).await {
             Some(Ok(n)) if n > 0 => discarded += n,
             _ => break,
         }

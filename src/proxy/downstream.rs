@@ -742,7 +742,9 @@ const CLOSE_NOTIFY_TIME: Duration = Duration::from_secs(1);
 /// connection is just dropped: FIN.)
 async fn close_notify<R: Runtime>(client: &mut Transport<R::Stream>) {
     if let Transport::Tls(_) = client {
-        let _ = R::timeout(CLOSE_NOTIFY_TIME, client.shutdown_write()).await;
+        // Boxed: see `linger_close` (a runtime timer inline makes the request's future
+        // 128-aligned).
+        let _ = Box::pin(R::timeout(CLOSE_NOTIFY_TIME, client.shutdown_write())).await;
     }
 }
 

@@ -279,7 +279,9 @@ async fn upstream_tls<R: Runtime>(
     timeout: Duration,
 ) -> Result<Transport<R::Stream>, ProxyError> {
     let name = name.cloned().unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
-    match R::timeout(timeout, Box::pin(TlsStream::connect(config, name, s))).await {
+    // Boxed whole: see `linger_close` (a runtime timer inline makes the request's future
+    // 128-aligned).
+    match Box::pin(R::timeout(timeout, TlsStream::connect(config, name, s))).await {
         None => Err(ProxyError::ConnectTimeout),
         Some(Err(e)) => Err(ProxyError::TlsFailed(e.to_string())),
         Some(Ok(t)) => Ok(Transport::Tls(Box::new(t))),

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -31,12 +32,53 @@ struct Idle<S> {
 /// Keyed by endpoint address, so idle connections outlive a config reload that keeps the
 /// endpoint.
 pub struct Pool<S> {
-    idle: RefCell<HashMap<SocketAddr, Vec<Idle<S>>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle<S>>, BuildHasherDefault<AddrHasher>>>,
 }
 
 impl<S: Stream> Default for Pool<S> {
     fn default() -> Self {
-        Pool { idle: RefCell::new(HashMap::new()) }
+        Pool { idle: RefCell::new(HashMap::default()) }
+    }
+}
+
+/// The pool's hasher: a multiply-rotate fold (the Fx hash) instead of SipHash, which cost about
+/// 300 instructions per lookup, two lookups per request (callgrind, 64 B requests): 3% of the
+/// total. SipHash's keying defends a map against keys an attacker chooses; these keys are the
+/// configured (or DNS-given) endpoints, never a client's input.
+#[derive(Default)]
+pub struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
@@ -109,5 +151,29 @@ impl<S: Stream> Pool<S> {
     /// Idle connections held, over all endpoints.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn endpoint_addresses_spread_over_the_hash() {
+        let hasher = BuildHasherDefault::<AddrHasher>::default();
+        let mut seen = std::collections::HashSet::new();
+        for port in 1..=500u16 {
+            seen.insert(hasher.hash_one(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        for host in 0..=255u8 {
+            for net in 0..2u8 {
+                seen.insert(hasher.hash_one(SocketAddr::from(([10, net, 0, host], 80))));
+            }
+        }
+        seen.insert(hasher.hash_one("[::1]:80".parse::<SocketAddr>().unwrap()));
+        seen.insert(hasher.hash_one("[::2]:80".parse::<SocketAddr>().unwrap()));
+        // Ports, hosts and families all reach the hash: no two of these 1,014 collide.
+        assert_eq!(seen.len(), 500 + 512 + 2);
     }
 }
