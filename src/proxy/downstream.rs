@@ -138,7 +138,7 @@ fn route<R: Runtime>(
     end: HeadEnd,
     uhead: &mut Vec<u8>,
     logged: Option<&mut Logged>,
-    response_edits: &mut Option<FieldEdits>,
+    response_edits: &mut Option<Box<FieldEdits>>,
 ) -> Result<(RequestInfo, Plan), HeadError> {
     let mut fields = crate::http::fields();
     let head = parse_request_head_at(rbuf, end, &mut fields, &ctx.listener.limits)?;
@@ -196,7 +196,7 @@ fn route<R: Runtime>(
             };
             let edits = route.request_edits.as_ref().map(|e| e.render(&vars));
             let host = route.host_rewrite.as_ref().map(|t| t.render(&vars));
-            *response_edits = route.response_edits.as_ref().map(|e| e.render(&vars));
+            *response_edits = route.response_edits.as_ref().map(|e| Box::new(e.render(&vars)));
             let fwd = Forwarding {
                 client: ctx.client.ip(),
                 // No endpoint yet (DNS names not resolved): the request gets a 503 anyway.
@@ -434,7 +434,7 @@ async fn establish<R: Runtime>(
         _ => false,
     };
     let session = Session::new(worker, client, peer, listener, (rbuf, tls, h2));
-    Some((Box::new(Session { _slot: slot, ..session }), h2))
+    Some((Box::new(Session { _slot: slot.map(Box::new), ..session }), h2))
 }
 
 /// An HTTP/2 connection: each stream is served as one request on its own task, with its own
@@ -526,8 +526,9 @@ pub struct Session<R: Runtime> {
     rate: Option<crate::config::RateLimit>,
     /// No request has been read yet (the first must start within the header timeout).
     first: bool,
-    /// The connection's place in the listener's per-client connection limit, when it has one.
-    _slot: Option<ClientConn>,
+    /// The connection's place in the listener's per-client connection limit, when it has one
+    /// (boxed: a connection without that limit carries 8 bytes for it, not 40).
+    _slot: Option<Box<ClientConn>>,
 }
 
 impl<R: Runtime> Session<R> {

@@ -202,7 +202,7 @@ pub async fn read_response_head<R: Runtime>(
             Some(Ok(_)) => got_bytes = true,
         }
         loop {
-            let edits = bufs.response_edits.as_ref();
+            let edits = bufs.response_edits.as_deref();
             match prepare_response(
                 &bufs.ubuf,
                 info,

@@ -22,8 +22,9 @@ pub struct Buffers {
     pub uhead: Vec<u8>,
     /// The request's fields the access log needs, copied out of the head (only when logging).
     pub logged: Logged,
-    /// The route's response field edits, rendered for this request.
-    pub response_edits: Option<crate::http::rewrite::FieldEdits>,
+    /// The route's response field edits, rendered for this request (boxed: most routes have
+    /// none, and every connection's session carried 72 bytes for them).
+    pub response_edits: Option<Box<crate::http::rewrite::FieldEdits>>,
 }
 
 /// What the access log and the per-protocol counters need of a connection's requests.
