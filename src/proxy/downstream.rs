@@ -429,7 +429,11 @@ async fn establish<R: Runtime>(
     let h2 = match &client {
         Transport::Tls(t) => t.alpn() == Some(b"h2".as_slice()),
         _ if listener.http2.prior_knowledge => {
-            sniff_preface::<R>(&mut client, &mut rbuf, listener.header_timeout).await
+            // Boxed: it waits under a runtime timer, whose 128-byte alignment would otherwise
+            // make this whole future 128-aligned (and allocated through posix_memalign) for
+            // every connection.
+            let sniff = sniff_preface::<R>(&mut client, &mut rbuf, listener.header_timeout);
+            Box::pin(sniff).await
         }
         _ => false,
     };
