@@ -223,7 +223,7 @@ pub async fn run<R: Runtime>(
     R::spawn(housekeeping(Rc::clone(&worker)));
     worker_main(Rc::clone(&worker), socks, control, orders, ready).await;
     if let Some(log) = &worker.access {
-        log.flush();
+        log.close();
     }
 }
 
