@@ -74,7 +74,7 @@ fn reload_opens_and_closes_listeners(rt: &str) {
 fn a_listener_moved_and_moved_back_follows_the_config(rt: &str) {
     let mut apex = Apex::start(&respond("one"), rt);
     let a = apex.addr;
-    let b = closed_port();
+    let b = free_port();
     let at = |addr: std::net::SocketAddr| {
         respond("one").replace("address: 127.0.0.1:0", &format!("address: {addr}"))
     };

@@ -781,10 +781,26 @@ fn serve_fake(
     }
 }
 
-/// An address nothing listens on: bound, then released.
-pub fn closed_port() -> SocketAddr {
+/// A port free right now, for Apex to bind later (bound, then released: it may be taken again
+/// meanwhile, which a test binding it would see as an error, not as a wrong answer).
+pub fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// An address nothing listens on, and nothing will: a socket is bound to it and never
+/// listens, so a connect is refused, and it stays bound for the rest of the test process. A
+/// port bound and released at once can be handed out again to the next bind to port 0, for
+/// instance to Apex's own listener, whose "dead" upstream is then itself (one access-log test
+/// once logged an extra 502 with the dead address as its upstream).
+pub fn closed_port() -> SocketAddr {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    // Kept open for the process's life: one descriptor per call, a few dozen per test binary.
+    std::mem::forget(s);
+    addr
 }
 
 /// A listener whose accept queue is full and never drained: further SYNs are dropped, so a
