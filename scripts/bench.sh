@@ -12,7 +12,7 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2 floor-monoio floor-compio floor-compio-ring floor-compio-multi floor-tokio"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2 baseline-h2 floor-monoio floor-compio floor-compio-ring floor-compio-multi floor-tokio"
 ALL_SIZES="64 4k 32k 64k 1m 16k-gzip 64-newconn 64-resume"
 
 usage() {
@@ -43,6 +43,7 @@ Environment:
                 each), and compare with nginx-h2; upstreams stay HTTP/1.1 with keep-alive
   MODES         modes, any of: $ALL_MODES
                 (baseline-io_uring runs the binary BASELINE_BIN, e.g. an older commit's build;
+                baseline-h2 runs it as apex-h2 runs Apex;
                 floor-* run the minimal relay of benches/runtime_floor on that runtime, built
                 first with `cd benches/runtime_floor && cargo build --release`)
                 (default: all of them; "direct" is wrk against the backend itself)
@@ -107,9 +108,9 @@ check_words MODES "$MODES" "$ALL_MODES"
 # Another Apex binary (an older commit's, say) measured in the same run as mode baseline-io_uring.
 BASELINE_BIN=${BASELINE_BIN:-}
 case " $MODES " in
-*" baseline-io_uring "*)
+*" baseline-io_uring "* | *" baseline-h2 "*)
     if [ -z "$BASELINE_BIN" ] || [ ! -x "$BASELINE_BIN" ]; then
-        echo "mode baseline-io_uring needs BASELINE_BIN=/path/to/an/apex/binary (executable)" >&2
+        echo "modes baseline-io_uring and baseline-h2 need BASELINE_BIN=/path/to/an/apex/binary (executable)" >&2
         exit 2
     fi ;;
 esac
@@ -530,6 +531,10 @@ start_proxy() {
         pid=$! ;;
     baseline-io_uring)
         RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex-baseline.yaml" \
+            --runtime io_uring >"$WORK/baseline.log" 2>&1 &
+        pid=$! ;;
+    baseline-h2)
+        RUST_LOG=warn taskset -c 0 "$BASELINE_BIN" --config "$WORK/apex-h2.yaml" \
             --runtime io_uring >"$WORK/baseline.log" 2>&1 &
         pid=$! ;;
     nginx)

@@ -72,8 +72,14 @@ pub async fn serve_h2<R, C, F, Fut>(
     let local = client.local_addr().ok();
     let (watch, watched) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
     let (tripped, block_since) = (watched.tripped, watched.block_since);
-    let io = PollIo::new(client, preface, watch);
-    let handshake = h2_builder(settings).handshake::<_, Bytes>(io);
+    let (io, sender) = PollIo::new(client, preface, watch);
+    // Every poll of the connection is followed by sending what it queued (see `poll_io`).
+    let mut handshake = Box::pin(h2_builder(settings).handshake::<_, Bytes>(io));
+    let handshake = poll_fn(|cx| {
+        let polled = handshake.as_mut().poll(cx);
+        sender.send_queued(cx);
+        polled
+    });
     let mut conn = match Box::pin(R::timeout(header_timeout, handshake)).await {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
@@ -103,10 +109,14 @@ pub async fn serve_h2<R, C, F, Fut>(
         let idle_before = !conn.has_streams();
         // A flood seen in the bytes `h2` was about to read ends the accept at once (`None`).
         let watching = !closing;
-        let (tripped, conn_now) = (&tripped, &mut conn);
+        let (tripped, conn_now, sender) = (&tripped, &mut conn, &sender);
         let accept = poll_fn(move |cx| match tripped.get() {
             Some(_) if watching => Poll::Ready(None),
-            _ => conn_now.poll_accept(cx).map(Some),
+            _ => {
+                let polled = conn_now.poll_accept(cx).map(Some);
+                sender.send_queued(cx);
+                polled
+            }
         });
         let next = if closing {
             accept.await
@@ -299,19 +309,31 @@ impl H2Stream {
         if self.out.borrow().send.is_some() {
             return self.send_body(bytes).await;
         }
-        self.head.extend_from_slice(bytes);
+        // The head is parsed where it lies: in `bytes`, or, when it came in pieces, behind the
+        // pieces before. Only a partial head is copied (the body after a head never is).
+        let pieces = std::mem::take(&mut self.head);
+        let joined;
+        let mut input: &[u8] = if pieces.is_empty() {
+            bytes
+        } else {
+            let mut all = pieces;
+            all.extend_from_slice(bytes);
+            joined = all;
+            &joined
+        };
         loop {
-            let start = match parse_response_head(&self.head, self.is_head) {
-                Ok(None) => return Ok(()),
+            let start = match parse_response_head(input, self.is_head) {
+                Ok(None) => {
+                    self.head = input.to_vec();
+                    return Ok(());
+                }
                 Ok(Some(s)) => s,
                 Err(e) => return Err(io::Error::other(format!("{e:?}"))),
             };
-            let rest = self.head.split_off(start.head_len);
-            self.head.clear();
+            input = &input[start.head_len..];
             if start.informational {
                 // 100 Continue: h2 clients send the body anyway.
-                self.head = rest;
-                if self.head.is_empty() {
+                if input.is_empty() {
                     return Ok(());
                 }
                 continue;
@@ -331,14 +353,15 @@ impl H2Stream {
             }
             self.until_close = start.framing == Framing::UntilClose;
             self.decode = Some(BodyRelay::new(start.framing, Framing::UntilClose));
-            return self.send_body(&rest).await;
+            return self.send_body(input).await;
         }
     }
 
     /// Decodes the HTTP/1.1 body framing and sends the bytes as DATA, within the window.
     async fn send_body(&mut self, bytes: &[u8]) -> io::Result<()> {
         let Some(decode) = self.decode.as_mut() else { return Ok(()) };
-        let mut raw = Vec::new();
+        // Decoding never lengthens the body (at most it drops chunk framing): one allocation.
+        let mut raw = Vec::with_capacity(bytes.len());
         decode.relay(bytes, &mut raw).map_err(|e| io::Error::other(e.reason()))?;
         let done = decode.is_done();
         self.send_data(Bytes::from(raw), done).await
