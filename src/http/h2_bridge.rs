@@ -65,6 +65,7 @@ pub fn encode_request_head(
     if target.is_empty() || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(BridgeError::BadTarget);
     }
+    out.reserve(head_size(parts));
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -181,20 +182,53 @@ pub fn parse_response_head(
         Ok(Status::Partial) => return Ok(None),
         Err(_) => return Err(BridgeError::BadResponse),
     };
-    let mut builder = http::Response::builder().status(head.status);
+    // The h2 head outlives the buffer it was read from, so its values are copied: once, the
+    // whole head, with each value a view into it (not an allocation per field). Registered
+    // names are lowercased without allocating.
+    let shared = bytes::Bytes::copy_from_slice(&bytes[..head.len]);
+    let mut fields = http::HeaderMap::with_capacity(head.headers.len());
     for f in head.headers {
-        let name = f.name.to_ascii_lowercase();
-        if !CONNECTION_SPECIFIC.contains(&name.as_str()) {
-            builder = builder.header(name, f.value);
+        if CONNECTION_SPECIFIC.iter().any(|c| f.name.eq_ignore_ascii_case(c)) {
+            continue;
         }
+        let name = http::HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| BridgeError::BadResponse)?;
+        let value = match view(&shared, bytes, f.value) {
+            Some(v) => http::HeaderValue::from_maybe_shared(v),
+            None => http::HeaderValue::from_bytes(f.value),
+        };
+        fields.append(name, value.map_err(|_| BridgeError::BadResponse)?);
     }
-    let response = builder.body(()).map_err(|_| BridgeError::BadResponse)?;
+    let mut response = http::Response::new(());
+    *response.status_mut() =
+        http::StatusCode::from_u16(head.status).map_err(|_| BridgeError::BadResponse)?;
+    *response.headers_mut() = fields;
     Ok(Some(ResponseStart {
         head_len: head.len,
         response,
         framing: head.framing,
         informational: head.is_interim(),
     }))
+}
+
+/// Bytes [`encode_request_head`] writes at most for `parts`, so the head takes one allocation
+/// (built field by field from an empty buffer, it took five).
+fn head_size(parts: &http::request::Parts) -> usize {
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let host = parts.uri.authority().map_or(0, |a| a.as_str().len() + "host: \r\n".len());
+    // Each field as `name: value\r\n`; joined cookies take less (`; ` per value after the first
+    // and one name for all).
+    let fields: usize = parts.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    let line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    line + host + fields + "transfer-encoding: chunked\r\n\r\n".len()
+}
+
+/// `part` (a slice of `whole`) as the same bytes of `copy`, a copy of `whole`'s start; `None`
+/// if it is not inside it.
+fn view(copy: &bytes::Bytes, whole: &[u8], part: &[u8]) -> Option<bytes::Bytes> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= copy.len()).then(|| copy.slice(start..end))
 }
 
 #[cfg(test)]
@@ -267,5 +301,48 @@ mod tests {
         let r = parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap();
         assert!(r.informational);
         assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
+    }
+
+    #[test]
+    fn response_fields_keep_their_values_and_order_under_lowercase_names() {
+        let raw = b"HTTP/1.1 404 Not Found\r\nSet-Cookie: a=1\r\nContent-Type: text/plain\r\n\
+                    X-Empty:\r\nSET-COOKIE: b=2; Path=/\r\nX-Tab: x\ty\r\nContent-Length: 0\r\n\r\n";
+        let r = parse_response_head(raw, false).unwrap().unwrap();
+        let h = r.response.headers();
+        assert_eq!(r.response.status(), 404);
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2; Path=/"]);
+        assert_eq!(h["content-type"], "text/plain");
+        assert_eq!(h["x-empty"], "");
+        assert_eq!(h["x-tab"], "x\ty");
+        assert_eq!(h["content-length"], "0");
+        assert_eq!(h.len(), 6);
+    }
+
+    #[test]
+    fn a_view_is_the_same_bytes_of_the_copy_or_none_outside_it() {
+        let whole = b"HTTP/1.1 200 OK\r\nA: xyz\r\n\r\n";
+        let copy = bytes::Bytes::copy_from_slice(&whole[..20]);
+        assert_eq!(view(&copy, whole, &whole[20..23]), None, "beyond the copy");
+        assert_eq!(view(&copy, whole, &whole[17..20]).as_deref(), Some(&b"A: "[..]));
+        assert_eq!(view(&copy, whole, b"elsewhere"), None);
+    }
+
+    #[test]
+    fn the_request_head_fits_the_size_reserved_for_it() {
+        let cases = [
+            parts("GET", "https://a.example/x?y=1", &[("accept", "*/*")]),
+            parts("POST", "https://a/upload", &[("cookie", "a=1"), ("cookie", "b=2"), ("x", "")]),
+            parts("PUT", "/no-authority", &[("content-length", "3"), ("te", "trailers")]),
+            parts("OPTIONS", "*", &[]),
+        ];
+        for p in &cases {
+            for end in [true, false] {
+                let mut out = Vec::new();
+                if encode_request_head(p, end, &mut out).is_ok() {
+                    assert!(out.len() <= head_size(p), "{} > {}", out.len(), head_size(p));
+                }
+            }
+        }
     }
 }

@@ -450,7 +450,9 @@ async fn serve_h2_session<R: Runtime>(session: Box<Session<R>>, removed: Rc<supe
     let tls = bufs.logged.fields.as_mut().and_then(|f| f.tls.take());
     let serve = |stream: H2Stream| {
         let client = Transport::H2(Box::new(stream), scheme);
-        let start = (Vec::with_capacity(IDLE_READ), tls.clone(), true);
+        // The stream's request head arrives whole, so it reads into one of the worker's
+        // spare buffers (given back when the stream ends), not a growing small one.
+        let start = (worker.buffers.take(), tls.clone(), true);
         let session = Session::new(Rc::clone(&worker), client, peer, Rc::clone(&listener), start);
         serve_requests(Box::new(session))
     };
@@ -494,6 +496,15 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
             return;
         }
         match Box::pin(serve_request(&mut s, head)).await {
+            Next::KeepAlive if s.bufs.logged.h2 => {
+                // An h2 stream carries one request: its buffers go back now, and no read
+                // waits for a next request that cannot come.
+                let (worker, bufs) = (&s.worker, &mut s.bufs);
+                for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead, &mut bufs.rbuf] {
+                    worker.buffers.give(std::mem::take(b));
+                }
+                return;
+            }
             Next::KeepAlive => {}
             Next::Close => return,
             Next::Tunnel(u) => {

@@ -394,7 +394,12 @@ impl H2Stream {
             if granted == 0 {
                 continue;
             }
-            let chunk = data.split_to(granted.min(data.len()));
+            // Whole when the window allows (splitting a Bytes made from a Vec allocates).
+            let chunk = if granted >= data.len() {
+                std::mem::take(&mut data)
+            } else {
+                data.split_to(granted)
+            };
             let last = end && data.is_empty();
             let mut o = out.borrow_mut();
             o.send
