@@ -54,6 +54,33 @@ fn a_burst_above_pool_max_idle_reuses_its_connections_and_the_sweep_trims_them(r
     assert_eq!(up.accepts(), 5, "the one kept was reused, two were opened again");
 }
 
+/// Between requests a keep-alive connection waits for readability with no read buffer (io_uring,
+/// epoll and the Tokio build; the buffer waits among the worker's spares), or, with
+/// `release_idle_buffer: false`, reads with its own small one: either way its next requests,
+/// one sent in two pieces, are served whole.
+fn a_connection_waiting_without_a_buffer_serves_its_next_requests(rt: &str) {
+    let up = Upstream::ok("hello");
+    let released = proxy_config(&[up.addr], "");
+    let kept = released.replace(
+        "    address: 127.0.0.1:0\n",
+        "    address: 127.0.0.1:0\n    release_idle_buffer: false\n",
+    );
+    assert_ne!(kept, released);
+    for yaml in [released, kept] {
+        let apex = Apex::start(&yaml, rt);
+        let mut c = Wire::connect(apex.addr);
+        assert_eq!(c.request(GET).status, 200);
+        c.send(b"GET / HTTP/1.1\r\nHo");
+        c.send(b"st: example.com\r\n\r\n");
+        let r = c.read_response(false).expect("an answer after the idle wait");
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+        for _ in 0..3 {
+            let r = c.request(GET);
+            assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+        }
+    }
+}
+
 fn idle_connection_closed_by_upstream_is_not_reused(rt: &str) {
     // The upstream closes after each response without saying so (its keep-alive timeout).
     let up = Upstream::start(|_, w| {
@@ -459,6 +486,7 @@ under_each_driver!(
     a_spliced_body_cut_by_the_upstream_closes_the_client_connection,
     a_pipelining_flood_does_not_starve_other_clients,
     keepalive_reuses_one_upstream_connection,
+    a_connection_waiting_without_a_buffer_serves_its_next_requests,
     a_burst_above_pool_max_idle_reuses_its_connections_and_the_sweep_trims_them,
     idle_connection_closed_by_upstream_is_not_reused,
     stale_pooled_connection_is_retried_for_get,

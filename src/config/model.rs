@@ -153,6 +153,10 @@ pub struct Listener {
     pub forwarded: ForwardedStyle,
     /// Keep a valid `X-Request-Id` or make one; forward it and log it.
     pub request_id: bool,
+    /// Between requests a keep-alive connection waits for readability with no read buffer
+    /// (on io_uring: one poll operation more per request, for about 0.45 KiB less per idle
+    /// connection); plaintext connections only.
+    pub release_idle_buffer: bool,
     /// Open connections per client address, this worker's share (refused beyond it).
     pub max_connections_per_client: Option<u32>,
     /// Requests per client address, a token bucket, this worker's share (429 beyond it).
@@ -502,6 +506,7 @@ impl Listener {
             trusted_proxies: Vec::new(),
             forwarded: ForwardedStyle::XForwarded,
             request_id: false,
+            release_idle_buffer: true,
             max_connections_per_client: None,
             rate_limit: None,
             tls: None,

@@ -192,6 +192,9 @@ pub struct RawListener {
     pub forwarded_headers: Option<String>,
     #[serde(default)]
     pub request_id: Option<bool>,
+    /// Between requests a keep-alive connection holds no read buffer (default true).
+    #[serde(default)]
+    pub release_idle_buffer: Option<bool>,
     #[serde(default)]
     pub max_connections_per_client: Option<i64>,
     #[serde(default)]

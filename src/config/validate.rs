@@ -293,6 +293,7 @@ impl<'a> Validator<'a> {
             trusted_proxies,
             forwarded,
             request_id: l.request_id.unwrap_or(false),
+            release_idle_buffer: l.release_idle_buffer.unwrap_or(true),
             max_connections_per_client,
             rate_limit,
         })

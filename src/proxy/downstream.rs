@@ -94,7 +94,20 @@ async fn read_request_head<R: Runtime>(
             // Nothing yet: the worker's coarse idle deadline, which the drain brings forward
             // (a request that arrives meanwhile is still served, with `Connection: close`).
             let idle = worker.idle.until(Instant::now() + wait);
-            match race(read_some(client, rbuf, spare), idle).await {
+            let read = async {
+                // Between requests (not before the first, which is usually sent with the
+                // connection), wait with no buffer where the runtime can: the read buffer
+                // waits among the worker's spares, and one is taken back once bytes came.
+                if !first && listener.release_idle_buffer && client.waits_without_buffer() {
+                    if rbuf.capacity() > 0 {
+                        worker.buffers.give(std::mem::take(rbuf));
+                    }
+                    client.readable().await?;
+                    *rbuf = worker.buffers.take();
+                }
+                read_some(client, rbuf, spare).await
+            };
+            match race(read, idle).await {
                 Either::Left(r) => Some(r),
                 Either::Right(_) => return HeadRead::Closed,
             }
@@ -522,7 +535,10 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
         for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
             worker.buffers.give(std::mem::take(b));
         }
-        if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
+        let release = s.listener.release_idle_buffer && s.client.waits_without_buffer();
+        if bufs.rbuf.is_empty() && release {
+            worker.buffers.give(std::mem::take(&mut bufs.rbuf));
+        } else if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
             worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
         }
     }

@@ -17,6 +17,18 @@ pub trait Stream: Sized + 'static {
     /// `Ok(0)` means the peer closed its side. `buf` must have spare capacity.
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
 
+    /// Whether [`Stream::readable`] waits without a buffer: then a connection waiting for its
+    /// next request holds none (it reads into one of the worker's spare buffers once bytes
+    /// have come).
+    fn waits_without_buffer(&self) -> bool {
+        false
+    }
+
+    /// Waits until a read would find bytes or the end of the stream, holding no buffer.
+    async fn readable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Writes all of `buf`.
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
 

@@ -40,6 +40,19 @@ impl<S: Stream> Stream for Transport<S> {
         }
     }
 
+    /// Plaintext only: TLS keeps its record buffers anyway, and an h2 stream never waits for a
+    /// second request.
+    fn waits_without_buffer(&self) -> bool {
+        matches!(self, Transport::Plain(s) if s.waits_without_buffer())
+    }
+
+    async fn readable(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.readable().await,
+            _ => Ok(()),
+        }
+    }
+
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         match self {
             Transport::Plain(s) => s.write_all(buf).await,

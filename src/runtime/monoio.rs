@@ -118,6 +118,16 @@ impl Stream for MonoioStream {
         (res, slice.into_inner())
     }
 
+    fn waits_without_buffer(&self) -> bool {
+        true
+    }
+
+    /// io_uring: a poll operation (no buffer). epoll: the driver's readiness state (relaxed: a
+    /// stale "readable" only makes the read that follows wait, as reads always could).
+    async fn readable(&mut self) -> io::Result<()> {
+        self.s.readable(true).await
+    }
+
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         let (res, buf) = budgeted(AsyncWriteRentExt::write_all(&mut self.s, buf)).await;
         (res.map(|_| ()), buf)

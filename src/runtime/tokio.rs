@@ -25,6 +25,15 @@ impl Stream for TokioStream {
         (res, buf)
     }
 
+    fn waits_without_buffer(&self) -> bool {
+        true
+    }
+
+    /// Tokio's readiness: no system call when the socket is not ready yet.
+    async fn readable(&mut self) -> io::Result<()> {
+        self.0.readable().await
+    }
+
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         let res = self.0.write_all(&buf).await;
         (res, buf)
