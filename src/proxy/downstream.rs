@@ -96,14 +96,15 @@ async fn read_request_head<R: Runtime>(
             let idle = worker.idle.until(Instant::now() + wait);
             let read = async {
                 // Between requests (not before the first, which is usually sent with the
-                // connection), wait with no buffer where the runtime can: the read buffer
-                // waits among the worker's spares, and one is taken back once bytes came.
+                // connection), wait with no buffer where the runtime can: a small one is
+                // allocated once bytes came. (Not one of the worker's spares: those are sized
+                // by their last use, and a large one lent on as the next upstream read buffer
+                // takes a whole large body in its first read, before splicing could start:
+                // measured, 64 KiB responses cost 41 instead of 23 µs on io_uring.)
                 if !first && listener.release_idle_buffer && client.waits_without_buffer() {
-                    if rbuf.capacity() > 0 {
-                        worker.buffers.give(std::mem::take(rbuf));
-                    }
+                    *rbuf = Vec::new();
                     client.readable().await?;
-                    *rbuf = worker.buffers.take();
+                    *rbuf = Vec::with_capacity(IDLE_READ);
                 }
                 read_some(client, rbuf, spare).await
             };
@@ -535,11 +536,14 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
         for b in [&mut bufs.out, &mut bufs.ubuf, &mut bufs.uhead] {
             worker.buffers.give(std::mem::take(b));
         }
+        // The read buffer, if it grew for a long head, goes to the spares too; the connection
+        // then waits with a small one, or with none (`release_idle_buffer`).
         let release = s.listener.release_idle_buffer && s.client.waits_without_buffer();
-        if bufs.rbuf.is_empty() && release {
-            worker.buffers.give(std::mem::take(&mut bufs.rbuf));
-        } else if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
-            worker.buffers.give(std::mem::replace(&mut bufs.rbuf, Vec::with_capacity(IDLE_READ)));
+        if bufs.rbuf.is_empty() && bufs.rbuf.capacity() > IDLE_READ {
+            let small = if release { Vec::new() } else { Vec::with_capacity(IDLE_READ) };
+            worker.buffers.give(std::mem::replace(&mut bufs.rbuf, small));
+        } else if bufs.rbuf.is_empty() && release {
+            bufs.rbuf = Vec::new();
         }
     }
 }
