@@ -384,6 +384,42 @@ fn a_large_body_is_spliced_intact_and_its_connection_reused(rt: &str) {
     );
 }
 
+/// A large buffer left by an earlier response does not cost the next one its splice: the
+/// response-head read takes at most 16 KiB, so a 60 KiB body sent with its head in one write
+/// still has most of itself to splice, although the previous (chunked, copied) response on
+/// the connection grew the upstream read buffer to 64 KiB.
+fn a_large_body_after_a_copied_one_is_still_spliced(rt: &str) {
+    const SIZE: usize = 60 * 1024;
+    let body = patterned(SIZE);
+    let sent = body.clone();
+    let up = Upstream::start(move |req, w| {
+        let mut bytes = if req.request_line().contains("/chunked") {
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n", 64 * 1024)
+                .into_bytes()
+        } else {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n").into_bytes()
+        };
+        if req.request_line().contains("/chunked") {
+            bytes.extend_from_slice(&[b'c'; 64 * 1024]);
+            bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        } else {
+            bytes.extend_from_slice(&sent);
+        }
+        w.send(&bytes);
+        After::KeepOpen
+    });
+    let mut apex = Apex::start(&with_admin(&proxy_config(&[up.addr], "")), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut c = Wire::connect(apex.addr);
+    let r = c.request("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.body.len(), 64 * 1024, "the chunked body, whole");
+    assert_eq!(metric(&metrics(admin_at), "apex_spliced_bytes_total"), Some(0));
+    let r = c.request(GET);
+    assert!(r.body == body, "the body arrived changed ({} bytes)", r.body.len());
+    let spliced = metric(&metrics(admin_at), "apex_spliced_bytes_total").unwrap() as usize;
+    assert!(spliced >= SIZE - 16 * 1024, "spliced {spliced} of {SIZE} body bytes");
+}
+
 /// An upstream that sends bytes after a spliced body (a response nobody asked for): the
 /// splice stops at the body's end, so the client never sees them, and the connection they
 /// arrived on is not reused.
@@ -480,6 +516,7 @@ fn a_pipelining_flood_does_not_starve_other_clients(rt: &str) {
 
 under_each_driver!(
     a_large_body_is_spliced_intact_and_its_connection_reused,
+    a_large_body_after_a_copied_one_is_still_spliced,
     a_splice_stops_at_the_end_of_the_body,
     a_client_gone_mid_splice_leaves_the_worker_serving,
     splice_off_copies_the_body,

@@ -85,15 +85,28 @@ pub fn negotiate<'a>(
 }
 
 /// A streaming compressor: `feed` takes body bytes and appends what is ready (flushed, so
-/// nothing waits for more input), `finish` appends the rest.
+/// nothing waits for more input), `finish` appends the rest and hands back a gzip compressor
+/// ready for another response (its state, about 300 KiB, is worth keeping: allocating and
+/// freeing it per response made glibc give the pages back and fault them in again each time).
 pub struct Compressor {
     inner: Inner,
 }
 
-/// Boxed: each encoder's state is large, and lives only while a response is compressed.
+/// Boxed: each encoder's state is large, and lives only while a response is compressed (or
+/// among the worker's spares).
 enum Inner {
-    Gzip(Box<flate2::write::GzEncoder<Vec<u8>>>),
+    Gzip(Box<Gzip>),
     Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+/// gzip (RFC 1952) written by hand around raw deflate, so that the deflate state can be reset
+/// and reused: a 10-byte header, the deflate stream, CRC-32 and length of the input.
+struct Gzip {
+    deflate: flate2::Compress,
+    crc: flate2::Crc,
+    level: u32,
+    /// The header is written before the first output.
+    started: bool,
 }
 
 /// Brotli's window: 2^18 bytes (256 KiB), a bound on memory per compressed response (the
@@ -106,10 +119,15 @@ impl Compressor {
     /// `level`: gzip 1–9, brotli 0–11.
     pub fn new(encoding: Encoding, level: u32) -> Compressor {
         let inner = match encoding {
-            Encoding::Gzip => Inner::Gzip(Box::new(flate2::write::GzEncoder::new(
-                Vec::new(),
-                flate2::Compression::new(level.min(9)),
-            ))),
+            Encoding::Gzip => {
+                let level = level.clamp(1, 9);
+                Inner::Gzip(Box::new(Gzip {
+                    deflate: flate2::Compress::new(flate2::Compression::new(level), false),
+                    crc: flate2::Crc::new(),
+                    level,
+                    started: false,
+                }))
+            }
             Encoding::Brotli => Inner::Brotli(Box::new(brotli::CompressorWriter::new(
                 Vec::new(),
                 BROTLI_BUFFER,
@@ -120,16 +138,21 @@ impl Compressor {
         Compressor { inner }
     }
 
+    /// Whether this is a fresh (or reset) compressor for `encoding` at `level`, as `new` makes.
+    pub fn is(&self, encoding: Encoding, level: u32) -> bool {
+        matches!(&self.inner, Inner::Gzip(g) if encoding == Encoding::Gzip && g.level == level.clamp(1, 9))
+    }
+
     /// Compresses `input` and appends the compressed bytes ready so far to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        // Writing to a Vec cannot fail; the encoders only pass its errors on.
         match &mut self.inner {
             Inner::Gzip(g) => {
-                let _ = g.write_all(input);
-                let _ = g.flush();
-                out.append(g.get_mut());
+                g.header(out);
+                g.crc.update(input);
+                g.deflate(input, out, flate2::FlushCompress::Sync);
             }
             Inner::Brotli(b) => {
+                // Writing to a Vec cannot fail; the encoder only passes its errors on.
                 let _ = b.write_all(input);
                 let _ = b.flush();
                 out.append(b.get_mut());
@@ -137,15 +160,68 @@ impl Compressor {
         }
     }
 
-    /// Ends the stream: appends the remaining compressed bytes and the trailer.
-    pub fn finish(self, out: &mut Vec<u8>) {
+    /// Ends the stream: appends the remaining compressed bytes and the trailer. Returns the
+    /// compressor reset for another response where its state can be reused (gzip).
+    pub fn finish(self, out: &mut Vec<u8>) -> Option<Compressor> {
         match self.inner {
-            Inner::Gzip(g) => {
-                if let Ok(rest) = g.finish() {
-                    out.extend_from_slice(&rest);
-                }
+            Inner::Gzip(mut g) => {
+                g.header(out);
+                g.deflate(&[], out, flate2::FlushCompress::Finish);
+                out.extend_from_slice(&g.crc.sum().to_le_bytes());
+                out.extend_from_slice(&g.crc.amount().to_le_bytes());
+                g.deflate.reset();
+                g.crc.reset();
+                g.started = false;
+                Some(Compressor { inner: Inner::Gzip(g) })
             }
-            Inner::Brotli(b) => out.extend_from_slice(&b.into_inner()),
+            Inner::Brotli(b) => {
+                out.extend_from_slice(&b.into_inner());
+                None
+            }
+        }
+    }
+}
+
+impl Gzip {
+    fn header(&mut self, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        // XFL: 2 for the slowest level, 4 for the fastest (RFC 1952 2.3.1); OS 255: unknown.
+        let xfl = match self.level {
+            9 => 2,
+            1 => 4,
+            _ => 0,
+        };
+        out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255]);
+    }
+
+    /// Runs deflate over `input` with `flush` until all of it is taken and the flush is
+    /// complete: zlib's rule is that a flush is done once a call leaves output room unused
+    /// (`Finish`: once the stream has ended).
+    fn deflate(&mut self, mut input: &[u8], out: &mut Vec<u8>, flush: flate2::FlushCompress) {
+        loop {
+            // Deflate writes only into spare capacity: room for the input and a block's framing.
+            out.reserve(input.len() + 1024);
+            let (taken, wrote) = (self.deflate.total_in(), self.deflate.total_out());
+            let status = self.deflate.compress_vec(input, out, flush);
+            input = &input[(self.deflate.total_in() - taken) as usize..];
+            let progress = self.deflate.total_in() != taken || self.deflate.total_out() != wrote;
+            match status {
+                Ok(flate2::Status::StreamEnd) => return,
+                // Raw deflate over memory never fails; no progress would loop for ever.
+                Err(_) => return,
+                Ok(_) if !progress => return,
+                Ok(_)
+                    if flush != flate2::FlushCompress::Finish
+                        && input.is_empty()
+                        && out.len() < out.capacity() =>
+                {
+                    return
+                }
+                Ok(_) => {}
+            }
         }
     }
 }
@@ -184,7 +260,7 @@ mod tests {
                 c.feed(piece, &mut out);
                 assert!(out.len() > before, "{e:?}: each piece is flushed");
             }
-            c.finish(&mut out);
+            let _ = c.finish(&mut out);
             assert!(out.len() < body.len() / 3, "{e:?} compresses");
             let mut back = Vec::new();
             match e {
@@ -196,6 +272,36 @@ mod tests {
                 }
             }
             assert!(back == body, "{e:?} round trip");
+        }
+    }
+
+    /// A gzip compressor handed back by `finish` starts a new, whole stream: the second
+    /// response decodes (its CRC and length checked by the decoder) to its own bytes only,
+    /// incompressible or not.
+    #[test]
+    fn a_reset_gzip_compressor_writes_a_whole_new_stream() {
+        let mut x: u32 = 1;
+        let noise: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let text: Vec<u8> =
+            (0..30_000u32).flat_map(|i| format!("row {i}\n").into_bytes()).collect();
+        let mut c = Compressor::new(Encoding::Gzip, 1);
+        for body in [&noise, &text, &noise] {
+            let mut out = Vec::new();
+            for piece in body.chunks(16 * 1024) {
+                c.feed(piece, &mut out);
+            }
+            c = c.finish(&mut out).expect("gzip comes back for reuse");
+            assert!(c.is(Encoding::Gzip, 1));
+            let mut back = Vec::new();
+            let mut d = flate2::read::GzDecoder::new(&out[..]);
+            d.read_to_end(&mut back).expect("a valid gzip stream");
+            assert!(back == *body, "{} bytes back of {}", back.len(), body.len());
+            assert_eq!(d.header().map(|h| h.operating_system()), Some(255));
         }
     }
 }

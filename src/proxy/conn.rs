@@ -29,6 +29,22 @@ pub async fn read_some<S: Stream>(
     res
 }
 
+/// [`read_some`] that takes at most `max` bytes (making room for that many), whatever room
+/// `buf` already has: a buffer from the worker's spares may have grown to 64 KiB relaying an
+/// earlier body.
+pub async fn read_at_most<S: Stream>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < max {
+        buf.reserve(max);
+    }
+    let (res, b) = s.read_at_most(std::mem::take(buf), max).await;
+    *buf = b;
+    res
+}
+
 /// Writes `buf` to `s` and clears it; `false` if the peer is gone.
 pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
     if buf.is_empty() {

@@ -17,6 +17,13 @@ pub trait Stream: Sized + 'static {
     /// `Ok(0)` means the peer closed its side. `buf` must have spare capacity.
     async fn read(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
 
+    /// [`Stream::read`], taking at most `max` bytes however much room `buf` has: a response
+    /// head's read must leave a large body in the socket, where it can be spliced. A layer
+    /// whose bytes are never spliced (TLS, HTTP/2) may read more.
+    async fn read_at_most(&mut self, buf: Vec<u8>, _max: usize) -> (io::Result<usize>, Vec<u8>) {
+        self.read(buf).await
+    }
+
     /// Whether [`Stream::readable`] waits without a buffer: then a connection waiting for its
     /// next request holds none (it reads into one of the worker's spare buffers once bytes
     /// have come).

@@ -125,6 +125,8 @@ pub struct Worker<R: Runtime> {
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
     pub buffers: buffers::BufferPool,
+    /// gzip compressors, reset, for the next compressed response.
+    pub compressors: buffers::CompressorPool,
     /// Pipes lent to responses whose bodies are spliced.
     pub pipes: splice::Pipes,
     /// The health checker's verdicts, read like the config snapshot: no write while unchanged.
@@ -206,6 +208,7 @@ impl<R: Runtime> Worker<R> {
             deadlines: wait::IdleTimers::default(),
             access,
             buffers: buffers::BufferPool::default(),
+            compressors: buffers::CompressorPool::default(),
             pipes: splice::Pipes::default(),
             health: RefCell::new(Cache::new(health)),
             health_view: RefCell::new(None),

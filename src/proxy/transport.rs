@@ -40,6 +40,14 @@ impl<S: Stream> Stream for Transport<S> {
         }
     }
 
+    /// Plaintext only: the other layers' bytes are never spliced.
+    async fn read_at_most(&mut self, buf: Vec<u8>, max: usize) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Transport::Plain(s) => s.read_at_most(buf, max).await,
+            _ => self.read(buf).await,
+        }
+    }
+
     /// Plaintext only: TLS keeps its record buffers anyway, and an h2 stream never waits for a
     /// second request.
     fn waits_without_buffer(&self) -> bool {

@@ -118,6 +118,13 @@ impl Stream for MonoioStream {
         (res, slice.into_inner())
     }
 
+    async fn read_at_most(&mut self, buf: Vec<u8>, max: usize) -> (io::Result<usize>, Vec<u8>) {
+        let len = buf.len();
+        let end = buf.capacity().min(len + max);
+        let (res, slice) = budgeted(self.s.read(buf.slice_mut(len..end))).await;
+        (res, slice.into_inner())
+    }
+
     fn waits_without_buffer(&self) -> bool {
         true
     }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
@@ -22,6 +23,11 @@ impl Stream for TokioStream {
     async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         // `read_buf` fills the spare capacity and extends the length, like the io_uring path.
         let res = self.0.read_buf(&mut buf).await;
+        (res, buf)
+    }
+
+    async fn read_at_most(&mut self, mut buf: Vec<u8>, max: usize) -> (io::Result<usize>, Vec<u8>) {
+        let res = self.0.read_buf(&mut (&mut buf).limit(max)).await;
         (res, buf)
     }
 
