@@ -182,13 +182,14 @@ pub struct HeadFailure {
 }
 
 /// Most a response-head read takes, as with a new buffer, whatever the size of the spare
-/// buffer lent as `ubuf`: so a body of HEAD_READ + SPLICE_MIN (32 KiB) or more is always
-/// spliced (a head read that took a whole large body would leave nothing to splice).
+/// buffer lent as `ubuf`. Invariant: a body of HEAD_READ + SPLICE_MIN (32 KiB) or more leaves
+/// enough in the socket to be spliced (a head read that took a whole large body would leave
+/// nothing to splice).
 const HEAD_READ: usize = 16 * 1024;
 /// The same on a route that compresses, where no body is spliced: a page of up to 64 KiB comes
 /// in one read and is compressed in one go. (Split over two reads, on io_uring each wait for
 /// the rest left a compressor's 300 KiB of state in use: 64 clients kept 64 of them busy on a
-/// worker, and a 16 KiB page cost 135 instead of 45 µs, by hand.)
+/// worker, and a 16 KiB page cost 124-135 instead of 40-52 µs, by hand.)
 const COMPRESSING_HEAD_READ: usize = RELAY_READ;
 
 /// Reads until a final response head is in `bufs.ubuf`, dropping interim responses; encodes
