@@ -25,8 +25,7 @@ pub trait Stream: Sized + 'static {
     }
 
     /// Whether [`Stream::readable`] waits without a buffer: then a connection waiting for its
-    /// next request holds none (it reads into one of the worker's spare buffers once bytes
-    /// have come).
+    /// next request holds none (it allocates a small read buffer once bytes have come).
     fn waits_without_buffer(&self) -> bool {
         false
     }
