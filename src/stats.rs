@@ -171,6 +171,8 @@ pub struct WorkerStats {
     pub tunnel_bytes: Cell<u64>,
     /// Response body bytes moved upstream → client by `splice(2)`, never copied through Apex.
     pub spliced_bytes: Cell<u64>,
+    /// Client connections cut because a write to the client waited `send_timeout`.
+    pub send_timeouts: Cell<u64>,
     /// TLS handshakes completed and failed (bad ClientHello, timeout, client gone).
     pub tls_ok: Cell<u64>,
     pub tls_failed: Cell<u64>,
@@ -214,6 +216,7 @@ impl WorkerStats {
         r.tunnels_open = self.tunnels_open.get();
         r.tunnel_bytes = self.tunnel_bytes.get();
         r.spliced_bytes = self.spliced_bytes.get();
+        r.send_timeouts = self.send_timeouts.get();
         r.tls_handshakes = [self.tls_ok.get(), self.tls_failed.get()];
         r.requests_by_protocol = self.requests_by_protocol.each_ref().map(Cell::get);
         r.h2_streams_open = self.h2_streams_open.get();
@@ -247,6 +250,7 @@ pub struct StatsReport {
     pub tunnels_open: u64,
     pub tunnel_bytes: u64,
     pub spliced_bytes: u64,
+    pub send_timeouts: u64,
     /// Completed, failed.
     pub tls_handshakes: [u64; 2],
     /// `(version, alpn)` → TLS connections.
@@ -363,6 +367,7 @@ impl StatsReport {
         self.tunnels_open += o.tunnels_open;
         self.tunnel_bytes += o.tunnel_bytes;
         self.spliced_bytes += o.spliced_bytes;
+        self.send_timeouts += o.send_timeouts;
         self.tls_handshakes[0] += o.tls_handshakes[0];
         self.tls_handshakes[1] += o.tls_handshakes[1];
         for (k, v) in &o.tls_connections {
@@ -495,6 +500,11 @@ impl StatsReport {
             o,
             "# HELP apex_spliced_bytes_total Response body bytes moved to clients by splice(2), not copied through Apex.\n# TYPE apex_spliced_bytes_total counter\napex_spliced_bytes_total {}",
             self.spliced_bytes
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_client_send_timeouts_total Client connections cut because a write to the client waited send_timeout.\n# TYPE apex_client_send_timeouts_total counter\napex_client_send_timeouts_total {}",
+            self.send_timeouts
         );
         let _ = writeln!(
             o,

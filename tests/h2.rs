@@ -559,7 +559,81 @@ fn removing_the_listener_sends_goaway_and_finishes_streams(rt: &str) {
     });
 }
 
+/// A client that stops reading a response (it neither reads the socket nor opens the stream's
+/// window) has that stream cut once a write to it has waited the listener's `send_timeout`:
+/// its upstream connection is closed (the upstream can write no more), the stream ends in a
+/// reset, not as a whole body, and the connection serves the next request.
+fn a_stream_the_client_stops_reading_is_cut_after_the_send_timeout(rt: &str) {
+    let up = Upstream::endless();
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: prior_knowledge\n    send_timeout: 1s",
+    );
+    let mut apex = Apex::start(&with_admin(&on), rt);
+    let admin_at = admin_addr(&mut apex);
+    // The client's runtime runs only inside `block_on`: while the test waits on the upstream,
+    // nothing reads the client's socket.
+    let client = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut send, mut recv) = client.block_on(async {
+        let send = connect_h2c(apex.addr).await.expect("h2c");
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, _) = ready.send_request(get("/chunked"), true).unwrap();
+        let (parts, recv) = resp.await.unwrap().into_parts();
+        assert_eq!(parts.status, 200);
+        (send, recv)
+    });
+    assert_eq!(up.next().request_line(), "GET /chunked HTTP/1.1", "the upstream was cut");
+    client.block_on(async {
+        let ended = loop {
+            match recv.data().await {
+                Some(Ok(chunk)) => recv.flow_control().release_capacity(chunk.len()).unwrap(),
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        let reason = ended.expect("the stream ends in a reset, not as a whole body").reason();
+        assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR));
+        let (parts, body) = request(&mut send, get("/next"), None).await;
+        assert_eq!(
+            (parts.status.as_u16(), &body[..]),
+            (200, &b"ok"[..]),
+            "the connection serves on"
+        );
+    });
+    assert_eq!(up.next().request_line(), "GET /next HTTP/1.1");
+    assert_eq!(metric(&metrics(admin_at), "apex_client_send_timeouts_total"), Some(1));
+    drop(client);
+}
+
+/// A connection Apex is closing (GOAWAY after the keep-alive timeout) whose client does not
+/// let it finish (it never answers the PING that follows GOAWAY) is dropped once it has had no
+/// stream for the send timeout, and counted.
+fn a_closing_connection_the_client_does_not_finish_is_dropped(rt: &str) {
+    let up = Upstream::ok("ok");
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: prior_knowledge\n    keepalive_timeout: 1s\n    send_timeout: 1s",
+    );
+    let mut apex = Apex::start(&with_admin(&on), rt);
+    let admin_at = admin_addr(&mut apex);
+    let mut w = Wire::connect(apex.addr);
+    w.send(&[&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &frame(4, 0, 0, b"")].concat());
+    let mut kinds = Vec::new();
+    let end = loop {
+        match read_frame(&mut w) {
+            Ok((head, _)) => kinds.push(head[3]),
+            Err(e) => break e,
+        }
+    };
+    assert!(kinds.contains(&7) && kinds.contains(&6), "GOAWAY and its PING: {kinds:?}");
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    assert!(matches!(end.kind(), UnexpectedEof | ConnectionReset), "closed, not kept: {end}");
+    assert_eq!(metric(&metrics(admin_at), "apex_client_send_timeouts_total"), Some(1));
+}
+
 under_each_driver!(
+    a_stream_the_client_stops_reading_is_cut_after_the_send_timeout,
+    a_closing_connection_the_client_does_not_finish_is_dropped,
     a_stalled_header_block_is_cut_after_the_header_timeout,
     removing_the_listener_sends_goaway_and_finishes_streams,
     decoded_header_bytes_are_capped_per_connection,

@@ -114,7 +114,35 @@ fn out_of_descriptors_backs_off_and_recovers(rt: &str) {
     assert_eq!(r.status, 200, "serves again once descriptors are free");
 }
 
+/// A client that stops reading its response is cut once a write to it has waited the
+/// listener's `send_timeout`, whether the body is copied (chunked) or spliced (a length): its
+/// upstream connection is closed with it (the upstream can write no more), what Apex had sent
+/// still reaches the client before the close, and each cut is counted.
+fn a_client_that_stops_reading_is_cut_after_the_send_timeout(rt: &str) {
+    let up = Upstream::endless();
+    let yaml = with_listener_settings(proxy_config(&[up.addr], ""), "    send_timeout: 1s");
+    let mut apex = Apex::start(&with_admin(&yaml), rt);
+    let admin_at = admin_addr(&mut apex);
+    for (cuts, path) in [(1, "/chunked"), (2, "/sized")] {
+        let mut c = Wire::connect(apex.addr);
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        // The client reads nothing until the upstream's writes failed: Apex closed it.
+        assert_eq!(up.next().request_line(), format!("GET {path} HTTP/1.1"));
+        match c.read_to_end() {
+            Ok(got) => assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{path}: {got:.40?}"),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{path}: still open?")
+            }
+        }
+        let text = metrics(admin_at);
+        assert_eq!(metric(&text, "apex_client_send_timeouts_total"), Some(cuts), "{path}");
+    }
+    let spliced = metric(&metrics(admin_at), "apex_spliced_bytes_total").unwrap();
+    assert!(spliced > 0, "the sized body took the splice path");
+}
+
 under_each_driver!(
+    a_client_that_stops_reading_is_cut_after_the_send_timeout,
     body_over_max_request_body_is_413_without_reading_it,
     head_limits_are_configurable,
     at_the_connection_cap_new_clients_wait_for_a_free_slot,

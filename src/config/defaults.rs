@@ -22,6 +22,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between two reads of a request body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one write to a client may wait for the client to take bytes (nginx's `send_timeout`
+/// default): a client that stops reading does not hold its connection and upstream forever.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Open client connections per worker; at the cap a worker stops accepting until one closes.
 pub const WORKER_CONNECTIONS: usize = 10_000;
 /// After SIGTERM/SIGINT, in-flight requests get this long before the process exits anyway.

@@ -142,6 +142,10 @@ pub struct Listener {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
+    /// Longest a write to the client may wait (a response's head, a read's worth of its body,
+    /// an error answer: at most 64 KiB each); a client that takes none of it for this long is
+    /// cut, and its upstream connection closed (nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// Request line, head and field-count limits (414, 431).
     pub limits: HeadLimits,
     /// Larger request bodies get 413; `None`: no limit.
@@ -500,6 +504,7 @@ impl Listener {
             header_timeout: defaults::HEADER_TIMEOUT,
             keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
             body_timeout: defaults::BODY_TIMEOUT,
+            send_timeout: defaults::SEND_TIMEOUT,
             limits: HeadLimits::default(),
             max_request_body: None,
             proxy_protocol: None,

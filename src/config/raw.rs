@@ -175,6 +175,8 @@ pub struct RawListener {
     #[serde(default)]
     pub body_timeout: Option<String>,
     #[serde(default)]
+    pub send_timeout: Option<String>,
+    #[serde(default)]
     pub max_request_line: Option<RawSize>,
     #[serde(default)]
     pub max_header_bytes: Option<RawSize>,

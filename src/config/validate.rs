@@ -256,6 +256,8 @@ impl<'a> Validator<'a> {
         );
         let body_timeout =
             self.duration(format!("{p}.body_timeout"), &l.body_timeout, defaults::BODY_TIMEOUT);
+        let send_timeout =
+            self.duration(format!("{p}.send_timeout"), &l.send_timeout, defaults::SEND_TIMEOUT);
         let mut limits = HeadLimits::default();
         if let Some(n) = self.size(format!("{p}.max_request_line"), &l.max_request_line) {
             limits.max_request_line = usize::try_from(n).unwrap_or(usize::MAX);
@@ -287,6 +289,7 @@ impl<'a> Validator<'a> {
             header_timeout,
             keepalive_timeout,
             body_timeout,
+            send_timeout,
             limits,
             max_request_body,
             proxy_protocol,
@@ -891,6 +894,19 @@ routes:
         assert_eq!(l.max_request_body, Some(1 << 20));
         let e = errors("listeners: [ { name: a, address: \"127.0.0.1:1\", max_header_fields: 1000, max_request_body: huge } ]\n");
         assert_eq!(e.len(), 2, "{e:?}");
+    }
+
+    #[test]
+    fn send_timeout_defaults_to_a_minute_and_refuses_zero() {
+        let l = |extra: &str| {
+            format!("listeners: [ {{ name: a, address: \"127.0.0.1:1\"{extra} }} ]\n")
+        };
+        let c = Config::from_yaml(&l(""), "t.yaml").unwrap();
+        assert_eq!(c.listeners[0].send_timeout, Duration::from_secs(60));
+        let c = Config::from_yaml(&l(", send_timeout: 5s"), "t.yaml").unwrap();
+        assert_eq!(c.listeners[0].send_timeout, Duration::from_secs(5));
+        let e = errors(&l(", send_timeout: 0s"));
+        assert!(e.len() == 1 && e[0].contains("listeners[0].send_timeout"), "{e:?}");
     }
 
     #[test]

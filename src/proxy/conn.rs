@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::io::{Runtime, Stream};
+use super::wait::SendBound;
 use crate::http::encode_error_response_with;
 
 /// Smallest free space offered to a read; reads never ask the kernel for less.
@@ -56,22 +57,33 @@ pub async fn flush<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> bool {
     res.is_ok()
 }
 
+/// [`flush`] to a client: `false` too when the client took none of `buf` for the listener's
+/// `send_timeout` (the connection is then cut; what `buf` held is dropped with the write).
+pub async fn send<S: Stream>(client: &mut S, buf: &mut Vec<u8>, bound: SendBound<'_>) -> bool {
+    if buf.is_empty() {
+        return true;
+    }
+    bound.bound(flush(client, buf)).await.unwrap_or(false)
+}
+
 /// Answers with an error status produced by Apex and reports whether the connection stays open.
 /// When it does not, the close lingers (see [`linger_close`]).
 pub async fn send_error<R: Runtime, S: Stream>(
     client: &mut S,
     out: &mut Vec<u8>,
+    bound: SendBound<'_>,
     status: u16,
     keep_open: bool,
     keep_alive_header: bool,
 ) -> bool {
-    send_error_with::<R, S>(client, out, status, keep_open, keep_alive_header, b"").await
+    send_error_with::<R, S>(client, out, bound, status, keep_open, keep_alive_header, b"").await
 }
 
 /// [`send_error`] with extra field lines (`Retry-After: 1\r\n`).
 pub async fn send_error_with<R: Runtime, S: Stream>(
     client: &mut S,
     out: &mut Vec<u8>,
+    bound: SendBound<'_>,
     status: u16,
     keep_open: bool,
     keep_alive_header: bool,
@@ -80,7 +92,7 @@ pub async fn send_error_with<R: Runtime, S: Stream>(
     // Whatever was staged for the client (a body half re-framed) is abandoned.
     out.clear();
     encode_error_response_with(out, status, !keep_open, keep_alive_header, extra);
-    let sent = flush(client, out).await;
+    let sent = send(client, out, bound).await;
     if sent && !keep_open {
         linger_close::<R, S>(client, out).await;
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::debug;
 
 use super::buffers::IDLE_READ;
-use super::conn::{flush, read_some, send_error, send_error_with, MIN_READ};
+use super::conn::{read_some, send, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::http2::{serve_h2, H2Stream, PREFACE};
 use super::io::{Runtime, Stream};
@@ -17,7 +17,7 @@ use super::limits::{share, worker_rate, ClientConn};
 use super::request::{body_over_limit, Buffers, Logged, LoggedFields, RequestInfo, Served, Target};
 use super::transport::Transport;
 use super::tunnel::tunnel;
-use super::wait::{race, Either};
+use super::wait::{race, Either, SendBound};
 use super::{ConnGuard, Forward, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::balance::hash64;
@@ -470,7 +470,7 @@ async fn serve_h2_session<R: Runtime>(session: Box<Session<R>>, removed: Rc<supe
         let session = Session::new(Rc::clone(&worker), client, peer, Rc::clone(&listener), start);
         serve_requests(Box::new(session))
     };
-    let timeouts = (listener.header_timeout, listener.keepalive_timeout);
+    let timeouts = (listener.header_timeout, listener.keepalive_timeout, listener.send_timeout);
     serve_h2(&worker, &removed, client, preface, &listener.http2, timeouts, serve).await
 }
 
@@ -623,6 +623,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
     let (client, bufs) = (&mut s.client, &mut s.bufs);
     let started = Instant::now();
     let view = worker.view();
+    let bound = worker.send_bound(listener);
     // The request's head, routed; or the status that refuses it (and closes).
     let routed = match head {
         HeadRead::Closed => return Next::Close,
@@ -647,7 +648,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
     let (info, plan) = match routed {
         // Refused before reading any of the body; the lingering close bounds what we read.
         Ok((info, _)) if body_over_limit(listener.max_request_body, info.framing, 0) => {
-            let refused = refuse(worker, &view, client, bufs, peer, started, 413);
+            let refused = refuse(worker, &view, client, bufs, bound, peer, started, 413);
             refused.await;
             return Next::Close;
         }
@@ -664,8 +665,15 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
             let ka = info.needs_keep_alive_header();
             view.unrouted.record(429);
             let retry = format!("retry-after: {wait}\r\n");
-            let answer =
-                send_error_with::<R, _>(client, &mut bufs.out, 429, keep, ka, retry.as_bytes());
+            let answer = send_error_with::<R, _>(
+                client,
+                &mut bufs.out,
+                bound,
+                429,
+                keep,
+                ka,
+                retry.as_bytes(),
+            );
             let kept = answer.await;
             let served = Served::generated(429, kept, None);
             log_request(worker, &view, peer, &bufs.logged, started, served, None);
@@ -675,7 +683,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
         Err(e) => {
             debug!(client = %peer, reason = e.reason(), "refused request head");
             bufs.logged.unparsed();
-            let refused = refuse(worker, &view, client, bufs, peer, started, e.status());
+            let refused = refuse(worker, &view, client, bufs, bound, peer, started, e.status());
             refused.await;
             return Next::Close;
         }
@@ -722,7 +730,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
             let len = if info.is_head { bytes.len() - direct.body_len } else { bytes.len() };
             bufs.out.extend_from_slice(&bytes[..len]);
             view.route_stats[route].record(direct.status);
-            let sent = flush(client, &mut bufs.out).await;
+            let sent = send(client, &mut bufs.out, bound).await;
             let body_bytes = if info.is_head { 0 } else { direct.body_len as u64 };
             let served = Served {
                 keep_open: sent && keep,
@@ -738,8 +746,9 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
             let keep = discard_request(&mut bufs.rbuf, &info, &mut bufs.out, draining);
             let ka = info.needs_keep_alive_header();
             let field = format!("location: {location}\r\n");
+            let extra = field.as_bytes();
             let answer =
-                send_error_with::<R, _>(client, &mut bufs.out, status, keep, ka, field.as_bytes());
+                send_error_with::<R, _>(client, &mut bufs.out, bound, status, keep, ka, extra);
             let sent = answer.await;
             view.route_stats[route].record(status);
             (Served::generated(status, sent, None), Some(route))
@@ -756,7 +765,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
                 Some(i) => view.route_stats[i].record(status),
                 None => view.unrouted.record(status),
             }
-            let sent = send_error::<R, _>(client, &mut bufs.out, status, keep, ka).await;
+            let sent = send_error::<R, _>(client, &mut bufs.out, bound, status, keep, ka).await;
             (Served::generated(status, sent, None), route)
         }
     };
@@ -785,17 +794,19 @@ async fn close_notify<R: Runtime>(client: &mut Transport<R::Stream>) {
 }
 
 /// Refuses a request with `status` and closes the connection: counted as unrouted and logged.
+#[allow(clippy::too_many_arguments)] // the request's parts, borrowed apart from its session
 async fn refuse<R: Runtime>(
     worker: &Worker<R>,
     view: &WorkerView,
     client: &mut Transport<R::Stream>,
     bufs: &mut Buffers,
+    bound: SendBound<'_>,
     peer: SocketAddr,
     started: Instant,
     status: u16,
 ) {
     view.unrouted.record(status);
-    send_error::<R, _>(client, &mut bufs.out, status, false, false).await;
+    send_error::<R, _>(client, &mut bufs.out, bound, status, false, false).await;
     let served = Served::generated(status, false, None);
     log_request(worker, view, peer, &bufs.logged, started, served, None);
 }

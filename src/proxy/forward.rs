@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::conn::{flush, read_some, send_error, BODY_READ};
+use super::conn::{read_some, send, send_error, BODY_READ};
 use super::error::ProxyError;
 use super::io::{Runtime, Stream};
 use super::relay::{read_response_head, relay_response, ResponsePlan};
@@ -45,7 +45,8 @@ async fn answer<R: Runtime>(
 ) -> Served {
     let keep = body_done && f.info.keep_alive && !f.worker.is_draining();
     let ka = f.info.needs_keep_alive_header();
-    let kept = send_error::<R, _>(f.client, &mut f.bufs.out, status, keep, ka).await;
+    let bound = f.worker.send_bound(f.listener);
+    let kept = send_error::<R, _>(f.client, &mut f.bufs.out, bound, status, keep, ka).await;
     Served::generated(status, kept, upstream)
 }
 
@@ -369,7 +370,7 @@ async fn attempt<R: Runtime>(
         if !body.is_done() {
             if f.info.expect_continue {
                 f.bufs.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                if !flush(f.client, &mut f.bufs.out).await {
+                if !send(f.client, &mut f.bufs.out, f.worker.send_bound(f.listener)).await {
                     return Attempt::Answered(Served::generated(499, false, None));
                 }
             }
@@ -387,8 +388,10 @@ async fn attempt<R: Runtime>(
                 Err(BodyStop::Upstream(e)) => return Attempt::Failed(ProxyError::UpstreamWrite(e)),
             };
             if let Some(status) = status {
-                let kept =
-                    send_error::<R, _>(f.client, &mut f.bufs.out, status, false, false).await;
+                let bound = f.worker.send_bound(f.listener);
+                let answer =
+                    send_error::<R, _>(f.client, &mut f.bufs.out, bound, status, false, false);
+                let kept = answer.await;
                 return Attempt::Answered(Served::generated(status, kept, None));
             }
         }

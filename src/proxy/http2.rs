@@ -53,14 +53,17 @@ pub fn h2_builder(settings: &Http2) -> ::h2::server::Builder {
 /// (dropping the request's journey closes its upstream connection). `preface` are bytes
 /// already read from `client`. On drain, when a reload removes the listener (`removed`
 /// fires), after `keepalive_timeout` with no open stream, and after
-/// `max_requests_per_connection` streams: GOAWAY, then the open streams finish.
+/// `max_requests_per_connection` streams: GOAWAY, then the open streams finish. `timeouts`:
+/// the listener's header, keep-alive and send timeouts; a closing connection the client does
+/// not let finish (it reads nothing: GOAWAY and its PING stay unsent or unanswered) is dropped
+/// once it has had no stream for the send timeout.
 pub async fn serve_h2<R, C, F, Fut>(
     worker: &Worker<R>,
     removed: &Event,
     client: C,
     preface: Vec<u8>,
     settings: &Http2,
-    timeouts: (Duration, Duration),
+    timeouts: (Duration, Duration, Duration),
     serve: F,
 ) where
     R: Runtime,
@@ -68,7 +71,7 @@ pub async fn serve_h2<R, C, F, Fut>(
     F: Fn(H2Stream) -> Fut,
     Fut: Future<Output = ()> + 'static,
 {
-    let (header_timeout, keepalive_timeout) = timeouts;
+    let (header_timeout, keepalive_timeout, send_timeout) = timeouts;
     let local = client.local_addr().ok();
     let (watch, watched) = Watch::new(FrameGuard::new(settings.floods), PREFACE.len());
     let (tripped, block_since) = (watched.tripped, watched.block_since);
@@ -119,7 +122,16 @@ pub async fn serve_h2<R, C, F, Fut>(
             }
         });
         let next = if closing {
-            accept.await
+            let until = Instant::now() + send_timeout;
+            match race(accept, worker.deadlines.until(until)).await {
+                Either::Left(next) => next,
+                Either::Right(()) if conn.has_streams() => continue,
+                Either::Right(()) => {
+                    debug!("h2 connection not closed by the client within the send timeout");
+                    crate::stats::bump(&stats.send_timeouts);
+                    return;
+                }
+            }
         } else {
             // The worker's coarse idle deadline, and the drain. With streams open the deadline
             // only re-checks; a connection without any is idle (closed within one to two

@@ -303,6 +303,15 @@ impl<R: Runtime> Worker<R> {
         self.open.get()
     }
 
+    /// The bound on each write to a client of `listener` (its `send_timeout`).
+    pub fn send_bound(&self, listener: &Listener) -> wait::SendBound<'_> {
+        wait::SendBound {
+            timers: &self.deadlines,
+            limit: listener.send_timeout,
+            timeouts: &self.stats.send_timeouts,
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.drain.is_fired()
     }

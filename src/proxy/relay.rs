@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::conn::{flush, read_at_most, read_some, RELAY_READ};
+use super::conn::{read_at_most, read_some, send, RELAY_READ};
 use super::error::ProxyError;
 use super::io::{Runtime, Stream};
 use super::request::{Buffers, RequestInfo};
@@ -256,10 +256,11 @@ pub async fn relay_response<R: Runtime>(
 ) -> Relayed {
     let bufs = &mut *f.bufs;
     let client = &mut *f.client;
+    let bound = f.worker.send_bound(f.listener);
     if plan.upgraded {
         // The 101 goes out; what the upstream sent after it is the tunnel's first bytes.
         bufs.ubuf.drain(..plan.head_len);
-        let sent = flush(client, &mut bufs.out).await;
+        let sent = send(client, &mut bufs.out, bound).await;
         if sent {
             f.tunnel = Some(up);
         }
@@ -292,7 +293,7 @@ pub async fn relay_response<R: Runtime>(
         bufs.ubuf.clear();
         offset = 0;
         // Each read is passed on at once: a slow stream reaches the client as it is produced.
-        if !flush(client, &mut bufs.out).await {
+        if !send(client, &mut bufs.out, bound).await {
             return cut(&body);
         }
         if body.is_done() {
@@ -301,7 +302,6 @@ pub async fn relay_response<R: Runtime>(
         let cluster = &f.view.snap.config.clusters[f.target.cluster];
         if let Some(pipe) = splice_pipe(f.worker, cluster, &body, &up, client) {
             let left = body.unchanged_length_left().unwrap_or(0);
-            let deadlines = &f.worker.deadlines;
             let stats = &f.worker.stats;
             let take = |n: usize| {
                 body.pass_through(n);
@@ -310,7 +310,7 @@ pub async fn relay_response<R: Runtime>(
             // Boxed: only large bodies pay for this future, and the connection's task stays
             // the size it was.
             let end =
-                Box::pin(splice_body(&mut up, client, &pipe, left, deadlines, read_timeout, take))
+                Box::pin(splice_body(&mut up, client, &pipe, left, bound, read_timeout, take))
                     .await;
             f.worker.pipes.give(pipe, end == Spliced::Whole);
             match end {
@@ -341,7 +341,7 @@ pub async fn relay_response<R: Runtime>(
                 if let Some(n) = body.pass_through(bufs.ubuf.len()) {
                     leftover |= n < bufs.ubuf.len();
                     bufs.ubuf.truncate(n);
-                    if !flush(client, &mut bufs.ubuf).await {
+                    if !send(client, &mut bufs.ubuf, bound).await {
                         return cut(&body);
                     }
                     if body.is_done() {
@@ -352,7 +352,7 @@ pub async fn relay_response<R: Runtime>(
             }
             Some(Ok(_)) | Some(Err(_)) => {
                 if body.end_of_input(&mut bufs.out) {
-                    let sent = flush(client, &mut bufs.out).await;
+                    let sent = send(client, &mut bufs.out, bound).await;
                     let keep_client = sent && !plan.close_client;
                     return Relayed { keep_client, whole: sent, body_bytes: body.body_bytes() };
                 }
@@ -406,6 +406,7 @@ async fn relay_compressed<R: Runtime>(
 ) -> Relayed {
     let bufs = &mut *f.bufs;
     let client = &mut *f.client;
+    let bound = f.worker.send_bound(f.listener);
     let mut decode = BodyRelay::new(plan.framing, Framing::UntilClose);
     let mut frame = BodyRelay::new(Framing::UntilClose, plan.down_framing);
     let (mut raw, mut packed) = (Vec::new(), Vec::new());
@@ -433,7 +434,7 @@ async fn relay_compressed<R: Runtime>(
         if done {
             break;
         }
-        if !flush(client, &mut bufs.out).await {
+        if !send(client, &mut bufs.out, bound).await {
             return Relayed { keep_client: false, whole: false, body_bytes: sent };
         }
         let until = Instant::now() + read_timeout;
@@ -462,7 +463,7 @@ async fn relay_compressed<R: Runtime>(
     sent += packed.len() as u64;
     let _ = frame.relay(&packed, &mut bufs.out);
     frame.end_of_input(&mut bufs.out);
-    if !flush(client, &mut bufs.out).await {
+    if !send(client, &mut bufs.out, bound).await {
         return Relayed { keep_client: false, whole: false, body_bytes: sent };
     }
     if plan.reusable && !leftover {

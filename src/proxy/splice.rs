@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::io::Stream;
-use super::wait::{before, IdleTimers};
+use super::wait::{before, SendBound};
 
 /// Bodies at least this long (bytes still to come after the first read) are spliced. Below
 /// it the two extra system calls per chunk cost more than the copies they save.
@@ -83,21 +83,21 @@ pub enum Spliced {
     UpstreamClosed,
     /// No byte came from the upstream for the read timeout.
     ReadTimeout,
-    /// The client's socket failed.
+    /// The client's socket failed, or took no byte for the send timeout.
     ClientGone,
 }
 
 /// Moves `len` body bytes from `up` to `client` through `pipe`, calling `moved` with each
 /// chunk's size as it is taken from the upstream. Each wait for the upstream is bounded by
-/// `read_timeout` (as a copied body's reads are); writes to the client wait as long as a
-/// copied body's would. On any end but [`Spliced::Whole`] the pipe may hold bytes.
+/// `read_timeout`, each wait for the client by `bound` (as a copied body's reads and writes
+/// are; both on `bound`'s timers). On any end but [`Spliced::Whole`] the pipe may hold bytes.
 #[allow(clippy::too_many_arguments)]
 pub async fn splice_body<U: Stream, C: Stream>(
     up: &mut U,
     client: &mut C,
     pipe: &Pipe,
     mut len: u64,
-    deadlines: &IdleTimers,
+    bound: SendBound<'_>,
     read_timeout: Duration,
     mut moved: impl FnMut(usize),
 ) -> Spliced {
@@ -109,7 +109,7 @@ pub async fn splice_body<U: Stream, C: Stream>(
         let want = (len as usize).min(PIPE_BYTES);
         let until = Instant::now() + read_timeout;
         let read = up.nonblocking(false, || splice(from, pipe_in, want, false));
-        let mut held = match before(deadlines, until, read).await {
+        let mut held = match before(bound.timers, until, read).await {
             None => return Spliced::ReadTimeout,
             Some(Ok(0)) | Some(Err(_)) => return Spliced::UpstreamClosed,
             Some(Ok(n)) => n,
@@ -120,8 +120,10 @@ pub async fn splice_body<U: Stream, C: Stream>(
         // for the next chunk, as MSG_MORE does.
         let more = len > 0;
         while held > 0 {
-            match client.nonblocking(true, || splice(pipe_out, to, held, more)).await {
-                Ok(n) if n > 0 => held -= n,
+            let write = client.nonblocking(true, || splice(pipe_out, to, held, more));
+            match bound.bound(write).await {
+                Some(Ok(n)) if n > 0 => held -= n,
+                // Failed, or not writable for the send timeout (counted by `bound`).
                 _ => return Spliced::ClientGone,
             }
         }

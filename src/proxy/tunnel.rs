@@ -79,29 +79,35 @@ pub async fn tunnel<R: Runtime>(
     let _open = OpenTunnel::count(stats);
     let to_client = Cell::new(bufs.ubuf.len() as u64);
     let to_upstream = Cell::new(bufs.rbuf.len() as u64);
-    let sent_early =
-        flush(&mut client, &mut bufs.ubuf).await && flush(&mut up, &mut bufs.rbuf).await;
-    if sent_early {
-        let active = Cell::new(Instant::now());
+    let active = Cell::new(Instant::now());
+    let run = async {
+        // The bytes that came with the two heads go first, under the idle watch too: a client
+        // that reads nothing must not hold the tunnel and its upstream.
+        let early =
+            flush(&mut client, &mut bufs.ubuf).await && flush(&mut up, &mut bufs.rbuf).await;
+        if !early {
+            return;
+        }
         let (client_r, client_w) = client.into_split();
         let (up_r, up_w) = up.into_split();
         let down = copy(up_r, client_w, std::mem::take(&mut bufs.ubuf), &active, &to_client);
         let upward = copy(client_r, up_w, std::mem::take(&mut bufs.out), &active, &to_upstream);
-        // Idle: no byte either way for `idle`, checked on the worker's coarse idle deadlines.
-        let watch = async {
-            loop {
-                let deadline = active.get() + idle;
-                if Instant::now() >= deadline {
-                    return;
-                }
-                worker.idle.until(deadline).await;
+        join_both(down, upward).await
+    };
+    // Idle: no byte either way for `idle`, checked on the worker's coarse idle deadlines.
+    let watch = async {
+        loop {
+            let deadline = active.get() + idle;
+            if Instant::now() >= deadline {
+                return;
             }
-        };
-        // Whichever ends first: both directions done, or idle, or the drain; then both
-        // connections close as the halves drop.
-        let stop = race(worker.drain.wait(), watch);
-        let _: Either<(), Either<(), ()>> = race(join_both(down, upward), stop).await;
-    }
+            worker.idle.until(deadline).await;
+        }
+    };
+    // Whichever ends first: both directions done, or idle, or the drain; then both
+    // connections close as the halves drop.
+    let stop = race(worker.drain.wait(), watch);
+    let _: Either<(), Either<(), ()>> = race(run, stop).await;
     let moved = to_client.get() + to_upstream.get();
     stats.tunnel_bytes.set(stats.tunnel_bytes.get() + moved);
     TunnelEnd { to_client: to_client.get() }

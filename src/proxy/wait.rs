@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Waiting tasks by slot, each slot holding a key (what the task waits for) and its waker. A
 /// waiting future keeps its slot index, so re-polling costs O(1), and frees it when dropped.
@@ -232,6 +232,27 @@ impl Drop for IdleWait<'_> {
 /// insert and removal per request, for timeouts (seconds) that almost never fire.
 pub fn before<F: Future>(timers: &IdleTimers, deadline: Instant, fut: F) -> Before<'_, F> {
     Before(race(fut, timers.until(deadline)))
+}
+
+/// How long a write to a client may wait for the client to take bytes: the listener's
+/// `send_timeout`, on the worker's request deadlines (which the drain never cuts short), and
+/// the counter a timeout bumps. Passed by value to each write to a client.
+#[derive(Clone, Copy)]
+pub struct SendBound<'a> {
+    pub timers: &'a IdleTimers,
+    pub limit: Duration,
+    pub timeouts: &'a Cell<u64>,
+}
+
+impl SendBound<'_> {
+    /// `fut` (a write to the client), or `None` once it has waited `limit`, counted.
+    pub async fn bound<F: Future>(self, fut: F) -> Option<F::Output> {
+        let out = before(self.timers, Instant::now() + self.limit, fut).await;
+        if out.is_none() {
+            self.timeouts.set(self.timeouts.get() + 1);
+        }
+        out
+    }
 }
 
 /// [`before`]'s future: a [`Race`] with the deadline's side read as `None`. (A struct for the

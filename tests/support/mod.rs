@@ -692,6 +692,32 @@ impl Upstream {
         })
     }
 
+    /// Answers a request for a path ending in `/chunked` or `/sized` `200` with a body that
+    /// never ends (chunked, or with a `Content-Length` of 1 TiB), writing until the proxy closes
+    /// the connection, so that request is reported only once no byte more could be written;
+    /// any other request gets `200 ok`.
+    pub fn endless() -> Upstream {
+        Upstream::start(|r, w| {
+            let path = r.request_line().split(' ').nth(1).unwrap_or("").to_string();
+            let (head, piece) = if path.ends_with("/chunked") {
+                let mut piece = format!("{:x}\r\n", 64 * 1024).into_bytes();
+                piece.extend_from_slice(&[b'c'; 64 * 1024]);
+                piece.extend_from_slice(b"\r\n");
+                ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", piece)
+            } else if path.ends_with("/sized") {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n";
+                (head, vec![b's'; 64 * 1024])
+            } else {
+                w.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                return After::KeepOpen;
+            };
+            if w.stream.write_all(head.as_bytes()).is_ok() {
+                while w.stream.write_all(&piece).is_ok() {}
+            }
+            After::Close
+        })
+    }
+
     /// Connections accepted so far.
     pub fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
