@@ -158,7 +158,7 @@ impl Balancer {
     /// their state.
     pub fn new(cluster: &Cluster, worker: usize, seed: u64, previous: Option<&Balancer>) -> Self {
         let n = cluster.endpoints.len();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let endpoints = cluster
             .endpoints
             .iter()
@@ -216,7 +216,7 @@ impl Balancer {
 
     /// Whether outlier detection has endpoint `i` ejected now (for metrics).
     pub fn is_ejected(&self, i: usize) -> bool {
-        self.ejected(i, Instant::now())
+        self.ejected(i, crate::clock::now())
     }
 
     /// The endpoints' addresses, by index.
@@ -240,7 +240,7 @@ impl Balancer {
             // A cluster whose DNS names have not resolved yet.
             return Err(Unavailable::NoHealthyEndpoint);
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         let is_healthy = |i: usize| healthy.is_none_or(|h| h.get(i).copied().unwrap_or(true));
         if self.slow_start.is_some() && healthy.is_some() {
             // A recovery starts a slow start.
@@ -332,7 +332,7 @@ impl Balancer {
 
     /// Endpoint `i`'s weight now, slow start included (for the status page).
     pub fn current_weight(&self, i: usize) -> f64 {
-        self.weight(i, Instant::now()) as f64 / WEIGHT_SCALE as f64
+        self.weight(i, crate::clock::now()) as f64 / WEIGHT_SCALE as f64
     }
 
     /// Requests waiting in this cluster's queue on this worker.
@@ -419,7 +419,7 @@ impl Balancer {
         {
             return None;
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         let n = self.endpoints.len();
         let ejected = (0..n).filter(|&j| self.ejected(j, now)).count();
         // Never more than max_ejection_percent of the cluster (rounded down, at least one

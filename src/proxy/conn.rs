@@ -2,7 +2,7 @@
 //! Apex's own error answers and the lingering close. Written against the `io` seam, so every
 //! runtime shares it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::io::{Runtime, Stream};
 use super::wait::SendBound;
@@ -111,11 +111,11 @@ pub async fn linger_close<R: Runtime, S: Stream>(client: &mut S, scratch: &mut V
     if client.shutdown_write().await.is_err() {
         return;
     }
-    let deadline = Instant::now() + LINGER_TIME;
+    let deadline = crate::clock::now() + LINGER_TIME;
     let mut discarded = 0;
     while discarded < LINGER_BYTES {
         scratch.clear();
-        let wait = deadline.saturating_duration_since(Instant::now());
+        let wait = deadline.saturating_duration_since(crate::clock::now());
         // Boxed, as every runtime timer off the steady path: monoio's timer entry is aligned to
         // 128 bytes, and inline it made every request's future 128-aligned, which the
         // allocator serves through posix_memalign (callgrind: 4% of a 64 B request).

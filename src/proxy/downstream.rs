@@ -67,7 +67,7 @@ async fn read_request_head<R: Runtime>(
     let limits = &listener.limits;
     let mut scanner = HeadScanner::default();
     // The first request must start within the header timeout; later ones may idle longer.
-    let mut deadline = first.then(|| Instant::now() + listener.header_timeout);
+    let mut deadline = first.then(|| crate::clock::now() + listener.header_timeout);
     loop {
         if !rbuf.is_empty() {
             match scanner.scan(rbuf, limits.max_request_line, limits.max_head) {
@@ -75,10 +75,10 @@ async fn read_request_head<R: Runtime>(
                 Ok(None) => {}
                 Err(e) => return HeadRead::Invalid(e),
             }
-            deadline.get_or_insert_with(|| Instant::now() + listener.header_timeout);
+            deadline.get_or_insert_with(|| crate::clock::now() + listener.header_timeout);
         }
         let wait = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()),
+            Some(d) => d.saturating_duration_since(crate::clock::now()),
             None => listener.keepalive_timeout,
         };
         let started = !rbuf.is_empty();
@@ -93,7 +93,7 @@ async fn read_request_head<R: Runtime>(
         } else {
             // Nothing yet: the worker's coarse idle deadline, which the drain brings forward
             // (a request that arrives meanwhile is still served, with `Connection: close`).
-            let idle = worker.idle.until(Instant::now() + wait);
+            let idle = worker.idle.until(crate::clock::now() + wait);
             let read = async {
                 // Between requests (not before the first, which is usually sent with the
                 // connection), wait with no buffer where the runtime can: a small one is
@@ -306,7 +306,7 @@ async fn establish_client<R: Runtime>(
 ) -> Option<SocketAddr> {
     let trusted = any_contains(&pp.trusted, peer.ip());
     let accept = proxy_protocol::Accept { v1: pp.v1, v2: pp.v2 };
-    let deadline = Instant::now() + listener.header_timeout;
+    let deadline = crate::clock::now() + listener.header_timeout;
     loop {
         if !rbuf.is_empty() {
             match proxy_protocol::parse(rbuf, accept) {
@@ -333,7 +333,7 @@ async fn establish_client<R: Runtime>(
                 }
             }
         }
-        let wait = deadline.saturating_duration_since(Instant::now());
+        let wait = deadline.saturating_duration_since(crate::clock::now());
         match R::timeout(wait, read_some(client, rbuf, IDLE_READ)).await {
             Some(Ok(n)) if n > 0 => {}
             _ => return None,
@@ -482,9 +482,9 @@ async fn sniff_preface<R: Runtime>(
     rbuf: &mut Vec<u8>,
     timeout: Duration,
 ) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::clock::now() + timeout;
     while rbuf.len() < PREFACE.len() && PREFACE.starts_with(rbuf) {
-        let wait = deadline.saturating_duration_since(Instant::now());
+        let wait = deadline.saturating_duration_since(crate::clock::now());
         match R::timeout(wait, read_some(client, rbuf, IDLE_READ)).await {
             Some(Ok(n)) if n > 0 => {}
             _ => return false,
@@ -621,7 +621,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
     let (worker, listener, peer) = (&*s.worker, &*s.listener, s.peer);
     let (listener_key, rate) = (s.listener_key, s.rate);
     let (client, bufs) = (&mut s.client, &mut s.bufs);
-    let started = Instant::now();
+    let started = crate::clock::now();
     let view = worker.view();
     let bound = worker.send_bound(listener);
     // The request's head, routed; or the status that refuses it (and closes).
@@ -836,7 +836,7 @@ fn log_request<R: Runtime>(
         version: l.version,
         status: served.status,
         bytes: served.body_bytes,
-        duration: started.elapsed(),
+        duration: crate::clock::since(started),
         upstream: served.upstream,
         route,
         referer: &l.referer,

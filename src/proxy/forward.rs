@@ -2,7 +2,7 @@
 //! attempt per endpoint, retried as the route allows), then hand the response to `relay`.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -29,9 +29,9 @@ const MAX_ATTEMPTS: usize = 10;
 /// `bufs.uhead`) and relays the response, retrying on another endpoint where the route's retry
 /// policy allows.
 pub async fn forward_request<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
-    let started = Instant::now();
+    let started = crate::clock::now();
     let served = forward(f).await;
-    f.view.cluster_stats[f.target.cluster].record(served.status, started.elapsed());
+    f.view.cluster_stats[f.target.cluster].record(served.status, crate::clock::since(started));
     served
 }
 
@@ -100,8 +100,8 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 Err(Unavailable::Full) => {
                     // Every endpoint is at max_connections on this worker: wait in the
                     // cluster's queue (one deadline for the whole wait), then 503.
-                    let until =
-                        *queued_until.get_or_insert_with(|| Instant::now() + cluster.queue_timeout);
+                    let until = *queued_until
+                        .get_or_insert_with(|| crate::clock::now() + cluster.queue_timeout);
                     if !balancer.wait_for_room(&f.worker.idle, until).await {
                         stats.queue_rejected();
                         if cluster_warning_due(f, "endpoints full") {
@@ -137,7 +137,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             allowed
         };
         let in_flight = balancer.started(i);
-        let attempt_started = Instant::now();
+        let attempt_started = crate::clock::now();
         let stale_replay = replayable && policy.retries_on(RetryOn::StaleConnection);
         match attempt(f, addr, &timeouts, &mut body, stale_replay).await {
             Attempt::Response(up, plan) => {
@@ -145,7 +145,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 let failed = status >= 500;
                 if failed && may_retry(RetryOn::Status(status)) {
                     drop(in_flight);
-                    balancer.record(i, true, attempt_started.elapsed());
+                    balancer.record(i, true, crate::clock::since(attempt_started));
                     note_ejection(balancer.report(i, Outcome::Failed), &cluster.name, addr);
                     debug!(upstream = %addr, status, "retrying on another endpoint");
                     stats.retry();
@@ -154,7 +154,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
                 }
                 let relayed = relay_response(f, up, addr, timeouts.read, plan).await;
                 drop(in_flight);
-                balancer.record(i, failed, attempt_started.elapsed());
+                balancer.record(i, failed, crate::clock::since(attempt_started));
                 let outcome = if failed { Outcome::Failed } else { Outcome::Ok };
                 note_ejection(balancer.report(i, outcome), &cluster.name, addr);
                 return Served {
@@ -167,7 +167,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             }
             Attempt::Failed(e) => {
                 drop(in_flight);
-                balancer.record(i, true, attempt_started.elapsed());
+                balancer.record(i, true, crate::clock::since(attempt_started));
                 let (outcome, on) = match e {
                     // A failed TLS handshake also sent nothing of the request.
                     ProxyError::ConnectFailed(_)
@@ -189,7 +189,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
             }
             Attempt::Answered(served) => {
                 // The client side ended it: counted, not as the endpoint's error.
-                balancer.record(i, false, attempt_started.elapsed());
+                balancer.record(i, false, crate::clock::since(attempt_started));
                 return Served { upstream: Some(addr), ..served };
             }
         }
@@ -200,7 +200,7 @@ async fn forward<R: Runtime>(f: &mut Forward<'_, R>) -> Served {
 /// now: rate-limited like upstream failures, since in an outage every request comes here.
 fn cluster_warning_due<R: Runtime>(f: &Forward<'_, R>, reason: &'static str) -> bool {
     let nowhere = SocketAddr::from(([0, 0, 0, 0], 0));
-    f.worker.failures.admit(nowhere, reason, Instant::now())
+    f.worker.failures.admit(nowhere, reason, crate::clock::now())
 }
 
 fn note_ejection(ejected: Option<Duration>, cluster: &str, addr: SocketAddr) {
@@ -240,7 +240,8 @@ async fn stream_request_body<R: Runtime>(
     while !body.is_done() {
         debug_assert!(bufs.rbuf.is_empty());
         let read = read_some(f.client, &mut bufs.rbuf, BODY_READ);
-        match before(&f.worker.deadlines, Instant::now() + f.listener.body_timeout, read).await {
+        match before(&f.worker.deadlines, crate::clock::now() + f.listener.body_timeout, read).await
+        {
             None => return Err(BodyStop::Timeout),
             Some(Ok(0)) | Some(Err(_)) => return Err(BodyStop::ClientGone),
             Some(Ok(_)) => {}
@@ -263,7 +264,7 @@ async fn connect_upstream<R: Runtime>(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<R::Stream, ProxyError> {
-    match before(timers, Instant::now() + timeout, R::connect(addr)).await {
+    match before(timers, crate::clock::now() + timeout, R::connect(addr)).await {
         None => Err(ProxyError::ConnectTimeout),
         Some(Err(e)) => Err(ProxyError::ConnectFailed(e)),
         Some(Ok(s)) => Ok(s),

@@ -17,12 +17,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::io::{ReadHalf, Runtime, Stream, WriteHalf};
+use super::isolate::isolate;
 use super::poll_io::{PollIo, Watch};
 use super::wait::{race, Either, Event};
 use super::Worker;
@@ -122,7 +123,7 @@ pub async fn serve_h2<R, C, F, Fut>(
             }
         });
         let next = if closing {
-            let until = Instant::now() + send_timeout;
+            let until = crate::clock::now() + send_timeout;
             match race(accept, worker.deadlines.until(until)).await {
                 Either::Left(next) => next,
                 Either::Right(()) if conn.has_streams() => continue,
@@ -138,7 +139,7 @@ pub async fn serve_h2<R, C, F, Fut>(
             // keep-alive timeouts of its last stream). A header block the client started
             // must end within the header timeout (re-read at every poll: the block may start
             // while this waits).
-            let idle_until = Instant::now() + keepalive_timeout;
+            let idle_until = crate::clock::now() + keepalive_timeout;
             let block = &block_since;
             let idle = worker.idle.until_moving(move || match block.get() {
                 Some(t) => idle_until.min(t + header_timeout),
@@ -148,7 +149,8 @@ pub async fn serve_h2<R, C, F, Fut>(
             match race(accept, race(drain, idle)).await {
                 Either::Left(next) => next,
                 Either::Right(_) => {
-                    let stalled = block_since.get().is_some_and(|t| t.elapsed() >= header_timeout);
+                    let stalled =
+                        block_since.get().is_some_and(|t| crate::clock::since(t) >= header_timeout);
                     if stalled {
                         // No frame may come between a header block's frames: a client stalled
                         // inside one stalls the connection. Cut, as an HTTP/1.1 head is (408).
@@ -191,14 +193,19 @@ pub async fn serve_h2<R, C, F, Fut>(
                 let stream = H2Stream::new(request, respond, local);
                 let reset = stream.reset_watch();
                 let served = serve(stream);
-                let open = Rc::clone(&worker.stats.h2_streams_open);
-                open.set(open.get() + 1);
-                R::spawn(async move {
+                let open = OpenStream::count(&worker.stats.h2_streams_open);
+                let id = worker.id;
+                // Isolated as a connection's task is: a panic in one stream's journey resets
+                // that stream (its `H2Stream` drops) instead of unwinding the worker.
+                let task = async move {
+                    let _open = open;
                     if let Either::Right(reason) = race(served, reset).await {
                         debug!(?reason, "h2 stream reset by the client; request abandoned");
                     }
-                    open.set(open.get() - 1);
-                });
+                };
+                R::spawn(isolate(task, move |msg| {
+                    error!(worker = id, panic = %msg, "h2 stream task panicked; reset it");
+                }));
             }
             Some(Err(e)) => {
                 debug!(error = %e, "h2 connection ended");
@@ -206,6 +213,23 @@ pub async fn serve_h2<R, C, F, Fut>(
             }
             None => return,
         }
+    }
+}
+
+/// Counts one stream in `apex_h2_streams_open` until dropped, however its task ends (a panic
+/// included).
+struct OpenStream(Rc<std::cell::Cell<u64>>);
+
+impl OpenStream {
+    fn count(open: &Rc<std::cell::Cell<u64>>) -> OpenStream {
+        open.set(open.get() + 1);
+        OpenStream(Rc::clone(open))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 

@@ -25,6 +25,8 @@ impl<F: Future<Output = ()>, P: FnOnce(String) + Unpin> Future for Isolated<F, P
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
+        // One clock reading serves the whole poll (see `clock`).
+        let _clock = crate::clock::Scope::enter();
         // Unwind safety: after a panic the inner future is never polled again, and the
         // worker's shared state is only `RefCell`s whose guards are released on unwind.
         match catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx))) {

@@ -29,7 +29,6 @@ use std::fmt::Display;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 
 use arc_swap::cache::Cache;
 
@@ -231,7 +230,7 @@ impl<R: Runtime> Worker<R> {
     /// Logs an upstream failure, at most once a second per upstream and reason on this
     /// worker; the rest are counted and reported by the housekeeping tick.
     pub fn failure(&self, upstream: SocketAddr, reason: &'static str, detail: &dyn Display) {
-        if self.failures.admit(upstream, reason, Instant::now()) {
+        if self.failures.admit(upstream, reason, crate::clock::now()) {
             tracing::warn!(upstream = %upstream, reason, detail = %detail, "upstream request failed");
         }
     }
@@ -323,7 +322,7 @@ impl<R: Runtime> Worker<R> {
         // closing it at once would lose that request (or reset the connection, when the
         // request is already in our receive buffer). So idle connections get a short grace in
         // which a request is still answered (with `Connection: close`); then they close.
-        self.idle.cut_off(Instant::now() + DRAIN_IDLE_GRACE);
+        self.idle.cut_off(crate::clock::now() + DRAIN_IDLE_GRACE);
         self.drain.fire();
         // Accept loops parked at the connection cap wait on `closed`.
         self.closed.wake_all();

@@ -205,7 +205,7 @@ impl Watch {
         let skip = self.preface.min(bytes.len());
         self.preface -= skip;
         bytes = &bytes[skip..];
-        let seen = self.frames.feed(bytes, Instant::now());
+        let seen = self.frames.feed(bytes, crate::clock::now());
         self.block_since.set(self.frames.header_block_since());
         seen
     }

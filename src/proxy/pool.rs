@@ -95,7 +95,7 @@ impl<S: Stream> Pool<S> {
     ) -> Option<(S, u32)> {
         let mut idle = self.idle.borrow_mut();
         let stack = idle.get_mut(&addr)?;
-        let now = Instant::now();
+        let now = crate::clock::now();
         while let Some(c) = stack.pop() {
             if now.duration_since(c.since) >= idle_timeout {
                 // LIFO: everything below is older still.
@@ -121,7 +121,7 @@ impl<S: Stream> Pool<S> {
         if stack.len() >= max_idle.saturating_mul(BURST_FACTOR) {
             stack.remove(0);
         }
-        stack.push(Idle { stream, since: Instant::now(), uses });
+        stack.push(Idle { stream, since: crate::clock::now(), uses });
     }
 
     /// Housekeeping: closes idle connections older than the idle timeout `keep_for(addr)`

@@ -2,7 +2,7 @@
 //! the body to the client, re-framed where the two sides differ, one bounded read at a time.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::conn::{read_at_most, read_some, send, RELAY_READ};
 use super::error::ProxyError;
@@ -202,7 +202,7 @@ pub async fn read_response_head<R: Runtime>(
     worker: &Worker<R>,
     timeout: Duration,
 ) -> Result<ResponsePlan, HeadFailure> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::clock::now() + timeout;
     bufs.ubuf.clear();
     let mut got_bytes = false;
     let fail = |error, got_bytes| Err(HeadFailure { error, got_bytes });
@@ -331,7 +331,7 @@ pub async fn relay_response<R: Runtime>(
             }
             return cut(&body);
         }
-        let until = Instant::now() + read_timeout;
+        let until = crate::clock::now() + read_timeout;
         match before(&f.worker.deadlines, until, read_some(&mut up, &mut bufs.ubuf, RELAY_READ))
             .await
         {
@@ -437,7 +437,7 @@ async fn relay_compressed<R: Runtime>(
         if !send(client, &mut bufs.out, bound).await {
             return Relayed { keep_client: false, whole: false, body_bytes: sent };
         }
-        let until = Instant::now() + read_timeout;
+        let until = crate::clock::now() + read_timeout;
         match before(&f.worker.deadlines, until, read_some(&mut up, &mut bufs.ubuf, RELAY_READ))
             .await
         {

@@ -19,7 +19,7 @@ pub struct RetryBudget {
 impl Default for RetryBudget {
     fn default() -> Self {
         RetryBudget {
-            started: Cell::new(Instant::now()),
+            started: Cell::new(crate::clock::now()),
             requests: Cell::new((0, 0)),
             retries: Cell::new((0, 0)),
         }
@@ -43,14 +43,14 @@ impl RetryBudget {
 
     /// A request (not a retry) started on the route.
     pub fn request(&self) {
-        self.roll(Instant::now());
+        self.roll(crate::clock::now());
         let (c, p) = self.requests.get();
         self.requests.set((c + 1, p));
     }
 
     /// Whether one more retry fits the budget; if so it is counted.
     pub fn allow(&self, policy: &RetryPolicy) -> bool {
-        self.roll(Instant::now());
+        self.roll(crate::clock::now());
         let (rc, rp) = self.requests.get();
         let (tc, tp) = self.retries.get();
         let limit = f64::from(policy.min_retries).max(policy.budget * f64::from(rc + rp));

@@ -9,7 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::io::Stream;
 use super::wait::{before, SendBound};
@@ -107,7 +107,7 @@ pub async fn splice_body<U: Stream, C: Stream>(
     let (pipe_in, pipe_out) = (pipe.write.as_raw_fd(), pipe.read.as_raw_fd());
     while len > 0 {
         let want = (len as usize).min(PIPE_BYTES);
-        let until = Instant::now() + read_timeout;
+        let until = crate::clock::now() + read_timeout;
         let read = up.nonblocking(false, || splice(from, pipe_in, want, false));
         let mut held = match before(bound.timers, until, read).await {
             None => return Spliced::ReadTimeout,

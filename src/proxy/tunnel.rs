@@ -54,7 +54,7 @@ async fn copy<F: ReadHalf, T: WriteHalf>(
         match res {
             Ok(0) => return to.shutdown_write().await.map_err(|_| ()),
             Ok(n) => {
-                active.set(Instant::now());
+                active.set(crate::clock::now());
                 moved.set(moved.get() + n as u64);
             }
             Err(_) => return Err(()),
@@ -79,7 +79,7 @@ pub async fn tunnel<R: Runtime>(
     let _open = OpenTunnel::count(stats);
     let to_client = Cell::new(bufs.ubuf.len() as u64);
     let to_upstream = Cell::new(bufs.rbuf.len() as u64);
-    let active = Cell::new(Instant::now());
+    let active = Cell::new(crate::clock::now());
     let run = async {
         // The bytes that came with the two heads go first, under the idle watch too: a client
         // that reads nothing must not hold the tunnel and its upstream.
@@ -98,7 +98,7 @@ pub async fn tunnel<R: Runtime>(
     let watch = async {
         loop {
             let deadline = active.get() + idle;
-            if Instant::now() >= deadline {
+            if crate::clock::now() >= deadline {
                 return;
             }
             worker.idle.until(deadline).await;

@@ -186,7 +186,7 @@ impl<F: Fn() -> Instant + Unpin> Future for MovingWait<'_, F> {
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = (self.deadline)();
-        if Instant::now() >= self.timers.due(deadline) {
+        if crate::clock::now() >= self.timers.due(deadline) {
             return Poll::Ready(());
         }
         let this = &mut *self;
@@ -211,7 +211,7 @@ impl Future for IdleWait<'_> {
     type Output = ();
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if Instant::now() >= self.timers.due(self.deadline) {
+        if crate::clock::now() >= self.timers.due(self.deadline) {
             return Poll::Ready(());
         }
         let this = &mut *self;
@@ -247,7 +247,7 @@ pub struct SendBound<'a> {
 impl SendBound<'_> {
     /// `fut` (a write to the client), or `None` once it has waited `limit`, counted.
     pub async fn bound<F: Future>(self, fut: F) -> Option<F::Output> {
-        let out = before(self.timers, Instant::now() + self.limit, fut).await;
+        let out = before(self.timers, crate::clock::now() + self.limit, fut).await;
         if out.is_none() {
             self.timeouts.set(self.timeouts.get() + 1);
         }
