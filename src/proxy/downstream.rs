@@ -578,9 +578,6 @@ pub struct Session<R: Runtime> {
     peer: SocketAddr,
     listener: Rc<Listener>,
     bufs: Buffers,
-    listener_key: u64,
-    /// This worker's share of the listener's per-client request rate.
-    rate: Option<crate::config::RateLimit>,
     /// No request has been read yet (the first must start within the header timeout).
     first: bool,
     /// The connection's place in the listener's per-client connection limit, when it has one
@@ -604,19 +601,7 @@ impl<R: Runtime> Session<R> {
         if tls.is_some() {
             bufs.logged.fields().tls = tls;
         }
-        let listener_key = hash64(&listener.name);
-        let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
-        Session {
-            worker,
-            client,
-            peer,
-            listener,
-            bufs,
-            listener_key,
-            rate,
-            first: true,
-            _slot: None,
-        }
+        Session { worker, client, peer, listener, bufs, first: true, _slot: None }
     }
 }
 
@@ -641,7 +626,9 @@ struct Upgraded<S: Stream> {
 /// answers it directly, or refuses it, and logs it.
 async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R::Stream> {
     let (worker, listener, peer) = (&*s.worker, &*s.listener, s.peer);
-    let (listener_key, rate) = (s.listener_key, s.rate);
+    // This worker's share of the listener's per-client request rate (worked out per request,
+    // not kept: an idle connection's session would carry 32 bytes for it).
+    let rate = listener.rate_limit.map(|r| worker_rate(r, worker.workers));
     let (client, bufs) = (&mut s.client, &mut s.bufs);
     let started = crate::clock::now();
     let view = worker.view();
@@ -677,7 +664,7 @@ async fn serve_request<R: Runtime>(s: &mut Session<R>, head: HeadRead) -> Next<R
         // Over the client's request rate: 429, and the connection stays usable.
         Ok((info, _))
             if rate.is_some_and(|r| {
-                let key = (listener_key, peer.ip());
+                let key = (hash64(&listener.name), peer.ip());
                 worker.limits.request(key, r, started).is_err()
             }) =>
         {
