@@ -10,26 +10,32 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// Polls `inner`; a panic while polling completes the future (dropping the connection) and is
-/// reported through `on_panic`.
+/// reported through `on_panic`. `inner` lives inline (not boxed): the runtime's task allocation
+/// is the connection's one allocation for its future.
 pub struct Isolated<F, P> {
-    inner: Pin<Box<F>>,
+    inner: F,
     on_panic: Option<P>,
 }
 
 pub fn isolate<F: Future<Output = ()>, P: FnOnce(String)>(inner: F, on_panic: P) -> Isolated<F, P> {
-    Isolated { inner: Box::pin(inner), on_panic: Some(on_panic) }
+    Isolated { inner, on_panic: Some(on_panic) }
 }
 
 impl<F: Future<Output = ()>, P: FnOnce(String) + Unpin> Future for Isolated<F, P> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `inner` is structurally pinned: it is never moved out of `self` nor handed
+        // out unpinned, and `Isolated` has no `Drop` impl. `on_panic` is not pinned (it is only
+        // taken by value, which moves nothing pinned).
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: see above; `this.inner` stays where it is for as long as `self` is pinned.
+        let inner = unsafe { Pin::new_unchecked(&mut this.inner) };
         // One clock reading serves the whole poll (see `clock`).
         let _clock = crate::clock::Scope::enter();
         // Unwind safety: after a panic the inner future is never polled again, and the
         // worker's shared state is only `RefCell`s whose guards are released on unwind.
-        match catch_unwind(AssertUnwindSafe(|| this.inner.as_mut().poll(cx))) {
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(p) => p,
             Err(payload) => {
                 let msg = payload
