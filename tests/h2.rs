@@ -631,7 +631,90 @@ fn a_closing_connection_the_client_does_not_finish_is_dropped(rt: &str) {
     assert_eq!(metric(&metrics(admin_at), "apex_client_send_timeouts_total"), Some(1));
 }
 
+/// `te: trailers` is the one `te` an h2 request may carry (RFC 9113 §8.2.2) and is not sent on
+/// (it is hop-by-hop in HTTP/1.1); any other `te` makes the request malformed: the stream is
+/// reset (PROTOCOL_ERROR) and nothing reaches the upstream. Trailers are dropped both ways
+/// (RFC 9110 §6.5.1 lets a proxy discard them): a request's body still arrives whole, chunked,
+/// and a response's body ends with its last DATA frame.
+fn trailers_and_te_are_handled_as_rfc_9113_says(rt: &str) {
+    let up = Upstream::start(|r, w| {
+        if r.request_line().starts_with("GET /trailers ") {
+            w.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n");
+            return After::KeepOpen;
+        }
+        let mut body = r.head.clone().into_bytes();
+        body.extend_from_slice(b"\r\n--\r\n");
+        body.extend_from_slice(&r.body);
+        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        w.send(&body);
+        After::KeepOpen
+    });
+    let on = proxy_config(&[up.addr], "")
+        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    let apex = Apex::start(&on, rt);
+    block_on(async {
+        let send = connect_h2c(apex.addr).await.expect("h2c");
+        // A POST with `te: trailers`, a body of no stated length, then trailers.
+        let req = http::Request::post("http://a/echo").header("te", "trailers").body(()).unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, mut body) = ready.send_request(req, false).unwrap();
+        body.send_data(Bytes::from_static(b"hello"), false).unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-check", "1".parse().unwrap());
+        body.send_trailers(trailers).unwrap();
+        let (parts, mut recv) = resp.await.unwrap().into_parts();
+        assert_eq!(parts.status, 200);
+        let mut got = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            recv.flow_control().release_capacity(chunk.len()).unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        let seen = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let (head, sent) = seen.split_once("\r\n--\r\n").unwrap();
+        assert!(!head.contains("\r\nte:"), "te is not sent on: {head}");
+        assert!(head.contains("\r\ntransfer-encoding: chunked"), "{head}");
+        assert_eq!(sent, "hello", "the body whole, its trailers dropped");
+        // A response with trailers: the body whole, no trailers after it.
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, _) = ready.send_request(get("/trailers"), true).unwrap();
+        let (_, mut recv) = resp.await.unwrap().into_parts();
+        let mut got = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"hello");
+        assert!(recv.trailers().await.unwrap().is_none(), "the upstream's trailers are dropped");
+    });
+    assert_eq!(up.next().body, b"hello", "the upstream read the chunked body whole");
+    assert_eq!(up.next().request_line(), "GET /trailers HTTP/1.1");
+    // `te: gzip` (an HPACK literal), raw: the h2 client refuses to send it.
+    let mut w = Wire::connect(apex.addr);
+    let te_gzip =
+        [0x82, 0x87, 0x84, 0x41, 0x01, b'a', 0x00, 0x02, b't', b'e', 0x04, b'g', b'z', b'i', b'p'];
+    w.send(
+        &[
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            &frame(4, 0, 0, b""),
+            &frame(1, 0x5, 1, &te_gzip),
+        ]
+        .concat(),
+    );
+    let reset = loop {
+        let (head, payload) = read_frame(&mut w).expect("a reset before the connection ends");
+        if head[3] == 3 {
+            break u32::from_be_bytes(payload[..4].try_into().unwrap());
+        }
+        assert_ne!(head[3], 1, "no response HEADERS for a malformed request");
+    };
+    assert_eq!(reset, 1, "RST_STREAM PROTOCOL_ERROR");
+    let mut other = Wire::connect(apex.addr);
+    assert_eq!(other.request("GET /after HTTP/1.1\r\nHost: a\r\n\r\n").status, 200);
+    assert_eq!(up.next().request_line(), "GET /after HTTP/1.1", "the malformed one never came");
+}
+
 under_each_driver!(
+    trailers_and_te_are_handled_as_rfc_9113_says,
     a_stream_the_client_stops_reading_is_cut_after_the_send_timeout,
     a_closing_connection_the_client_does_not_finish_is_dropped,
     a_stalled_header_block_is_cut_after_the_header_timeout,
