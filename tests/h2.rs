@@ -137,15 +137,18 @@ fn metrics_and_the_access_log_tell_h2_from_http1(rt: &str) {
 
 /// An echo upstream: answers with the request's head and body, so a test can see what
 /// arrived.
+/// Answers with the request's head as the upstream saw it, `--`, and its body.
+fn echo_reply(r: &Received, w: &mut Wire) -> After {
+    let mut body = r.head.clone().into_bytes();
+    body.extend_from_slice(b"\r\n--\r\n");
+    body.extend_from_slice(&r.body);
+    w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    w.send(&body);
+    After::KeepOpen
+}
+
 fn echo() -> Upstream {
-    Upstream::start(|r, w| {
-        let mut body = r.head.clone().into_bytes();
-        body.extend_from_slice(b"\r\n--\r\n");
-        body.extend_from_slice(&r.body);
-        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
-        w.send(&body);
-        After::KeepOpen
-    })
+    Upstream::start(echo_reply)
 }
 
 fn get_and_post_over_h2_reach_an_http1_upstream(rt: &str) {
@@ -642,12 +645,7 @@ fn trailers_and_te_are_handled_as_rfc_9113_says(rt: &str) {
             w.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n");
             return After::KeepOpen;
         }
-        let mut body = r.head.clone().into_bytes();
-        body.extend_from_slice(b"\r\n--\r\n");
-        body.extend_from_slice(&r.body);
-        w.send(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
-        w.send(&body);
-        After::KeepOpen
+        echo_reply(r, w)
     });
     let on = proxy_config(&[up.addr], "")
         .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
