@@ -185,7 +185,7 @@ pub struct WorkerStats {
     /// GOAWAYs Apex sent, by reason (see [`GOAWAY_REASONS`]).
     pub h2_goaways: [Cell<u64>; 5],
     /// h2 connections closed for a flood, by kind (`h2_guard::Flood::index`).
-    pub h2_floods: [Cell<u64>; 7],
+    pub h2_floods: [Cell<u64>; 8],
 }
 
 /// Why Apex sent GOAWAY: the worker drains, the connection idled, it served its
@@ -261,7 +261,7 @@ pub struct StatsReport {
     /// By [`GOAWAY_REASONS`].
     pub h2_goaways: [u64; 5],
     /// By `h2_guard::Flood::ALL`.
-    pub h2_floods: [u64; 7],
+    pub h2_floods: [u64; 8],
     /// `(listener, certificate)` → seconds until the certificate expires (negative: expired).
     /// Filled by the control plane.
     pub cert_expiry: BTreeMap<(String, String), i64>,

@@ -401,12 +401,16 @@ fn goaway_code(w: &mut Wire) -> Option<u32> {
     }
 }
 
-/// Each kind of frame `h2` lets through unbounded has a per-connection cap: over it, GOAWAY
+/// Each kind of frame `h2` lets through unbounded has a per-connection cap, and so do the
+/// resets (rapid reset, CVE-2023-44487; MadeYouReset, CVE-2025-8671): over one, GOAWAY
 /// ENHANCE_YOUR_CALM (0xb), counted by kind, while another client is served as usual.
 fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
     let up = Upstream::ok("ok");
-    let on = proxy_config(&[up.addr], "")
-        .replace("address: 127.0.0.1:0", "address: 127.0.0.1:0\n    http2: prior_knowledge");
+    // MadeYouReset's cap lowered from 500, so that the test sends a few frames.
+    let on = proxy_config(&[up.addr], "").replace(
+        "address: 127.0.0.1:0",
+        "address: 127.0.0.1:0\n    http2: { prior_knowledge: true, max_resets_sent: 10 }",
+    );
     let mut apex = Apex::start(&with_admin(&on), rt);
     let admin_at = admin_addr(&mut apex);
     let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -414,7 +418,18 @@ fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
     // HEADERS for stream 1 (GET / on authority "a", HPACK static entries), body to follow.
     let get = [0x82, 0x87, 0x84, 0x41, 0x01, b'a'];
     let open_stream = frame(1, 0x4, 1, &get);
-    let floods: [(&str, Vec<u8>); 5] = [
+    // Streams 1, 3, 5, ... each opened whole (END_STREAM) and then followed by `then`.
+    let streams_then = |n: u32, then: &dyn Fn(u32) -> Vec<u8>| -> Vec<u8> {
+        (0..n).flat_map(|i| [frame(1, 0x5, 2 * i + 1, &get), then(2 * i + 1)].concat()).collect()
+    };
+    // Rapid reset: each stream cancelled (RST_STREAM CANCEL) as soon as it is opened.
+    let rapid_reset = streams_then(101, &|id| frame(3, 0, id, &[0, 0, 0, 8]));
+    // MadeYouReset: a WINDOW_UPDATE that overflows each stream's window, a stream error
+    // (FLOW_CONTROL_ERROR) Apex must answer with RST_STREAM.
+    let made_you_reset = streams_then(11, &|id| frame(8, 0, id, &[0x7f, 0xff, 0xff, 0xff]));
+    let floods: [(&str, Vec<u8>); 7] = [
+        ("rst_stream", rapid_reset),
+        ("reset_limits", made_you_reset),
         ("ping", frame(6, 0, 0, &[0; 8]).repeat(101)),
         ("settings", frame(4, 0, 0, b"").repeat(51)),
         ("empty_data", [open_stream, frame(0, 0, 1, b"").repeat(101)].concat()),
@@ -435,7 +450,7 @@ fn each_flood_gets_goaway_enhance_your_calm(rt: &str) {
         assert_eq!(metric(&text, &series), Some(1), "{kind}: {text}");
     }
     let text = metrics(admin_at);
-    assert_eq!(metric(&text, "apex_h2_goaways_total{reason=\"flood\"}"), Some(5), "{text}");
+    assert_eq!(metric(&text, "apex_h2_goaways_total{reason=\"flood\"}"), Some(7), "{text}");
 }
 
 /// A client that starts a header block and stalls inside it (no other frame may come between

@@ -19,10 +19,15 @@ pub enum Flood {
     /// Header bytes decoded over the connection's life (HPACK expands a few bytes on the wire
     /// into many); counted by the connection as it accepts streams, not by the frame guard.
     DecodedHeaders,
+    /// Streams the client reset before Apex accepted them (rapid reset, past
+    /// `max_pending_resets`) or made Apex reset (MadeYouReset, past `max_resets_sent`): limits
+    /// the `h2` crate keeps itself and answers with GOAWAY ENHANCE_YOUR_CALM; counted by the
+    /// connection when `h2` ends it so.
+    ResetLimits,
 }
 
 impl Flood {
-    pub const ALL: [Flood; 7] = [
+    pub const ALL: [Flood; 8] = [
         Flood::Ping,
         Flood::Settings,
         Flood::EmptyData,
@@ -30,6 +35,7 @@ impl Flood {
         Flood::Reset,
         Flood::Continuation,
         Flood::DecodedHeaders,
+        Flood::ResetLimits,
     ];
 
     /// The metric label.
@@ -42,6 +48,7 @@ impl Flood {
             Flood::Reset => "rst_stream",
             Flood::Continuation => "continuation",
             Flood::DecodedHeaders => "decoded_headers",
+            Flood::ResetLimits => "reset_limits",
         }
     }
 

@@ -208,7 +208,15 @@ pub async fn serve_h2<R, C, F, Fut>(
                 }));
             }
             Some(Err(e)) => {
-                debug!(error = %e, "h2 connection ended");
+                let calm = Some(::h2::Reason::ENHANCE_YOUR_CALM);
+                if e.is_go_away() && e.is_library() && e.reason() == calm {
+                    // `h2`'s own reset limits (rapid reset, MadeYouReset): it sent the GOAWAY.
+                    debug!(error = %e, "h2 flood: GOAWAY ENHANCE_YOUR_CALM");
+                    crate::stats::bump(&stats.h2_goaways[3]);
+                    crate::stats::bump(&stats.h2_floods[Flood::ResetLimits.index()]);
+                } else {
+                    debug!(error = %e, "h2 connection ended");
+                }
                 return;
             }
             None => return,
