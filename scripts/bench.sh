@@ -51,6 +51,8 @@ Environment:
   STIME_CLIENTS parallel openssl s_time clients for 64-resume (default 4)
   H2_STREAMS    concurrent streams per h2load client in h2 modes (default 10)
   IDLE_CONNS    idle keep-alive connections for the idle-memory figure (default 5000)
+  IDLE_SETTLE   seconds those connections stay idle before the RSS is read (default 3: past
+                Apex's park_after of 1 s, as connections between page loads are idle)
   BACKEND_PORT  port of the nginx backend on 127.0.0.1 (default 18080)
   PROXY_PORT    port of the proxy under test on 127.0.0.1 (default 18081)
 

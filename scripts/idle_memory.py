@@ -7,11 +7,14 @@ Opens CONNECTIONS keep-alive connections to 127.0.0.1:PORT (over TLS, certificat
 with `tls`; HTTP/2 by prior knowledge with `h2c`, or over TLS with ALPN h2 with `h2`, using the
 `h2` package from PyPI), sends one request on each and reads its response, then leaves them all idle and
 reports the growth of the RSS of PID (summed with its children, for nginx) divided by the
-number of connections, in KiB. Closes everything.
+number of connections, in KiB, read once they have been idle IDLE_SETTLE seconds (default 3).
+Closes everything.
 """
+import os
 import socket
 import ssl
 import sys
+import time
 
 
 def rss_kib(pid):
@@ -59,6 +62,7 @@ def main():
     port, pid = int(sys.argv[1]), int(sys.argv[2])
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 5000
     mode = sys.argv[4] if len(sys.argv) > 4 else "plain"
+    settle = float(os.environ.get("IDLE_SETTLE", "3"))
     tls = mode in ("tls", "h2")
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -91,6 +95,10 @@ def main():
         while len(body) < length:
             body += s.recv(4096)
         conns.append(s)
+    # Idle means idle: the RSS is read once the connections have waited `settle` seconds
+    # (IDLE_SETTLE, default 3), past Apex's park_after (1 s) and the trim after it, as a
+    # keep-alive connection between a client's page loads waits seconds to a minute.
+    time.sleep(settle)
     after = rss_kib(pid)
     print(f"connections={n} rss_before_kib={before} rss_after_kib={after} "
           f"kib_per_connection={(after - before) / n:.2f}")

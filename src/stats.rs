@@ -245,6 +245,8 @@ pub struct StatsReport {
     pub requests: BTreeMap<(String, String), [u64; 5]>,
     pub clusters: BTreeMap<String, ClusterTotals>,
     pub open_connections: usize,
+    /// Of the open client connections, those parked (idle, holding no task).
+    pub parked_connections: usize,
     pub idle_pooled: usize,
     pub access_log_dropped: u64,
     pub tunnels_open: u64,
@@ -362,6 +364,7 @@ impl StatsReport {
             self.clusters.entry(k.clone()).or_default().merge(v);
         }
         self.open_connections += o.open_connections;
+        self.parked_connections += o.parked_connections;
         self.idle_pooled += o.idle_pooled;
         self.access_log_dropped += o.access_log_dropped;
         self.tunnels_open += o.tunnels_open;
@@ -475,6 +478,11 @@ impl StatsReport {
             o,
             "# HELP apex_downstream_connections Open client connections.\n# TYPE apex_downstream_connections gauge\napex_downstream_connections {}",
             self.open_connections
+        );
+        let _ = writeln!(
+            o,
+            "# HELP apex_downstream_connections_parked Open client connections parked: idle past park_after, holding no task.\n# TYPE apex_downstream_connections_parked gauge\napex_downstream_connections_parked {}",
+            self.parked_connections
         );
         let _ = writeln!(
             o,
@@ -668,7 +676,10 @@ mod tests {
         a.cluster("backend").record(200, Duration::from_millis(3));
         b.cluster("backend").pool(true);
         let mut total = a.report(1, 2);
-        total.merge(&b.report(3, 4));
+        total.parked_connections = 1;
+        let mut other = b.report(3, 4);
+        other.parked_connections = 2;
+        total.merge(&other);
         let text = total.to_prometheus();
         assert!(
             text.contains("apex_requests_total{route=\"api\",cluster=\"backend\",class=\"2xx\"} 2")
@@ -680,6 +691,7 @@ mod tests {
             .contains("apex_upstream_latency_seconds_bucket{cluster=\"backend\",le=\"0.005\"} 1"));
         assert!(text.contains("apex_pool_hits_total{cluster=\"backend\"} 1"));
         assert!(text.contains("apex_downstream_connections 4"));
+        assert!(text.contains("apex_downstream_connections_parked 3"));
         assert!(text.contains("apex_pool_idle_connections 6"));
     }
 }

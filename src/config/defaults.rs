@@ -20,6 +20,10 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle keep-alive client connection is closed after this.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A keep-alive client connection idle this long is parked: it gives up its task and waits in
+/// the worker's epoll set (`src/proxy/park.rs`). A busy connection's next request comes
+/// within milliseconds, so it never parks; an idle one costs about 0.1 KiB instead of 0.7.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 /// Between two reads of a request body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest one write to a client may wait for the client to take bytes (nginx's `send_timeout`

@@ -161,6 +161,10 @@ pub struct Listener {
     /// (on io_uring: one poll operation more per request, for about 0.45 KiB less per idle
     /// connection); plaintext connections only.
     pub release_idle_buffer: bool,
+    /// A keep-alive connection idle this long (with `release_idle_buffer`, plaintext, HTTP/1.1)
+    /// is parked in the worker's epoll set, holding no task; never when it is not shorter than
+    /// `keepalive_timeout`.
+    pub park_after: Duration,
     /// Open connections per client address, this worker's share (refused beyond it).
     pub max_connections_per_client: Option<u32>,
     /// Requests per client address, a token bucket, this worker's share (429 beyond it).
@@ -505,6 +509,7 @@ impl Listener {
             keepalive_timeout: defaults::KEEPALIVE_TIMEOUT,
             body_timeout: defaults::BODY_TIMEOUT,
             send_timeout: defaults::SEND_TIMEOUT,
+            park_after: defaults::PARK_AFTER,
             limits: HeadLimits::default(),
             max_request_body: None,
             proxy_protocol: None,

@@ -197,6 +197,9 @@ pub struct RawListener {
     /// Between requests a keep-alive connection holds no read buffer (default true).
     #[serde(default)]
     pub release_idle_buffer: Option<bool>,
+    /// Idle this long, a keep-alive connection parks in the worker's epoll set (default 1s).
+    #[serde(default)]
+    pub park_after: Option<String>,
     #[serde(default)]
     pub max_connections_per_client: Option<i64>,
     #[serde(default)]

@@ -258,6 +258,8 @@ impl<'a> Validator<'a> {
             self.duration(format!("{p}.body_timeout"), &l.body_timeout, defaults::BODY_TIMEOUT);
         let send_timeout =
             self.duration(format!("{p}.send_timeout"), &l.send_timeout, defaults::SEND_TIMEOUT);
+        let park_after =
+            self.duration(format!("{p}.park_after"), &l.park_after, defaults::PARK_AFTER);
         let mut limits = HeadLimits::default();
         if let Some(n) = self.size(format!("{p}.max_request_line"), &l.max_request_line) {
             limits.max_request_line = usize::try_from(n).unwrap_or(usize::MAX);
@@ -297,6 +299,7 @@ impl<'a> Validator<'a> {
             forwarded,
             request_id: l.request_id.unwrap_or(false),
             release_idle_buffer: l.release_idle_buffer.unwrap_or(true),
+            park_after,
             max_connections_per_client,
             rate_limit,
         })
@@ -907,6 +910,19 @@ routes:
         assert_eq!(c.listeners[0].send_timeout, Duration::from_secs(5));
         let e = errors(&l(", send_timeout: 0s"));
         assert!(e.len() == 1 && e[0].contains("listeners[0].send_timeout"), "{e:?}");
+    }
+
+    #[test]
+    fn park_after_defaults_to_a_second_and_refuses_zero() {
+        let l = |extra: &str| {
+            format!("listeners: [ {{ name: a, address: \"127.0.0.1:1\"{extra} }} ]\n")
+        };
+        let c = Config::from_yaml(&l(""), "t.yaml").unwrap();
+        assert_eq!(c.listeners[0].park_after, Duration::from_secs(1));
+        let c = Config::from_yaml(&l(", park_after: 250ms"), "t.yaml").unwrap();
+        assert_eq!(c.listeners[0].park_after, Duration::from_millis(250));
+        let e = errors(&l(", park_after: 0s"));
+        assert!(e.len() == 1 && e[0].contains("listeners[0].park_after"), "{e:?}");
     }
 
     #[test]

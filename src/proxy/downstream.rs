@@ -6,19 +6,20 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::buffers::IDLE_READ;
 use super::conn::{read_some, send, send_error, send_error_with, MIN_READ};
 use super::forward::forward_request;
 use super::http2::{serve_h2, H2Stream, PREFACE};
 use super::io::{Runtime, Stream};
+use super::isolate::isolate;
 use super::limits::{share, worker_rate, ClientConn};
 use super::request::{body_over_limit, Buffers, Logged, LoggedFields, RequestInfo, Served, Target};
 use super::transport::Transport;
 use super::tunnel::tunnel;
 use super::wait::{race, Either, SendBound};
-use super::{ConnGuard, Forward, Worker, WorkerView};
+use super::{ConnGuard, Forward, ParkedConn, Worker, WorkerView};
 use crate::access_log::Entry;
 use crate::balance::hash64;
 use crate::config::lb::{HashOn, Policy};
@@ -55,9 +56,20 @@ enum HeadRead {
     Invalid(HeadError),
 }
 
+/// How the wait between two requests ended.
+enum Woke {
+    /// The client's socket is readable: a request (or its close) is coming.
+    Request,
+    /// The keep-alive timeout (or the drain's cutoff) passed, or the socket failed.
+    Close,
+    /// Idle for the listener's `park_after`: the connection is to be parked, and closed at
+    /// this instant (its keep-alive deadline) unless a request comes first.
+    Park(Instant),
+}
+
 /// Between requests on a connection that can wait without a buffer (`release_idle_buffer`):
 /// waits until the client's socket is readable, holding no buffer, within the keep-alive
-/// timeout (which the drain brings forward). `false`: the connection is to be closed.
+/// timeout (which the drain brings forward), or until it has been idle long enough to park.
 ///
 /// A future of its own, and small (a readiness wait and a deadline slot): it is what an idle
 /// connection's task holds, while the head reader, several times larger, is boxed by the
@@ -66,9 +78,20 @@ async fn wait_for_request<R: Runtime>(
     worker: &Worker<R>,
     client: &mut Transport<R::Stream>,
     listener: &Listener,
-) -> bool {
-    let idle = worker.idle.until(crate::clock::now() + listener.keepalive_timeout);
-    matches!(race(client.readable(), idle).await, Either::Left(Ok(())))
+) -> Woke {
+    let now = crate::clock::now();
+    let until = now + listener.keepalive_timeout;
+    let parks = worker.parked.enabled() && listener.park_after < listener.keepalive_timeout;
+    let wake = if parks { now + listener.park_after } else { until };
+    match race(client.readable(), worker.idle.until(wake)).await {
+        Either::Left(Ok(())) => Woke::Request,
+        Either::Left(Err(_)) => Woke::Close,
+        // Not during the drain: its cutoff ends the wait early, and the connection closes.
+        Either::Right(()) if parks && !worker.is_draining() && crate::clock::now() < until => {
+            Woke::Park(until)
+        }
+        Either::Right(()) => Woke::Close,
+    }
 }
 
 /// Waits until `rbuf` holds a complete request head. While nothing of a request has arrived,
@@ -363,11 +386,13 @@ pub fn serve_downstream<R: Runtime>(
     // Not an `async fn`: its arguments would keep their slots in the task for its whole life.
     let setup = Box::pin(establish(worker, client, peer, listener));
     async move {
-        let _guard = guard;
-        let Some((session, h2)) = setup.await else { return };
+        let Some((mut session, h2)) = setup.await else { return };
         if h2 {
+            let _guard = guard;
             Box::pin(serve_h2_session(session, removed)).await
         } else {
+            // The session holds it from here: a parked connection takes it along.
+            session.guard = Some(guard);
             serve_requests(session).await
         }
     }
@@ -511,13 +536,25 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
         // lent on as the next upstream read buffer takes a whole large body in its first read,
         // before splicing could start: measured, 64 KiB responses cost 41 instead of 23 µs on
         // io_uring.)
+        // (A released buffer has no capacity; a resumed parked connection gets one at once,
+        // its bytes being ready.)
         if !s.first
-            && s.bufs.rbuf.is_empty()
+            && s.bufs.rbuf.capacity() == 0
             && listener.release_idle_buffer
             && s.client.waits_without_buffer()
         {
-            if !wait_for_request(worker, &mut s.client, listener).await {
-                return;
+            match wait_for_request(worker, &mut s.client, listener).await {
+                Woke::Request => {}
+                Woke::Close => return,
+                Woke::Park(until) => match park(s, until) {
+                    // Parked: this task ends, and the connection lives on in the table.
+                    None => return,
+                    // Not parked (the kernel refused): the task waits on, as before.
+                    Some(back) => {
+                        s = back;
+                        continue;
+                    }
+                },
             }
             s.bufs.rbuf = Vec::with_capacity(IDLE_READ);
         }
@@ -560,10 +597,57 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
     }
 }
 
+/// Parks an idle connection (see `park.rs`): its socket, as a descriptor of its own, joins the
+/// worker's epoll set with what serving it again needs, and the session (the runtime's stream
+/// with it) is dropped. `Some`: the session back, not parked.
+///
+/// The descriptor is a duplicate because the runtime may still hold the stream's own (on
+/// io_uring, the readiness wait just abandoned is cancelled asynchronously); closing that one
+/// leaves the socket open through the duplicate.
+fn park<R: Runtime>(mut s: Box<Session<R>>, until: Instant) -> Option<Box<Session<R>>> {
+    let Some(raw) = s.client.splice_fd() else { return Some(s) };
+    // SAFETY: `raw` is the socket of `s.client`, open for as long as `s` lives (all of this
+    // call); the borrow ends before `s` is dropped.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+    let Ok(fd) = fd.try_clone_to_owned() else { return Some(s) };
+    let Some(guard) = s.guard.take() else { return Some(s) };
+    let conn =
+        ParkedConn { peer: s.peer, listener: Rc::clone(&s.listener), slot: s._slot.take(), guard };
+    match s.worker.parked.park(fd, until, conn) {
+        Ok(()) => None,
+        Err(conn) => {
+            s._slot = conn.slot;
+            s.guard = Some(conn.guard);
+            Some(s)
+        }
+    }
+}
+
+/// Serves a parked connection again, on a task of its own, once its client sent bytes (or
+/// closed). `fd` is its socket, out of the epoll set.
+pub fn resume<R: Runtime>(worker: &Rc<Worker<R>>, fd: std::os::fd::OwnedFd, conn: ParkedConn<R>) {
+    let ParkedConn { peer, listener, slot, guard } = conn;
+    let stream = match R::stream_from_std(std::net::TcpStream::from(fd)) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(client = %peer, error = %e, "cannot resume a parked connection; closed");
+            return;
+        }
+    };
+    // Bytes are ready: a read buffer at once, not a readiness wait first.
+    let start = (Vec::with_capacity(IDLE_READ), None, false);
+    let session = Session::new(Rc::clone(worker), Transport::Plain(stream), peer, listener, start);
+    let session = Session { first: false, _slot: slot, guard: Some(guard), ..session };
+    let id = worker.id;
+    R::spawn(isolate(serve_requests(Box::new(session)), move |msg| {
+        error!(worker = id, client = %peer, panic = %msg, "connection task panicked; closed it");
+    }));
+}
+
 /// Runs the tunnel a `101` opened to its end, then logs the request that opened it.
 async fn serve_tunnel<R: Runtime>(s: Box<Session<R>>, u: Box<Upgraded<R::Stream>>) {
     let Upgraded { up, route, served, started, view } = *u;
-    let Session { worker, client, mut bufs, peer, .. } = *s;
+    let Session { worker, client, mut bufs, peer, guard: _guard, .. } = *s;
     let idle = view.snap.config.routes[route].tunnel_idle_timeout;
     let end = tunnel::<R>(&worker, client, up, &mut bufs, idle).await;
     let served = Served { body_bytes: end.to_client, ..served };
@@ -583,6 +667,9 @@ pub struct Session<R: Runtime> {
     /// The connection's place in the listener's per-client connection limit, when it has one
     /// (boxed: a connection without that limit carries 8 bytes for it, not 40).
     _slot: Option<Box<ClientConn>>,
+    /// The connection's place in the worker's count of open connections: here so that a
+    /// parked connection takes it along. (`None` for an HTTP/2 stream: its connection holds it.)
+    guard: Option<ConnGuard<R>>,
 }
 
 impl<R: Runtime> Session<R> {
@@ -601,7 +688,7 @@ impl<R: Runtime> Session<R> {
         if tls.is_some() {
             bufs.logged.fields().tls = tls;
         }
-        Session { worker, client, peer, listener, bufs, first: true, _slot: None }
+        Session { worker, client, peer, listener, bufs, first: true, _slot: None, guard: None }
     }
 }
 

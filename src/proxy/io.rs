@@ -117,6 +117,17 @@ pub trait Runtime: 'static {
     /// returns, new connections to this socket are refused.
     fn close_listener(l: Self::Listener);
 
+    /// A client connection taken back from the worker's parked table (`park.rs`): a socket
+    /// already connected, non-blocking and with its options set.
+    fn stream_from_std(s: std::net::TcpStream) -> io::Result<Self::Stream>;
+
+    /// A descriptor whose readability a task can wait for (the worker's epoll set of parked
+    /// connections).
+    type Poller: 'static;
+    fn poller(fd: std::os::fd::OwnedFd) -> io::Result<Self::Poller>;
+    /// Waits until `p` is readable. It may return early: the caller checks what is ready.
+    async fn poller_wait(p: &Self::Poller) -> io::Result<()>;
+
     /// The worker's end of its control socket.
     type Control: 'static;
     fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<Self::Control>;

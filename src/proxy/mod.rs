@@ -13,6 +13,7 @@ pub mod http2;
 pub mod io;
 pub mod isolate;
 pub mod limits;
+pub mod park;
 pub mod poll_io;
 pub mod pool;
 pub mod relay;
@@ -120,6 +121,8 @@ pub struct Worker<R: Runtime> {
     /// Deadlines of requests in progress (response, body reads, connects); never cut short by
     /// the drain, whose in-flight requests must finish.
     pub deadlines: wait::IdleTimers,
+    /// Keep-alive connections idle past their listener's `park_after`, holding no task.
+    pub parked: park::Parked<ParkedConn<R>>,
     /// `None` when the access log is off.
     pub access: Option<WorkerLog>,
     /// Large buffers lent to connections for the length of a request.
@@ -171,6 +174,17 @@ pub struct ConnGuard<R: Runtime> {
     worker: Rc<Worker<R>>,
 }
 
+/// What a parked connection keeps besides its socket: what serving it again needs, and its
+/// places in the worker's connection count and the per-client limit (80 bytes with the
+/// socket and deadline the table adds).
+pub struct ParkedConn<R: Runtime> {
+    /// The client's address (the PROXY protocol's, when the listener takes it).
+    pub peer: SocketAddr,
+    pub listener: Rc<Listener>,
+    pub slot: Option<Box<limits::ClientConn>>,
+    pub guard: ConnGuard<R>,
+}
+
 impl<R: Runtime> Drop for ConnGuard<R> {
     fn drop(&mut self) {
         self.worker.open.set(self.worker.open.get() - 1);
@@ -205,6 +219,7 @@ impl<R: Runtime> Worker<R> {
             stats,
             idle: wait::IdleTimers::default(),
             deadlines: wait::IdleTimers::default(),
+            parked: park::Parked::new(),
             access,
             buffers: buffers::BufferPool::default(),
             compressors: buffers::CompressorPool::default(),
@@ -272,6 +287,7 @@ impl<R: Runtime> Worker<R> {
     /// A copy of this worker's counters, for a scrape.
     pub fn report(&self) -> crate::stats::StatsReport {
         let mut r = self.stats.report(self.open_connections(), self.pool.idle_count());
+        r.parked_connections = self.parked.len();
         r.access_log_dropped = self.access.as_ref().map_or(0, |l| l.dropped());
         let view = self.view.borrow();
         for (c, b) in view.snap.config.clusters.iter().zip(&view.balancers) {

@@ -157,7 +157,8 @@ impl IdleTimers {
         self.cutoff.set(Some(at));
     }
 
-    fn due(&self, deadline: Instant) -> Instant {
+    /// When a wait for `deadline` ends: the deadline, or the drain's cutoff if earlier.
+    pub fn due(&self, deadline: Instant) -> Instant {
         self.cutoff.get().map_or(deadline, |c| c.min(deadline))
     }
 

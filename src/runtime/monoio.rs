@@ -129,10 +129,12 @@ impl Stream for MonoioStream {
         true
     }
 
-    /// io_uring: a poll operation (no buffer). epoll: the driver's readiness state (relaxed: a
-    /// stale "readable" only makes the read that follows wait, as reads always could).
+    /// io_uring: a poll operation (no buffer). epoll: the driver's readiness state, checked
+    /// with one `poll(2)` first. Not relaxed: after a read that took a whole request the
+    /// driver still remembers the socket as readable, and a relaxed wait returned at once,
+    /// so the connection went on to wait in a read, holding a buffer (and never parked).
     async fn readable(&mut self) -> io::Result<()> {
-        self.s.readable(true).await
+        self.s.readable(false).await
     }
 
     async fn write_all(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -283,6 +285,27 @@ impl Runtime for Monoio {
 
     fn close_listener(l: Self::Listener) {
         stop_listening(l.as_raw_fd());
+    }
+
+    fn stream_from_std(s: std::net::TcpStream) -> io::Result<MonoioStream> {
+        // `nonblocking: false` even if the socket has O_NONBLOCK from its earlier life: the
+        // flag only saves an fcntl, and setting it again is harmless.
+        TcpStream::from_std(s).map(MonoioStream::new)
+    }
+
+    /// monoio has no readiness wait for an arbitrary descriptor; its `TcpStream` over the
+    /// epoll set gives one (a poll operation on io_uring, the driver's readiness on epoll)
+    /// and nothing else of it is used: no address of it is ever asked, nothing read or written.
+    type Poller = TcpStream;
+
+    fn poller(fd: std::os::fd::OwnedFd) -> io::Result<TcpStream> {
+        TcpStream::from_std(std::net::TcpStream::from(fd))
+    }
+
+    async fn poller_wait(p: &TcpStream) -> io::Result<()> {
+        // Not relaxed: on the epoll driver, readiness remembered from an earlier wake-up may
+        // be stale once the set was emptied; this checks it with one poll first.
+        p.readable(false).await
     }
 
     type Control = monoio::net::UnixStream;

@@ -148,6 +148,26 @@ impl Runtime for Tokio {
         stop_listening(l.as_raw_fd());
     }
 
+    fn stream_from_std(s: std::net::TcpStream) -> io::Result<TokioStream> {
+        TcpStream::from_std(s).map(TokioStream)
+    }
+
+    type Poller = tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>;
+
+    fn poller(fd: std::os::fd::OwnedFd) -> io::Result<Self::Poller> {
+        // SAFETY: an `OwnedFd` is open and keeps the same descriptor until it is dropped,
+        // which only the `AsyncFd` that owns it does.
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(io::Error::from)
+    }
+
+    /// Tokio's registration is edge-triggered: the readiness is cleared here, before the
+    /// caller empties the set, so that anything ready after that makes a new edge.
+    async fn poller_wait(p: &Self::Poller) -> io::Result<()> {
+        p.readable().await?.clear_ready();
+        Ok(())
+    }
+
     type Control = UnixStream;
 
     fn control_from_std(c: std::os::unix::net::UnixStream) -> io::Result<UnixStream> {
