@@ -12,7 +12,7 @@
 # it did not start (a packaged nginx or HAProxy service is left alone).
 set -euo pipefail
 
-ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2 baseline-h2 floor-monoio floor-compio floor-compio-ring floor-compio-multi floor-tokio"
+ALL_MODES="direct apex-io_uring apex-epoll apex-tokio nginx haproxy baseline-io_uring apex-tls nginx-tls haproxy-tls apex-h2 apex-tokio-h2 nginx-h2 haproxy-h2 baseline-h2 floor-monoio floor-compio floor-compio-ring floor-compio-multi floor-compio-zc floor-tokio"
 ALL_SIZES="64 4k 32k 64k 1m 16k-gzip 64-newconn 64-resume"
 
 usage() {

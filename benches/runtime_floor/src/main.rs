@@ -16,6 +16,8 @@
 //!   that buffer when it holds the whole message;
 //! - `compio-multi`: as `compio-ring`, with the client side read by one multishot receive for
 //!   the connection's whole life;
+//! - `compio-zc`: as `compio`, with each response sent by `IORING_OP_SEND_ZC` (the kernel sends
+//!   from the relay's buffer and says when it may be reused) instead of a copying send;
 //! - `tokio`: Tokio's current-thread runtime (epoll).
 
 use std::io;
@@ -70,7 +72,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, listen, upstream] = &args[..] else {
         eprintln!(
-            "usage: runtime-floor monoio|compio|compio-ring|compio-multi|tokio LISTEN UPSTREAM"
+            "usage: runtime-floor monoio|compio|compio-ring|compio-multi|compio-zc|tokio LISTEN UPSTREAM"
         );
         std::process::exit(2);
     };
@@ -81,6 +83,7 @@ fn main() {
         "compio" => compio_floor::run(listen, upstream, compio_floor::Reads::Plain),
         "compio-ring" => compio_floor::run(listen, upstream, compio_floor::Reads::Ring),
         "compio-multi" => compio_floor::run(listen, upstream, compio_floor::Reads::Multishot),
+        "compio-zc" => compio_floor::run(listen, upstream, compio_floor::Reads::PlainSendZc),
         "tokio" => tokio_floor::run(listen, upstream),
         other => Err(io::Error::other(format!("unknown mode {other}"))),
     };
@@ -163,6 +166,8 @@ mod compio_floor {
         Plain,
         Ring,
         Multishot,
+        /// Plain reads; responses sent with SEND_ZC.
+        PlainSendZc,
     }
 
     pub fn run(listen: SocketAddr, upstream: SocketAddr, reads: Reads) -> io::Result<()> {
@@ -193,8 +198,12 @@ mod compio_floor {
             if let Some(n) = whole_or_room(buf, whole) {
                 return Ok(n);
             }
-            let compio::BufResult(res, b) = s.read(std::mem::take(buf)).await;
-            *buf = b;
+            // A read fills the buffer from its start: read into the part after what is in,
+            // so that a message in several reads (a 64 KiB response) is appended.
+            let len = buf.len();
+            let room = compio::buf::IoBuf::slice(std::mem::take(buf), len..);
+            let compio::BufResult(res, b) = s.read(room).await;
+            *buf = compio::buf::IntoInner::into_inner(b);
             if res? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -206,12 +215,16 @@ mod compio_floor {
         c.set_nodelay(true)?;
         u.set_nodelay(true)?;
         match reads {
-            Reads::Plain => relay_plain(c, u).await,
+            Reads::Plain => relay_plain(c, u, false).await,
+            Reads::PlainSendZc => relay_plain(c, u, true).await,
             Reads::Ring | Reads::Multishot => relay_ring(c, u, reads == Reads::Multishot).await,
         }
     }
 
-    async fn relay_plain(c: TcpStream, u: TcpStream) -> io::Result<()> {
+    /// The plain relay; `zc`: the response goes out by SEND_ZC (each send completes once the
+    /// kernel has queued it, and the buffer is reused only after the kernel's second
+    /// completion says it no longer reads from it).
+    async fn relay_plain(c: TcpStream, u: TcpStream, zc: bool) -> io::Result<()> {
         let (mut req, mut resp) = (Vec::with_capacity(4096), Vec::with_capacity(16384));
         loop {
             req.clear();
@@ -220,11 +233,32 @@ mod compio_floor {
             req = r;
             res?;
             resp.clear();
-            read_whole(&u, &mut resp, response_len).await?;
-            let compio::BufResult(res, r) = (&c).write_all(resp).await;
-            resp = r;
-            res?;
+            let len = read_whole(&u, &mut resp, response_len).await?;
+            resp = if zc {
+                send_zc(&c, resp, len).await?
+            } else {
+                let compio::BufResult(res, r) = (&c).write_all(resp).await;
+                res?;
+                r
+            };
         }
+    }
+
+    /// Sends `buf[..len]` by SEND_ZC; the buffer back once the kernel is done with it.
+    async fn send_zc(c: &TcpStream, mut buf: Vec<u8>, len: usize) -> io::Result<Vec<u8>> {
+        use compio::buf::IntoInner;
+        use compio::io::AsyncWriteZerocopy;
+        let mut sent = 0;
+        while sent < len {
+            let slice = compio::buf::IoBuf::slice(buf, sent..len);
+            let compio::BufResult(res, ready) = (&*c).write_zerocopy(slice).await;
+            buf = ready.await.into_inner();
+            match res? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => sent += n,
+            }
+        }
+        Ok(buf)
     }
 
     /// Every receive takes a ring buffer; a buffer that holds a whole message is written on
