@@ -93,6 +93,24 @@ fn the_drain_closes_parked_connections(rt: &str) {
     assert_eq!(apex.wait_exit(), Some(0));
 }
 
+/// A connection whose `park_after` passes during the drain does not park, and is not closed
+/// then either: it keeps the drain's grace (500 ms) for a last request, which is served with
+/// `Connection: close`. (The client idles 250 ms: past `park_after`, inside the grace.)
+fn the_drain_grace_outlasts_park_after(rt: &str) {
+    let up = Upstream::ok("hello");
+    let (mut apex, _admin) = start(up.addr, "    park_after: 100ms\n", rt);
+    let mut c = Wire::connect(apex.addr);
+    assert_eq!(c.request(GET).status, 200);
+    apex.signal(libc::SIGTERM);
+    apex.wait_for_log(&["draining: stopped accepting"]).expect("the worker began draining");
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let r = c.request(GET);
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"), "served within the grace");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed());
+    assert_eq!(apex.wait_exit(), Some(0));
+}
+
 /// A parked connection keeps its place in `max_connections_per_client`: while it is parked a
 /// second connection from the same address is refused, and once it closes one is served.
 fn a_parked_connection_keeps_its_per_client_slot(rt: &str) {
@@ -116,5 +134,6 @@ under_each_driver!(
     a_parked_connection_serves_its_next_requests,
     a_parked_connection_is_closed_at_its_keepalive_timeout,
     the_drain_closes_parked_connections,
+    the_drain_grace_outlasts_park_after,
     a_parked_connection_keeps_its_per_client_slot,
 );

@@ -82,15 +82,22 @@ async fn wait_for_request<R: Runtime>(
     let now = crate::clock::now();
     let until = now + listener.keepalive_timeout;
     let parks = worker.parked.enabled() && listener.park_after < listener.keepalive_timeout;
-    let wake = if parks { now + listener.park_after } else { until };
-    match race(client.readable(), worker.idle.until(wake)).await {
-        Either::Left(Ok(())) => Woke::Request,
-        Either::Left(Err(_)) => Woke::Close,
-        // Not during the drain: its cutoff ends the wait early, and the connection closes.
-        Either::Right(()) if parks && !worker.is_draining() && crate::clock::now() < until => {
-            Woke::Park(until)
+    let mut wake = if parks { now + listener.park_after } else { until };
+    loop {
+        match race(client.readable(), worker.idle.until(wake)).await {
+            Either::Left(Ok(())) => return Woke::Request,
+            Either::Left(Err(_)) => return Woke::Close,
+            // The park deadline, before the keep-alive one (and the drain's cutoff).
+            Either::Right(()) if wake < until && crate::clock::now() < worker.idle.due(until) => {
+                if !worker.is_draining() {
+                    return Woke::Park(until);
+                }
+                // Draining: no parking, and the connection keeps the drain's grace for a
+                // last request; the cutoff ends the wait.
+                wake = until;
+            }
+            Either::Right(()) => return Woke::Close,
         }
-        Either::Right(()) => Woke::Close,
     }
 }
 
