@@ -95,7 +95,7 @@ fn the_drain_closes_parked_connections(rt: &str) {
 
 /// A connection whose `park_after` passes during the drain does not park, and is not closed
 /// then either: it keeps the drain's grace (500 ms) for a last request, which is served with
-/// `Connection: close`. (The client idles 250 ms: past `park_after`, inside the grace.)
+/// `Connection: close`.
 fn the_drain_grace_outlasts_park_after(rt: &str) {
     let up = Upstream::ok("hello");
     let (mut apex, _admin) = start(up.addr, "    park_after: 100ms\n", rt);
@@ -103,7 +103,9 @@ fn the_drain_grace_outlasts_park_after(rt: &str) {
     assert_eq!(c.request(GET).status, 200);
     apex.signal(libc::SIGTERM);
     apex.wait_for_log(&["draining: stopped accepting"]).expect("the worker began draining");
-    std::thread::sleep(std::time::Duration::from_millis(250));
+    // 250 ms: past `park_after`, inside the grace.
+    let wait = std::time::Duration::from_millis(250);
+    assert!(!c.closes_within(wait), "still open when park_after passed during the drain");
     let r = c.request(GET);
     assert_eq!((r.status, r.text().as_str()), (200, "hello"), "served within the grace");
     assert_eq!(r.header("connection"), Some("close"));
