@@ -90,8 +90,8 @@ impl<C> Parked<C> {
     }
 
     /// Parks a connection: `fd` (its socket, a descriptor the caller gives up) joins the epoll
-    /// set, watched for bytes or a close. `Err` gives `conn` back when the kernel refuses
-    /// (the caller then closes the connection).
+    /// set, watched for bytes or a close. `Err` gives `conn` back when the kernel refuses or
+    /// parking is off (the caller's task then keeps the connection; `fd` is closed).
     pub fn park(&self, fd: OwnedFd, until: Instant, conn: C) -> Result<(), C> {
         let Some(epoll) = self.epoll.as_ref().filter(|_| !self.off.get()) else {
             return Err(conn);
