@@ -37,14 +37,30 @@ const PARKED: &str = "apex_downstream_connections_parked";
 /// Open client connections; the admin API's own connections are not on the proxy's listener.
 const OPEN: &str = "apex_downstream_connections";
 
+/// Apex with `park_after: 100ms` and `listener_extra`, its upstream, and a client whose first
+/// request was answered and whose connection has then parked. (Bind every field: one left to
+/// `..` is dropped at once, and with it the process or the upstream.)
+struct ParkedClient {
+    up: Upstream,
+    apex: Apex,
+    admin: SocketAddr,
+    client: Wire,
+}
+
+fn parked_client(listener_extra: &str, rt: &str) -> ParkedClient {
+    let up = Upstream::ok("hello");
+    let (apex, admin) = start(up.addr, &format!("    park_after: 100ms\n{listener_extra}"), rt);
+    let mut client = Wire::connect(apex.addr);
+    let r = client.request(GET);
+    assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+    assert!(gauge_reaches(admin, PARKED, 1), "the idle connection parked");
+    ParkedClient { up, apex, admin, client }
+}
+
 /// A parked connection's next request, sent in two pieces, is served whole; it parks again
 /// when idle again, and serves again; a parked connection whose client closes is gone.
 fn a_parked_connection_serves_its_next_requests(rt: &str) {
-    let up = Upstream::ok("hello");
-    let (apex, admin) = start(up.addr, "    park_after: 100ms\n", rt);
-    let mut c = Wire::connect(apex.addr);
-    assert_eq!(c.request(GET).status, 200);
-    assert!(gauge_reaches(admin, PARKED, 1), "the idle connection parked");
+    let ParkedClient { up: _up, apex: _apex, admin, client: mut c } = parked_client("", rt);
     assert_eq!(metric(&metrics(admin), OPEN), Some(1), "a parked connection is still open");
     c.send(b"GET / HTTP/1.1\r\nHo");
     c.send(b"st: h\r\n\r\n");
@@ -70,12 +86,8 @@ fn a_parked_connection_serves_its_next_requests(rt: &str) {
 
 /// A parked connection is closed at its keep-alive timeout, as any idle connection.
 fn a_parked_connection_is_closed_at_its_keepalive_timeout(rt: &str) {
-    let up = Upstream::ok("hello");
-    let extra = "    park_after: 100ms\n    keepalive_timeout: 1s\n";
-    let (apex, admin) = start(up.addr, extra, rt);
-    let mut c = Wire::connect(apex.addr);
-    assert_eq!(c.request(GET).status, 200);
-    assert!(gauge_reaches(admin, PARKED, 1));
+    let parked = parked_client("    keepalive_timeout: 1s\n", rt);
+    let ParkedClient { up: _up, apex: _apex, admin, client: mut c } = parked;
     assert!(c.is_closed(), "closed at the keep-alive timeout");
     assert!(gauge_reaches(admin, OPEN, 0));
     assert_eq!(metric(&metrics(admin), PARKED), Some(0));
@@ -83,11 +95,7 @@ fn a_parked_connection_is_closed_at_its_keepalive_timeout(rt: &str) {
 
 /// The drain closes parked connections (after the idle grace) and the process exits.
 fn the_drain_closes_parked_connections(rt: &str) {
-    let up = Upstream::ok("hello");
-    let (mut apex, admin) = start(up.addr, "    park_after: 100ms\n", rt);
-    let mut c = Wire::connect(apex.addr);
-    assert_eq!(c.request(GET).status, 200);
-    assert!(gauge_reaches(admin, PARKED, 1));
+    let ParkedClient { up: _up, mut apex, admin: _, client: mut c } = parked_client("", rt);
     apex.signal(libc::SIGTERM);
     assert!(c.is_closed(), "the drain closed the parked connection");
     assert_eq!(apex.wait_exit(), Some(0));
@@ -116,12 +124,8 @@ fn the_drain_grace_outlasts_park_after(rt: &str) {
 /// A parked connection keeps its place in `max_connections_per_client`: while it is parked a
 /// second connection from the same address is refused, and once it closes one is served.
 fn a_parked_connection_keeps_its_per_client_slot(rt: &str) {
-    let up = Upstream::ok("hello");
-    let extra = "    park_after: 100ms\n    max_connections_per_client: 1\n";
-    let (apex, admin) = start(up.addr, extra, rt);
-    let mut a = Wire::connect(apex.addr);
-    assert_eq!(a.request(GET).status, 200);
-    assert!(gauge_reaches(admin, PARKED, 1));
+    let parked = parked_client("    max_connections_per_client: 1\n", rt);
+    let ParkedClient { up: _up, apex, admin, client: mut a } = parked;
     let mut b = Wire::connect(apex.addr);
     b.send(GET.as_bytes());
     assert!(b.is_closed(), "the second connection is refused while the first is parked");

@@ -899,30 +899,28 @@ routes:
         assert_eq!(e.len(), 2, "{e:?}");
     }
 
-    #[test]
-    fn send_timeout_defaults_to_a_minute_and_refuses_zero() {
+    /// A listener's duration `key`: `default` when absent, `set` (as YAML) read as `value`,
+    /// and zero refused with an error naming the key.
+    fn listener_duration(key: &str, read: fn(&Listener) -> Duration, default: Duration) {
         let l = |extra: &str| {
             format!("listeners: [ {{ name: a, address: \"127.0.0.1:1\"{extra} }} ]\n")
         };
         let c = Config::from_yaml(&l(""), "t.yaml").unwrap();
-        assert_eq!(c.listeners[0].send_timeout, Duration::from_secs(60));
-        let c = Config::from_yaml(&l(", send_timeout: 5s"), "t.yaml").unwrap();
-        assert_eq!(c.listeners[0].send_timeout, Duration::from_secs(5));
-        let e = errors(&l(", send_timeout: 0s"));
-        assert!(e.len() == 1 && e[0].contains("listeners[0].send_timeout"), "{e:?}");
+        assert_eq!(read(&c.listeners[0]), default, "{key}'s default");
+        let c = Config::from_yaml(&l(&format!(", {key}: 250ms")), "t.yaml").unwrap();
+        assert_eq!(read(&c.listeners[0]), Duration::from_millis(250), "{key} as set");
+        let e = errors(&l(&format!(", {key}: 0s")));
+        assert!(e.len() == 1 && e[0].contains(&format!("listeners[0].{key}")), "{e:?}");
+    }
+
+    #[test]
+    fn send_timeout_defaults_to_a_minute_and_refuses_zero() {
+        listener_duration("send_timeout", |l| l.send_timeout, Duration::from_secs(60));
     }
 
     #[test]
     fn park_after_defaults_to_a_second_and_refuses_zero() {
-        let l = |extra: &str| {
-            format!("listeners: [ {{ name: a, address: \"127.0.0.1:1\"{extra} }} ]\n")
-        };
-        let c = Config::from_yaml(&l(""), "t.yaml").unwrap();
-        assert_eq!(c.listeners[0].park_after, Duration::from_secs(1));
-        let c = Config::from_yaml(&l(", park_after: 250ms"), "t.yaml").unwrap();
-        assert_eq!(c.listeners[0].park_after, Duration::from_millis(250));
-        let e = errors(&l(", park_after: 0s"));
-        assert!(e.len() == 1 && e[0].contains("listeners[0].park_after"), "{e:?}");
+        listener_duration("park_after", |l| l.park_after, Duration::from_secs(1));
     }
 
     #[test]

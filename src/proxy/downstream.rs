@@ -612,6 +612,7 @@ pub async fn serve_requests<R: Runtime>(mut s: Box<Session<R>>) {
 /// io_uring, the readiness wait just abandoned is cancelled asynchronously); closing that one
 /// leaves the socket open through the duplicate.
 fn park<R: Runtime>(mut s: Box<Session<R>>, until: Instant) -> Option<Box<Session<R>>> {
+    // The plaintext socket (what splicing uses too); `None` for TLS and HTTP/2, never parked.
     let Some(raw) = s.client.splice_fd() else { return Some(s) };
     // SAFETY: `raw` is the socket of `s.client`, open for as long as `s` lives (all of this
     // call); the borrow ends before `s` is dropped.

@@ -250,7 +250,7 @@ impl SendBound<'_> {
     pub async fn bound<F: Future>(self, fut: F) -> Option<F::Output> {
         let out = before(self.timers, crate::clock::now() + self.limit, fut).await;
         if out.is_none() {
-            self.timeouts.set(self.timeouts.get() + 1);
+            crate::stats::bump(self.timeouts);
         }
         out
     }

@@ -247,19 +247,13 @@ async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
                 return;
             }
             R::sleep(TICK).await;
-            let now = Instant::now();
-            worker.idle.sweep(now);
-            worker.deadlines.sweep(now);
-            worker.parked.sweep(now, |until| worker.idle.due(until));
+            sweep_deadlines(&worker, Instant::now());
             continue;
         }
         // The drain wakes this at once, so that the cutoff it sets is swept on time.
         let _ = race(R::sleep(TICK), worker.drain.wait()).await;
         let now = Instant::now();
-        worker.idle.sweep(now);
-        worker.deadlines.sweep(now);
-        // A scan of the parked table (80 bytes an entry): about 10 µs per 10,000 parked.
-        worker.parked.sweep(now, |until| worker.idle.due(until));
+        sweep_deadlines(&worker, now);
         ticks += 1;
         if ticks % SLOW_CHORES_EVERY == 0 {
             let view = worker.view();
@@ -285,6 +279,15 @@ async fn housekeeping<R: Runtime>(worker: Rc<Worker<R>>) {
             worker.limits.sweep(now, rate_of);
         }
     }
+}
+
+/// Every tick, draining or not: wakes the idle waits and the requests whose deadline passed,
+/// and closes the parked connections whose keep-alive deadline (or the drain's cutoff) passed.
+fn sweep_deadlines<R: Runtime>(worker: &Worker<R>, now: Instant) {
+    worker.idle.sweep(now);
+    worker.deadlines.sweep(now);
+    // A scan of the parked table (80 bytes an entry): about 10 µs per 10,000 parked.
+    worker.parked.sweep(now, |until| worker.idle.due(until));
 }
 
 /// Serves parked connections again: waits for the worker's epoll set of parked sockets to be
